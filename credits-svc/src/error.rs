@@ -1,0 +1,74 @@
+//! The one place where credits-svc errors become gRPC statuses. Machine-readable
+//! cases carry `google.rpc` details (ErrorInfo with a stable reason) that clients in
+//! any language can decode.
+
+use std::collections::HashMap;
+
+use reeve_runtime::Micros;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::ledger::{IDEMPOTENCY_KEY_REUSED, InvalidWrite};
+use crate::store::StoreError;
+
+/// The ErrorInfo domain of every credits-svc error.
+pub const ERROR_DOMAIN: &str = "credits.reeve.v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreditsError {
+    #[error("{}", .0.message)]
+    Invalid(InvalidWrite),
+    #[error("insufficient credits: balance {balance_micros} micros, required {required_micros} micros")]
+    Insufficient { balance_micros: i64, required_micros: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl CreditsError {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> CreditsError {
+        CreditsError::Invalid(InvalidWrite { code, message: message.into() })
+    }
+
+    pub fn insufficient(balance: Micros, required: Micros) -> CreditsError {
+        CreditsError::Insufficient { balance_micros: balance.0, required_micros: required.0 }
+    }
+}
+
+fn reason_of(code: &str) -> String {
+    code.to_ascii_uppercase()
+}
+
+impl From<CreditsError> for Status {
+    fn from(error: CreditsError) -> Status {
+        let message = error.to_string();
+        match error {
+            CreditsError::Invalid(invalid) => {
+                let code = if invalid.code == IDEMPOTENCY_KEY_REUSED { Code::AlreadyExists } else { Code::InvalidArgument };
+                let details = ErrorDetails::with_error_info(reason_of(invalid.code), ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(code, message, details)
+            }
+            CreditsError::Insufficient { balance_micros, required_micros } => {
+                let metadata = HashMap::from([
+                    ("balance_micros".to_owned(), balance_micros.to_string()),
+                    ("required_micros".to_owned(), required_micros.to_string()),
+                ]);
+                let mut details = ErrorDetails::with_error_info("INSUFFICIENT_CREDITS", ERROR_DOMAIN, metadata);
+                details.add_precondition_failure_violation(
+                    "INSUFFICIENT_CREDITS",
+                    "balance",
+                    format!("balance {balance_micros} micros is below the required {required_micros} micros"),
+                );
+                Status::with_error_details(Code::FailedPrecondition, message, details)
+            }
+            CreditsError::Store(store) => {
+                let code = match store {
+                    StoreError::Unavailable(_) | StoreError::ShuttingDown => Code::Unavailable,
+                    StoreError::Contention => Code::Aborted,
+                    _ => Code::Internal,
+                };
+                tracing::error!(error = %store, "store failure");
+                Status::new(code, message)
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! credits-svc: Reeve's prepaid-credits ledger behind gRPC (`reeve.credits.v1.CreditService`).
+//!
+//! `main.rs` only reads [`Config`] and calls [`start`]; tests call [`start`] too, on
+//! port 0, so they run exactly what production runs.
+
+pub mod error;
+pub mod group_commit;
+pub mod ledger;
+pub mod service;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use reeve_proto::credits::v1::credit_service_server::CreditServiceServer;
+use reeve_runtime::auth::ServiceTokens;
+use reeve_runtime::config::{self, ConfigError};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::group_commit::GroupCommit;
+use crate::service::CreditsApi;
+
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://reeve-data/reeve.db";
+pub const DEFAULT_CREDITS_ADDR: &str = "127.0.0.1:50051";
+/// The gRPC service name, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "reeve.credits.v1.CreditService";
+/// Largest gRPC message accepted: a full batch with long descriptions fits.
+const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Everything credits-svc needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `REEVE_DATABASE_URL`: `postgres://…` or `sqlite://…`.
+    pub database_url: String,
+    /// `REEVE_CREDITS_ADDR`: where to listen.
+    pub listen_addr: SocketAddr,
+    /// `REEVE_SERVICE_TOKENS`: the bearer tokens accepted from callers.
+    pub service_tokens: ServiceTokens,
+    /// `REEVE_DEDUCT_WORKERS`: concurrent group-commit transactions (default: 4 on
+    /// PostgreSQL, 1 on SQLite, whose writers are serialised anyway).
+    pub deduct_workers: Option<usize>,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let database_url = config::var("REEVE_DATABASE_URL")?.unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        if !(database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://")
+            || database_url.starts_with("sqlite:"))
+        {
+            return Err(ConfigError::new("REEVE_DATABASE_URL", "must start with postgres://, postgresql:// or sqlite:"));
+        }
+        let listen_addr = config::parse_or("REEVE_CREDITS_ADDR", DEFAULT_CREDITS_ADDR.parse().map_err(|_| {
+            ConfigError::new("REEVE_CREDITS_ADDR", "default address is invalid")
+        })?)?;
+        let service_tokens = ServiceTokens::from_comma_separated(&config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default());
+        if service_tokens.is_empty() {
+            return Err(ConfigError::new(
+                "REEVE_SERVICE_TOKENS",
+                "is required: a comma-separated list of bearer tokens that callers present",
+            ));
+        }
+        let deduct_workers = match config::var("REEVE_DEDUCT_WORKERS")? {
+            None => None,
+            Some(_) => Some(config::parse_or("REEVE_DEDUCT_WORKERS", 0usize)?)
+                .filter(|n| (1..=64).contains(n))
+                .map(Some)
+                .ok_or_else(|| ConfigError::new("REEVE_DEDUCT_WORKERS", "must be 1 to 64"))?,
+        };
+        Ok(Config { database_url, listen_addr, service_tokens, deduct_workers })
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn system_clock_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A started credits-svc.
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, finishes in-flight calls and waits for the server to end.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the server ends (its shutdown token was cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Opens the store (running migrations), binds the listener and serves until
+/// `shutdown` is cancelled. Health turns SERVING once the store has answered.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningServer> {
+    let store = store::open(&config.database_url).await?;
+    let is_sqlite = config.database_url.starts_with("sqlite:");
+    let workers = config.deduct_workers.unwrap_or(if is_sqlite { 1 } else { 4 });
+    let deductions = GroupCommit::start(Arc::clone(&store), workers, 1_000, system_clock_us);
+    let api = CreditsApi::new(Arc::clone(&store), deductions, system_clock_us);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(reeve_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(reeve_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let credits = CreditServiceServer::new(api)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let credits = tonic::service::interceptor::InterceptedService::new(credits, config.service_tokens.interceptor());
+
+    let listener = TcpListener::bind(config.listen_addr).await?;
+    let local_addr = listener.local_addr()?;
+    let server_shutdown = shutdown.child_token();
+    let stopping = server_shutdown.clone();
+    let stopping_health = health.clone();
+    let task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(credits)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                stopping.cancelled().await;
+                for name in ["", SERVICE_NAME] {
+                    stopping_health.set_service_status(name, ServingStatus::NotServing).await;
+                }
+            }),
+    );
+    store.ping().await?;
+    for name in ["", SERVICE_NAME] {
+        health.set_service_status(name, ServingStatus::Serving).await;
+    }
+    tracing::info!(%local_addr, store = if is_sqlite { "sqlite" } else { "postgres" }, "credits-svc serving");
+    Ok(RunningServer { local_addr, shutdown: server_shutdown, task })
+}

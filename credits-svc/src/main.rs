@@ -1,0 +1,25 @@
+//! credits-svc binary: read the configuration from the environment and serve.
+
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    reeve_runtime::telemetry::init();
+    let config = match credits_svc::Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("credits-svc: configuration error: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    reeve_runtime::shutdown::cancel_on_signal(shutdown.clone());
+    let result = async { credits_svc::start(config, shutdown).await?.wait().await }.await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("credits-svc: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The gRPC face of the ledger: decode, call the store (or the group commit), encode.
+//! Rules live in [`crate::ledger`]; status mapping in [`crate::error`].
+
+use std::sync::Arc;
+
+use reeve_proto::credits::v1 as pb;
+use reeve_runtime::Micros;
+use tonic::{Request, Response, Status};
+
+use crate::error::CreditsError;
+use crate::group_commit::GroupCommit;
+use crate::ledger::{EntryKind, LedgerEntry, WriteOutcome, WriteRequest};
+use crate::store::LedgerStore;
+
+/// Most items one `DeductBatch` may carry.
+pub const MAX_BATCH_ITEMS: usize = 10_000;
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+pub const MAX_PAGE_SIZE: u32 = 500;
+
+pub struct CreditsApi {
+    store: Arc<dyn LedgerStore>,
+    deductions: GroupCommit,
+    clock: fn() -> i64,
+}
+
+impl CreditsApi {
+    pub fn new(store: Arc<dyn LedgerStore>, deductions: GroupCommit, clock: fn() -> i64) -> CreditsApi {
+        CreditsApi { store, deductions, clock }
+    }
+
+    async fn apply_one(&self, write: WriteRequest) -> Result<(LedgerEntry, bool), CreditsError> {
+        let outcome = self
+            .store
+            .apply(std::slice::from_ref(&write), (self.clock)())
+            .await?
+            .pop()
+            .ok_or_else(|| CreditsError::invalid("internal", "the store returned no outcome"))?;
+        single_result(outcome)
+    }
+}
+
+/// A single write's outcome as the RPC's result: the entry and whether it is a duplicate.
+fn single_result(outcome: WriteOutcome) -> Result<(LedgerEntry, bool), CreditsError> {
+    match outcome {
+        WriteOutcome::Applied(entry) => Ok((entry, false)),
+        WriteOutcome::Duplicate(entry) => Ok((entry, true)),
+        WriteOutcome::Insufficient { balance, required } => Err(CreditsError::insufficient(balance, required)),
+        WriteOutcome::Invalid(invalid) => Err(CreditsError::Invalid(invalid)),
+    }
+}
+
+fn deduction(item: pb::DeductRequest) -> WriteRequest {
+    WriteRequest {
+        user_id: item.user_id,
+        kind: EntryKind::Deduction,
+        // A non-positive request amount stays non-negative here and fails validation;
+        // i64::MIN cannot be negated and is mapped to a positive value for the same end.
+        amount: Micros(item.amount_micros.checked_neg().unwrap_or(i64::MAX)),
+        idempotency_key: item.idempotency_key,
+        description: item.description,
+    }
+}
+
+pub fn entry_to_proto(entry: LedgerEntry) -> pb::LedgerEntry {
+    let kind = match entry.kind {
+        EntryKind::Deduction => pb::EntryKind::Deduction,
+        EntryKind::Purchase => pb::EntryKind::Purchase,
+        EntryKind::Grant => pb::EntryKind::Grant,
+        EntryKind::Adjustment => pb::EntryKind::Adjustment,
+    };
+    pb::LedgerEntry {
+        id: entry.id,
+        user_id: entry.user_id,
+        kind: kind.into(),
+        amount_micros: entry.amount.0,
+        balance_after_micros: entry.balance_after.0,
+        idempotency_key: entry.idempotency_key,
+        description: entry.description,
+        created_at: Some(prost_types::Timestamp {
+            seconds: entry.created_at_us.div_euclid(1_000_000),
+            nanos: i32::try_from(entry.created_at_us.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
+        }),
+    }
+}
+
+fn outcome_to_proto(key: String, outcome: WriteOutcome) -> pb::DeductOutcome {
+    use pb::deduct_outcome::Result as R;
+    let applied = |entry: &LedgerEntry| pb::Applied { entry_id: entry.id, balance_after_micros: entry.balance_after.0 };
+    let result = match outcome {
+        WriteOutcome::Applied(entry) => R::Applied(applied(&entry)),
+        WriteOutcome::Duplicate(entry) => R::Duplicate(applied(&entry)),
+        WriteOutcome::Insufficient { balance, required } => {
+            R::Insufficient(pb::InsufficientCredits { balance_micros: balance.0, required_micros: required.0 })
+        }
+        WriteOutcome::Invalid(invalid) => R::Invalid(pb::Invalid { code: invalid.code.to_owned(), message: invalid.message }),
+    };
+    pb::DeductOutcome { idempotency_key: key, result: Some(result) }
+}
+
+fn check_user_id(user_id: &str) -> Result<(), CreditsError> {
+    if user_id.is_empty() || user_id.len() > crate::ledger::MAX_USER_ID_BYTES {
+        return Err(CreditsError::invalid("invalid_user_id", "user_id must be 1 to 128 bytes"));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl pb::credit_service_server::CreditService for CreditsApi {
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
+    async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::GetBalanceResponse>, Status> {
+        let user_id = request.into_inner().user_id;
+        check_user_id(&user_id)?;
+        let balance = self.store.balance(&user_id).await.map_err(CreditsError::from)?;
+        Ok(Response::new(pb::GetBalanceResponse { user_id, balance_micros: balance.0 }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, idempotency_key = %request.get_ref().idempotency_key))]
+    async fn deduct(&self, request: Request<pb::DeductRequest>) -> Result<Response<pb::DeductResponse>, Status> {
+        let write = deduction(request.into_inner());
+        write.validate().map_err(CreditsError::Invalid)?;
+        let outcome = self.deductions.submit(write).await.map_err(CreditsError::from)?;
+        let (entry, duplicate) = single_result(outcome)?;
+        Ok(Response::new(pb::DeductResponse { entry: Some(entry_to_proto(entry)), duplicate }))
+    }
+
+    #[tracing::instrument(skip_all, fields(items = request.get_ref().items.len()))]
+    async fn deduct_batch(
+        &self,
+        request: Request<pb::DeductBatchRequest>,
+    ) -> Result<Response<pb::DeductBatchResponse>, Status> {
+        let items = request.into_inner().items;
+        if items.len() > MAX_BATCH_ITEMS {
+            return Err(CreditsError::invalid(
+                "batch_too_large",
+                format!("a batch holds at most {MAX_BATCH_ITEMS} items, got {}", items.len()),
+            )
+            .into());
+        }
+        let writes: Vec<WriteRequest> = items.into_iter().map(deduction).collect();
+        let outcomes = self.store.apply(&writes, (self.clock)()).await.map_err(CreditsError::from)?;
+        let outcomes = writes
+            .into_iter()
+            .zip(outcomes)
+            .map(|(write, outcome)| outcome_to_proto(write.idempotency_key, outcome))
+            .collect();
+        Ok(Response::new(pb::DeductBatchResponse { outcomes }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, idempotency_key = %request.get_ref().idempotency_key))]
+    async fn add_credits(&self, request: Request<pb::AddCreditsRequest>) -> Result<Response<pb::AddCreditsResponse>, Status> {
+        let request = request.into_inner();
+        let kind = match pb::CreditKind::try_from(request.kind) {
+            Ok(pb::CreditKind::Purchase) => EntryKind::Purchase,
+            Ok(pb::CreditKind::Grant) => EntryKind::Grant,
+            _ => return Err(CreditsError::invalid("invalid_kind", "kind must be CREDIT_KIND_PURCHASE or CREDIT_KIND_GRANT").into()),
+        };
+        let write = WriteRequest {
+            user_id: request.user_id,
+            kind,
+            amount: Micros(request.amount_micros),
+            idempotency_key: request.idempotency_key,
+            description: request.description,
+        };
+        let (entry, duplicate) = self.apply_one(write).await?;
+        Ok(Response::new(pb::AddCreditsResponse { entry: Some(entry_to_proto(entry)), duplicate }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, idempotency_key = %request.get_ref().idempotency_key))]
+    async fn adjust(&self, request: Request<pb::AdjustRequest>) -> Result<Response<pb::AdjustResponse>, Status> {
+        let request = request.into_inner();
+        let write = WriteRequest {
+            user_id: request.user_id,
+            kind: EntryKind::Adjustment,
+            amount: Micros(request.amount_micros),
+            idempotency_key: request.idempotency_key,
+            description: request.reason,
+        };
+        let (entry, duplicate) = self.apply_one(write).await?;
+        Ok(Response::new(pb::AdjustResponse { entry: Some(entry_to_proto(entry)), duplicate }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let request = request.into_inner();
+        check_user_id(&request.user_id)?;
+        let page_size = match u32::try_from(request.page_size) {
+            Ok(0) => DEFAULT_PAGE_SIZE,
+            Ok(size) if size <= MAX_PAGE_SIZE => size,
+            _ => {
+                return Err(CreditsError::invalid("invalid_page_size", format!("page_size must be 0 to {MAX_PAGE_SIZE}")).into());
+            }
+        };
+        let before_id = match request.page_token.as_str() {
+            "" => None,
+            token => Some(
+                token
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|id| *id > 0)
+                    .ok_or_else(|| CreditsError::invalid("invalid_page_token", "page_token is not one this service issued"))?,
+            ),
+        };
+        let mut entries = self
+            .store
+            .history(&request.user_id, before_id, page_size + 1)
+            .await
+            .map_err(CreditsError::from)?;
+        let next_page_token = if entries.len() > page_size as usize {
+            entries.truncate(page_size as usize);
+            entries.last().map(|e| e.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::HistoryResponse {
+            entries: entries.into_iter().map(entry_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,10 @@
+//! What every Reeve service shares and nothing more: exact money, the service-token
+//! check, telemetry set-up and the shutdown signal. Business rules live in the services.
+
+pub mod auth;
+pub mod config;
+pub mod money;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use money::Micros;
