@@ -1,1 +1,313 @@
-fn main(){}
+//! Load generator: drives credits-svc over real gRPC on loopback against PostgreSQL
+//! and, in the same run on the same database, times the raw-SQL equivalent, so every
+//! figure comes with a ratio that does not depend on how fast this machine is today.
+//!
+//! It creates a schema of its own, seeds it, and drops it at the end. It only ever
+//! talks to loopback addresses and stops after the configured duration.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use reeve_proto::credits::v1 as pb;
+use reeve_proto::credits::v1::credit_service_client::CreditServiceClient;
+use reeve_runtime::auth::{BearerToken, ServiceTokens};
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const TOKEN: &str = "loadgen-token";
+/// Every seeded user starts with a million credits, so no deduction runs short.
+const SEED_BALANCE_MICROS: i64 = 1_000_000 * 1_000_000;
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark credits-svc against raw SQL on the same PostgreSQL")]
+struct Args {
+    /// PostgreSQL database to create the benchmark schema in.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    database_url: String,
+    /// Users seeded with a balance.
+    #[arg(long, default_value_t = 100_000)]
+    users: usize,
+    /// Seconds each scenario runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent clients sending batches (gateway replicas flushing).
+    #[arg(long, default_value_t = 4)]
+    batch_clients: usize,
+    /// Concurrent callers of single Deduct.
+    #[arg(long, default_value_t = 64)]
+    single_callers: usize,
+}
+
+#[derive(Debug)]
+struct Figures {
+    name: String,
+    deductions: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl Figures {
+    fn per_second(&self) -> f64 {
+        self.deductions as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn row(&self) -> String {
+        format!(
+            "| {} | {:.0} | {:.2} | {:.2} |",
+            self.name,
+            self.per_second(),
+            self.latency_us.value_at_quantile(0.50) as f64 / 1_000.0,
+            self.latency_us.value_at_quantile(0.99) as f64 / 1_000.0,
+        )
+    }
+}
+
+/// Runs `concurrency` workers for `duration`; each call of `operation(worker, sequence)`
+/// returns how many deductions it made, and its latency is recorded.
+async fn drive<F, Fut>(name: String, concurrency: usize, duration: Duration, operation: F) -> anyhow::Result<Figures>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<u64>> + Send,
+{
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers = (0..concurrency).map(|worker| {
+        let operation = operation.clone();
+        tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut deductions = 0;
+            let mut sequence = 0;
+            while Instant::now() < deadline {
+                let begun = Instant::now();
+                deductions += operation(worker, sequence).await?;
+                histogram.record(u64::try_from(begun.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))?;
+                sequence += 1;
+            }
+            anyhow::Ok((deductions, histogram))
+        })
+    });
+    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut deductions = 0;
+    for worker in futures::future::join_all(workers).await {
+        let (count, histogram) = worker??;
+        deductions += count;
+        latency_us.add(histogram)?;
+    }
+    let figures = Figures { name, deductions, elapsed: started.elapsed(), latency_us };
+    eprintln!("{}", figures.row());
+    Ok(figures)
+}
+
+fn user(index: u64, users: usize) -> String {
+    format!("u{:06}", index % users as u64)
+}
+
+/// A cheap deterministic spread of users (no RNG state shared between workers).
+fn pick(worker: usize, sequence: u64, item: u64) -> u64 {
+    let mut x = (worker as u64) << 40 ^ sequence << 16 ^ item;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
+const RAW_DEDUCT_BATCH: &str = "\
+WITH items AS ( \
+    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[]) WITH ORDINALITY AS t(user_id, amount_micros, idempotency_key, position) \
+), locked AS ( \
+    SELECT user_id FROM raw_accounts WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE \
+), new_entries AS ( \
+    INSERT INTO raw_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us) \
+    SELECT user_id, 'deduction', -amount_micros, 0, idempotency_key, '', $4 FROM items ORDER BY position \
+    ON CONFLICT (idempotency_key) DO NOTHING \
+    RETURNING user_id, amount_micros \
+) \
+UPDATE raw_accounts AS a SET balance_micros = a.balance_micros + d.delta_micros, updated_at_us = $4 \
+FROM (SELECT user_id, SUM(amount_micros)::int8 AS delta_micros FROM new_entries GROUP BY user_id) AS d \
+WHERE a.user_id = d.user_id AND a.user_id IN (SELECT user_id FROM locked)";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let schema = format!("loadgen_{}", std::process::id());
+    let admin = PgPoolOptions::new().max_connections(1).connect(&args.database_url).await.context("connect to PostgreSQL")?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
+    let url = format!("{}?options[search_path]={schema}", args.database_url);
+    let result = run(&args, &url).await;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await?;
+    result
+}
+
+async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let config = credits_svc::Config {
+        database_url: url.to_owned(),
+        listen_addr: "127.0.0.1:0".parse()?,
+        service_tokens: ServiceTokens::new([TOKEN]),
+        deduct_workers: None,
+    };
+    let server = credits_svc::start(config, shutdown.clone()).await?;
+    let pool = PgPoolOptions::new().max_connections(64).connect(url).await?;
+    seed(&pool, args.users).await?;
+    eprintln!("seeded {} users in the service's and the raw tables", args.users);
+
+    let channels: Vec<Channel> = {
+        let mut channels = Vec::new();
+        for _ in 0..8 {
+            channels.push(Channel::from_shared(format!("http://{}", server.local_addr))?.connect().await?);
+        }
+        channels
+    };
+    let client = move |worker: usize| {
+        CreditServiceClient::with_interceptor(channels[worker % channels.len()].clone(), BearerToken::new(TOKEN).expect("ascii token"))
+            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(64 << 20)
+    };
+    let client = Arc::new(client);
+    let duration = Duration::from_secs(args.seconds);
+    let users = args.users;
+    let mut results = Vec::new();
+
+    for batch_size in [100u64, 1_000] {
+        let c = client.clone();
+        results.push(
+            drive(format!("DeductBatch ×{batch_size}, gRPC, {} clients", args.batch_clients), args.batch_clients, duration, move |w, s| {
+                let mut client = c(w);
+                async move {
+                    let items = (0..batch_size)
+                        .map(|i| pb::DeductRequest {
+                            user_id: user(pick(w, s, i), users),
+                            amount_micros: 1_000 + (i as i64 % 500),
+                            idempotency_key: format!("b{batch_size}-{w}-{s}-{i}"),
+                            description: String::new(),
+                        })
+                        .collect();
+                    let outcomes = client.deduct_batch(pb::DeductBatchRequest { items }).await?.into_inner().outcomes;
+                    let applied = outcomes.iter().filter(|o| matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_)))).count();
+                    anyhow::ensure!(applied as u64 == batch_size, "only {applied} of {batch_size} applied");
+                    Ok(batch_size)
+                }
+            })
+            .await?,
+        );
+        let p = pool.clone();
+        results.push(
+            drive(format!("raw SQL: one UNNEST statement ×{batch_size}, {} clients", args.batch_clients), args.batch_clients, duration, move |w, s| {
+                let pool = p.clone();
+                async move {
+                    let users_: Vec<String> = (0..batch_size).map(|i| user(pick(w, s, i), users)).collect();
+                    let amounts: Vec<i64> = (0..batch_size).map(|i| 1_000 + (i as i64 % 500)).collect();
+                    let keys: Vec<String> = (0..batch_size).map(|i| format!("rb{batch_size}-{w}-{s}-{i}")).collect();
+                    sqlx::query(RAW_DEDUCT_BATCH).bind(&users_).bind(&amounts).bind(&keys).bind(credits_svc::system_clock_us()).execute(&pool).await?;
+                    Ok(batch_size)
+                }
+            })
+            .await?,
+        );
+    }
+
+    let c = client.clone();
+    results.push(
+        drive(format!("Deduct (single), gRPC, {} callers", args.single_callers), args.single_callers, duration, move |w, s| {
+            let mut client = c(w);
+            async move {
+                client
+                    .deduct(pb::DeductRequest {
+                        user_id: user(pick(w, s, 0), users),
+                        amount_micros: 1_000,
+                        idempotency_key: format!("s-{w}-{s}"),
+                        description: String::new(),
+                    })
+                    .await?;
+                Ok(1)
+            }
+        })
+        .await?,
+    );
+    let p = pool.clone();
+    results.push(
+        drive(format!("raw SQL: one transaction per deduction, {} callers", args.single_callers), args.single_callers, duration, move |w, s| {
+            let pool = p.clone();
+            async move {
+                let mut tx = pool.begin().await?;
+                let user_id = user(pick(w, s, 0), users);
+                let now = credits_svc::system_clock_us();
+                let balance: Option<i64> = sqlx::query_scalar(
+                    "UPDATE raw_accounts SET balance_micros = balance_micros - $2, updated_at_us = $3 \
+                     WHERE user_id = $1 AND balance_micros >= $2 RETURNING balance_micros",
+                )
+                .bind(&user_id)
+                .bind(1_000i64)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let balance = balance.context("raw deduction found no balance")?;
+                sqlx::query(
+                    "INSERT INTO raw_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us) \
+                     VALUES ($1, 'deduction', -1000, $2, $3, '', $4)",
+                )
+                .bind(&user_id)
+                .bind(balance)
+                .bind(format!("rs-{w}-{s}"))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(1)
+            }
+        })
+        .await?,
+    );
+
+    println!("| scenario | deductions/s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|");
+    for figures in &results {
+        println!("{}", figures.row());
+    }
+    let ratio = |a: usize, b: usize| results[a].per_second() / results[b].per_second();
+    println!();
+    println!("DeductBatch ×100 vs raw UNNEST: {:.0}%", 100.0 * ratio(0, 1));
+    println!("DeductBatch ×1000 vs raw UNNEST: {:.0}%", 100.0 * ratio(2, 3));
+    println!("single Deduct (group commit) vs one transaction per deduction: {:.2}×", ratio(4, 5));
+
+    shutdown.cancel();
+    server.wait().await?;
+    Ok(())
+}
+
+/// Seeds `users` balances (each with its grant entry, so balance = sum of entries) in
+/// the service's tables, and the same in raw tables of the same shape.
+async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
+    let users = i64::try_from(users)?;
+    for (accounts, ledger) in [("credit_accounts", "credit_ledger"), ("raw_accounts", "raw_ledger")] {
+        if accounts == "raw_accounts" {
+            sqlx::query("CREATE TABLE raw_accounts (LIKE credit_accounts INCLUDING ALL)").execute(pool).await?;
+            sqlx::query("CREATE TABLE raw_ledger (LIKE credit_ledger INCLUDING ALL)").execute(pool).await?;
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {accounts} (user_id, balance_micros, updated_at_us) \
+             SELECT 'u' || lpad(g::text, 6, '0'), $2, 0 FROM generate_series(0, $1 - 1) AS g"
+        ))
+        .bind(users)
+        .bind(SEED_BALANCE_MICROS)
+        .execute(pool)
+        .await?;
+        sqlx::query(&format!(
+            "INSERT INTO {ledger} (user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us) \
+             SELECT 'u' || lpad(g::text, 6, '0'), 'grant', $2, $2, 'seed-' || g, 'loadgen seed', 0 FROM generate_series(0, $1 - 1) AS g"
+        ))
+        .bind(users)
+        .bind(SEED_BALANCE_MICROS)
+        .execute(pool)
+        .await?;
+        sqlx::query(&format!("ANALYZE {accounts}")).execute(pool).await?;
+        sqlx::query(&format!("ANALYZE {ledger}")).execute(pool).await?;
+    }
+    Ok(())
+}
