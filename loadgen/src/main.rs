@@ -164,8 +164,9 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         }
         channels
     };
+    let token = BearerToken::new(TOKEN)?;
     let client = move |worker: usize| {
-        CreditServiceClient::with_interceptor(channels[worker % channels.len()].clone(), BearerToken::new(TOKEN).expect("ascii token"))
+        CreditServiceClient::with_interceptor(channels[worker % channels.len()].clone(), token.clone())
             .max_encoding_message_size(64 << 20)
             .max_decoding_message_size(64 << 20)
     };
