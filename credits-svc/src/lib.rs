@@ -11,15 +11,11 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use reeve_proto::credits::v1::credit_service_server::CreditServiceServer;
 use reeve_runtime::auth::ServiceTokens;
 use reeve_runtime::config::{self, ConfigError};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
 
 use crate::group_commit::GroupCommit;
 use crate::service::CreditsApi;
@@ -77,32 +73,11 @@ impl Config {
 
 /// Microseconds since the Unix epoch.
 pub fn system_clock_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    reeve_runtime::clock::now_us()
 }
 
 /// A started credits-svc.
-pub struct RunningServer {
-    pub local_addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-impl RunningServer {
-    /// Stops accepting, finishes in-flight calls and waits for the server to end.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        self.wait().await
-    }
-
-    /// Waits until the server ends (its shutdown token was cancelled).
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await??;
-        Ok(())
-    }
-}
+pub type RunningServer = reeve_runtime::grpc::GrpcServer;
 
 /// Opens the store (running migrations), binds the listener and serves until
 /// `shutdown` is cancelled. Health turns SERVING once the store has answered.
@@ -112,43 +87,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let workers = config.deduct_workers.unwrap_or(if is_sqlite { 1 } else { 4 });
     let deductions = GroupCommit::start(Arc::clone(&store), workers, 1_000, system_clock_us);
     let api = CreditsApi::new(Arc::clone(&store), deductions, system_clock_us);
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(reeve_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(reeve_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
     let credits = CreditServiceServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let credits = tonic::service::interceptor::InterceptedService::new(credits, config.service_tokens.interceptor());
-
-    let listener = TcpListener::bind(config.listen_addr).await?;
-    let local_addr = listener.local_addr()?;
-    // Without TCP_NODELAY a reply waits ~40 ms for the peer's delayed ACK.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server_shutdown = shutdown.child_token();
-    let stopping = server_shutdown.clone();
-    let stopping_health = health.clone();
-    let task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(credits)
-            .serve_with_incoming_shutdown(incoming, async move {
-                stopping.cancelled().await;
-                for name in ["", SERVICE_NAME] {
-                    stopping_health.set_service_status(name, ServingStatus::NotServing).await;
-                }
-            }),
-    );
+    let server = reeve_runtime::grpc::serve(
+        config.listen_addr,
+        SERVICE_NAME,
+        tonic::service::Routes::new(credits),
+        reeve_proto::FILE_DESCRIPTOR_SET,
+        &shutdown,
+    )
+    .await?;
     store.ping().await?;
-    for name in ["", SERVICE_NAME] {
-        health.set_service_status(name, ServingStatus::Serving).await;
-    }
-    tracing::info!(%local_addr, store = if is_sqlite { "sqlite" } else { "postgres" }, "credits-svc serving");
-    Ok(RunningServer { local_addr, shutdown: server_shutdown, task })
+    server.set_serving().await;
+    tracing::info!(local_addr = %server.local_addr, store = if is_sqlite { "sqlite" } else { "postgres" }, "credits-svc serving");
+    Ok(server)
 }

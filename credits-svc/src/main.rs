@@ -14,7 +14,7 @@ async fn main() -> std::process::ExitCode {
     };
     let shutdown = CancellationToken::new();
     reeve_runtime::shutdown::cancel_on_signal(shutdown.clone());
-    let result = async { credits_svc::start(config, shutdown).await?.wait().await }.await;
+    let result = async { credits_svc::start(config, shutdown).await?.wait().await.map_err(anyhow::Error::from) }.await;
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -9,5 +9,13 @@ pub mod credits {
     }
 }
 
+pub mod quota {
+    pub mod v1 {
+        tonic::include_proto!("reeve.quota.v1");
+    }
+}
+
+pub mod quota_guard;
+
 /// Encoded `FileDescriptorSet` of every Reeve proto, for tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reeve_descriptor.bin"));

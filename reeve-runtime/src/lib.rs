@@ -2,7 +2,9 @@
 //! check, telemetry set-up and the shutdown signal. Business rules live in the services.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
+pub mod grpc;
 pub mod money;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,0 +1,25 @@
+//! quota-svc binary: read the configuration from the environment and serve.
+
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    reeve_runtime::telemetry::init();
+    let config = match quota_svc::Config::from_env().and_then(|c| c.registry().map(|_| c)) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("quota-svc: configuration error: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    reeve_runtime::shutdown::cancel_on_signal(shutdown.clone());
+    let result = async { quota_svc::start(config, shutdown).await?.wait().await.map_err(anyhow::Error::from) }.await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("quota-svc: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

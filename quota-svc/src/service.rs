@@ -1,0 +1,268 @@
+//! The gRPC face of quota-svc: resolve the user's limit (tier, then override), ask or
+//! consume through the store, encode. Errors map to statuses in one place, below.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use reeve_proto::quota::v1 as pb;
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::Clock;
+use crate::registry::{self, DEFAULT_TIER, Limit, Registry, RegistryError};
+use crate::store::{Consumed, QuotaStore, StoreError, Usage};
+use crate::window;
+
+pub const ERROR_DOMAIN: &str = "quota.reeve.v1";
+const MAX_ID_BYTES: usize = 256;
+
+/// Every quota-svc error, mapped to a status by the `From` impl below.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    #[error("idempotency key {key:?} was already used for a consume of {units} units")]
+    KeyReused { key: String, units: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<RegistryError> for QuotaError {
+    fn from(error: RegistryError) -> QuotaError {
+        let code = match error {
+            RegistryError::UnknownFeature(_) => "unknown_feature",
+            RegistryError::UnknownTier(_) => "unknown_tier",
+        };
+        QuotaError::Invalid { code, message: error.to_string() }
+    }
+}
+
+impl From<QuotaError> for Status {
+    fn from(error: QuotaError) -> Status {
+        let message = error.to_string();
+        let (code, reason) = match &error {
+            QuotaError::Invalid { code, .. } => (Code::InvalidArgument, code.to_ascii_uppercase()),
+            QuotaError::KeyReused { .. } => (Code::AlreadyExists, "IDEMPOTENCY_KEY_REUSED".to_owned()),
+            QuotaError::Store(StoreError::Unavailable(_)) => (Code::Unavailable, "STORE_UNAVAILABLE".to_owned()),
+            QuotaError::Store(_) => (Code::Internal, "STORE_ERROR".to_owned()),
+        };
+        if let QuotaError::Store(store) = &error {
+            tracing::error!(error = %store, "store failure");
+        }
+        Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()))
+    }
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> QuotaError {
+    QuotaError::Invalid { code, message: message.into() }
+}
+
+fn check_id(field: &'static str, value: &str) -> Result<(), QuotaError> {
+    if value.is_empty() || value.len() > MAX_ID_BYTES || value.chars().any(char::is_control) {
+        return Err(invalid("invalid_argument", format!("{field} must be 1 to {MAX_ID_BYTES} printable bytes")));
+    }
+    Ok(())
+}
+
+pub struct QuotaApi {
+    store: Arc<dyn QuotaStore>,
+    registry: Arc<Registry>,
+    clock: Clock,
+}
+
+fn limit_to_proto(limit: Limit) -> pb::Limit {
+    match limit {
+        Limit::Unlimited => pb::Limit { unlimited: true, units: 0 },
+        Limit::Units(units) => pb::Limit { unlimited: false, units },
+    }
+}
+
+fn limit_from_proto(limit: Option<pb::Limit>) -> Result<Limit, QuotaError> {
+    match limit {
+        None => Err(invalid("invalid_limit", "limit is required")),
+        Some(pb::Limit { unlimited: true, .. }) => Ok(Limit::Unlimited),
+        Some(pb::Limit { units, .. }) if units >= 0 => Ok(Limit::Units(units)),
+        Some(_) => Err(invalid("invalid_limit", "limit units must not be negative")),
+    }
+}
+
+fn timestamp(us: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: i32::try_from(us.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
+    }
+}
+
+/// Remaining units and, when none remain, when the next one frees up.
+fn remaining_and_next(limit: Limit, usage: Usage) -> (i64, Option<prost_types::Timestamp>) {
+    match limit {
+        Limit::Unlimited => (0, None),
+        Limit::Units(max) => {
+            let remaining = (max - usage.used).max(0);
+            let next = (remaining == 0).then_some(usage.oldest_us).flatten().map(|us| timestamp(window::frees_at_us(us)));
+            (remaining, next)
+        }
+    }
+}
+
+impl QuotaApi {
+    pub fn new(store: Arc<dyn QuotaStore>, registry: Arc<Registry>, clock: Clock) -> QuotaApi {
+        QuotaApi { store, registry, clock }
+    }
+
+    async fn tier_of(&self, user_id: &str) -> Result<String, QuotaError> {
+        Ok(self.store.tier(user_id).await?.unwrap_or_else(|| DEFAULT_TIER.to_owned()))
+    }
+
+    /// The user's limit for `feature`: the override if any, else the tier's.
+    async fn limit_of(&self, user_id: &str, tier: &str, feature: &str) -> Result<(Limit, bool), QuotaError> {
+        let tier_limit = self.registry.limit(feature, tier)?;
+        Ok(match self.store.overrides(user_id).await?.get(feature) {
+            Some(limit) => (*limit, true),
+            None => (tier_limit, false),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::quota_service_server::QuotaService for QuotaApi {
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, feature = %request.get_ref().feature))]
+    async fn check_quota(&self, request: Request<pb::CheckQuotaRequest>) -> Result<Response<pb::CheckQuotaResponse>, Status> {
+        let request = request.into_inner();
+        check_id("user_id", &request.user_id)?;
+        if request.consume < 0 {
+            return Err(invalid("invalid_consume", "consume must not be negative").into());
+        }
+        if request.consume > 0 {
+            check_id("idempotency_key", &request.idempotency_key)?;
+        }
+        let tier = self.tier_of(&request.user_id).await?;
+        let (limit, _) = self.limit_of(&request.user_id, &tier, &request.feature).await?;
+        let now_us = (self.clock)();
+        let cutoff_us = window::cutoff_us(now_us);
+        let (allowed, duplicate, usage) = if request.consume == 0 {
+            let usage = self.store.feature_usage(&request.user_id, &request.feature, cutoff_us).await.map_err(QuotaError::from)?;
+            let allowed = match limit {
+                Limit::Unlimited => true,
+                Limit::Units(max) => usage.used < max,
+            };
+            (allowed, false, usage)
+        } else {
+            let (consumed, usage) = self
+                .store
+                .consume(&request.user_id, &request.feature, &request.idempotency_key, request.consume, limit, now_us, cutoff_us)
+                .await
+                .map_err(QuotaError::from)?;
+            match consumed {
+                Consumed::Recorded => (true, false, usage),
+                Consumed::Duplicate => (true, true, usage),
+                Consumed::Refused => (false, false, usage),
+                Consumed::KeyReused { units } => {
+                    return Err(QuotaError::KeyReused { key: request.idempotency_key, units }.into());
+                }
+            }
+        };
+        let (remaining, next_free_at) = remaining_and_next(limit, usage);
+        Ok(Response::new(pb::CheckQuotaResponse {
+            allowed,
+            tier,
+            limit: Some(limit_to_proto(limit)),
+            used: usage.used,
+            remaining,
+            next_free_at,
+            duplicate,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
+    async fn get_usage(&self, request: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let user_id = request.into_inner().user_id;
+        check_id("user_id", &user_id)?;
+        let tier = self.tier_of(&user_id).await?;
+        let overrides = self.store.overrides(&user_id).await.map_err(QuotaError::from)?;
+        let usage = self.store.usage(&user_id, window::cutoff_us((self.clock)())).await.map_err(QuotaError::from)?;
+        let mut features = Vec::new();
+        for feature in self.registry.features() {
+            let overridden = overrides.get(feature).copied();
+            let limit = match overridden {
+                Some(limit) => limit,
+                None => self.registry.limit(feature, &tier).map_err(QuotaError::from)?,
+            };
+            let used = usage.get(feature).copied().unwrap_or_default();
+            let (remaining, next_free_at) = remaining_and_next(limit, used);
+            features.push(pb::FeatureUsage {
+                feature: feature.to_owned(),
+                limit: Some(limit_to_proto(limit)),
+                used: used.used,
+                remaining,
+                next_free_at,
+                overridden: overridden.is_some(),
+            });
+        }
+        Ok(Response::new(pb::GetUsageResponse { user_id, tier, features }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, tier = %request.get_ref().tier))]
+    async fn set_tier(&self, request: Request<pb::SetTierRequest>) -> Result<Response<pb::SetTierResponse>, Status> {
+        let request = request.into_inner();
+        check_id("user_id", &request.user_id)?;
+        registry::tier_index(&request.tier).map_err(QuotaError::from)?;
+        let previous = self.store.set_tier(&request.user_id, &request.tier, (self.clock)()).await.map_err(QuotaError::from)?;
+        Ok(Response::new(pb::SetTierResponse {
+            user_id: request.user_id,
+            tier: request.tier,
+            previous_tier: previous.unwrap_or_else(|| DEFAULT_TIER.to_owned()),
+        }))
+    }
+
+    async fn get_tier(&self, request: Request<pb::GetTierRequest>) -> Result<Response<pb::GetTierResponse>, Status> {
+        let user_id = request.into_inner().user_id;
+        check_id("user_id", &user_id)?;
+        let tier = self.tier_of(&user_id).await?;
+        Ok(Response::new(pb::GetTierResponse { user_id, tier }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, feature = %request.get_ref().feature))]
+    async fn set_override(&self, request: Request<pb::SetOverrideRequest>) -> Result<Response<pb::SetOverrideResponse>, Status> {
+        let request = request.into_inner();
+        check_id("user_id", &request.user_id)?;
+        if !self.registry.contains(&request.feature) {
+            return Err(QuotaError::from(RegistryError::UnknownFeature(request.feature)).into());
+        }
+        let limit = limit_from_proto(request.limit)?;
+        self.store
+            .set_override(&request.user_id, &request.feature, limit, (self.clock)())
+            .await
+            .map_err(QuotaError::from)?;
+        Ok(Response::new(pb::SetOverrideResponse {}))
+    }
+
+    async fn clear_override(
+        &self,
+        request: Request<pb::ClearOverrideRequest>,
+    ) -> Result<Response<pb::ClearOverrideResponse>, Status> {
+        let request = request.into_inner();
+        check_id("user_id", &request.user_id)?;
+        if !self.registry.contains(&request.feature) {
+            return Err(QuotaError::from(RegistryError::UnknownFeature(request.feature)).into());
+        }
+        let cleared = self.store.clear_override(&request.user_id, &request.feature).await.map_err(QuotaError::from)?;
+        Ok(Response::new(pb::ClearOverrideResponse { cleared }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, feature = %request.get_ref().feature))]
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let request = request.into_inner();
+        check_id("user_id", &request.user_id)?;
+        check_id("idempotency_key", &request.idempotency_key)?;
+        if !self.registry.contains(&request.feature) {
+            return Err(QuotaError::from(RegistryError::UnknownFeature(request.feature)).into());
+        }
+        let units = self
+            .store
+            .release(&request.user_id, &request.feature, &request.idempotency_key)
+            .await
+            .map_err(QuotaError::from)?;
+        Ok(Response::new(pb::ReleaseResponse { released: units.is_some(), units: units.unwrap_or(0) }))
+    }
+}

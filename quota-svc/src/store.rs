@@ -1,0 +1,395 @@
+//! Where quota-svc keeps tiers, overrides and consumed units: PostgreSQL in production,
+//! SQLite as the embedded default. Both run the same SQL (written once below).
+//!
+//! Schema choice: one row per consume (`quota_consumptions`: units, time, its
+//! idempotency key, whether released) plus one counter row per user and feature
+//! (`quota_counters.used`: the units of the rows still present and not released).
+//! A check never sums the window: it reads the counter and subtracts only the rows
+//! that have expired since the last consume (an index range of, usually, nothing).
+//! Each consume prunes the expired rows of its user and feature and moves the
+//! counter in the same transaction, under the counter row's lock — that lock is what
+//! makes check-and-consume atomic across any number of replicas. So an
+//! `api_requests`-like feature with 50,000 units in a window costs the same per check
+//! as a feature with 3. A key is remembered while its row is in the window.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::registry::Limit;
+
+/// A storage failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(Arc<sqlx::Error>),
+    #[error("database error: {0}")]
+    Database(Arc<sqlx::Error>),
+    #[error("database migration failed: {0}")]
+    Migration(Arc<sqlx::migrate::MigrateError>),
+    #[error("unsupported database URL (expected postgres://… or sqlite://…)")]
+    UnsupportedUrl,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> StoreError {
+        match error {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                StoreError::Unavailable(Arc::new(error))
+            }
+            other => StoreError::Database(Arc::new(other)),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(error: sqlx::migrate::MigrateError) -> StoreError {
+        StoreError::Migration(Arc::new(error))
+    }
+}
+
+/// Units counted in the window for one user and feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub used: i64,
+    /// Consume time of the oldest counted unit.
+    pub oldest_us: Option<i64>,
+}
+
+/// What a consume did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consumed {
+    /// Recorded now.
+    Recorded,
+    /// The key was recorded before with the same units: nothing new counted.
+    Duplicate,
+    /// Over the limit: nothing recorded.
+    Refused,
+    /// The key was recorded before with different units.
+    KeyReused { units: i64 },
+}
+
+#[async_trait]
+pub trait QuotaStore: Send + Sync + 'static {
+    async fn ping(&self) -> Result<(), StoreError>;
+    async fn tier(&self, user_id: &str) -> Result<Option<String>, StoreError>;
+    /// Sets the tier and answers the previous one.
+    async fn set_tier(&self, user_id: &str, tier: &str, now_us: i64) -> Result<Option<String>, StoreError>;
+    async fn overrides(&self, user_id: &str) -> Result<HashMap<String, Limit>, StoreError>;
+    async fn set_override(&self, user_id: &str, feature: &str, limit: Limit, now_us: i64) -> Result<(), StoreError>;
+    async fn clear_override(&self, user_id: &str, feature: &str) -> Result<bool, StoreError>;
+    /// Every feature the user has counted units of, at `cutoff_us`.
+    async fn usage(&self, user_id: &str, cutoff_us: i64) -> Result<HashMap<String, Usage>, StoreError>;
+    async fn feature_usage(&self, user_id: &str, feature: &str, cutoff_us: i64) -> Result<Usage, StoreError>;
+    /// Atomically: count the window, and record `units` under `key` if they fit `limit`.
+    #[allow(clippy::too_many_arguments)]
+    async fn consume(
+        &self,
+        user_id: &str,
+        feature: &str,
+        key: &str,
+        units: i64,
+        limit: Limit,
+        now_us: i64,
+        cutoff_us: i64,
+    ) -> Result<(Consumed, Usage), StoreError>;
+    /// Gives back the units recorded under `key`; `None` if there is nothing to give back.
+    async fn release(&self, user_id: &str, feature: &str, key: &str) -> Result<Option<i64>, StoreError>;
+}
+
+/// Opens the store named by `REEVE_DATABASE_URL` and brings its schema up to date.
+pub async fn open(url: &str) -> Result<Arc<dyn QuotaStore>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(sqlx::postgres::PgConnectOptions::from_str(url)?)
+            .await?;
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await?;
+        Ok(Arc::new(PgQuotaStore { pool }))
+    } else if url.starts_with("sqlite:") {
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        if let Some(parent) = options.get_filename().parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(Arc::new(e.into())))?;
+        }
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        let mut migrator = sqlx::migrate!("./migrations/sqlite");
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await?;
+        Ok(Arc::new(SqliteQuotaStore { pool }))
+    } else {
+        Err(StoreError::UnsupportedUrl)
+    }
+}
+
+pub struct PgQuotaStore {
+    pool: sqlx::PgPool,
+}
+
+pub struct SqliteQuotaStore {
+    pool: sqlx::SqlitePool,
+}
+
+fn limit_columns(limit: Limit) -> (bool, i64) {
+    match limit {
+        Limit::Unlimited => (true, 0),
+        Limit::Units(units) => (false, units),
+    }
+}
+
+/// The live usage: the counter minus the expired rows not yet pruned, and the oldest
+/// live row. `$1` user, `$2` feature, `$3` cutoff.
+const FEATURE_USAGE_SQL: &str = "\
+SELECT c.used - COALESCE((SELECT SUM(q.units) FROM quota_consumptions q \
+        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us <= $3 AND NOT q.released), 0), \
+    (SELECT MIN(q.consumed_at_us) FROM quota_consumptions q \
+        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us > $3 AND NOT q.released) \
+FROM quota_counters c WHERE c.user_id = $1 AND c.feature = $2";
+
+const USAGE_SQL: &str = "\
+SELECT c.feature, c.used - COALESCE((SELECT SUM(q.units) FROM quota_consumptions q \
+        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us <= $2 AND NOT q.released), 0), \
+    (SELECT MIN(q.consumed_at_us) FROM quota_consumptions q \
+        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us > $2 AND NOT q.released) \
+FROM quota_counters c WHERE c.user_id = $1";
+
+/// Writes the store methods once for both databases; only how a transaction begins
+/// and how the counter row is locked differ.
+macro_rules! quota_store_impl {
+    ($store:ty, $begin:literal, $lock_suffix:literal) => {
+        #[async_trait]
+        impl QuotaStore for $store {
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn tier(&self, user_id: &str) -> Result<Option<String>, StoreError> {
+                Ok(sqlx::query_scalar("SELECT tier FROM quota_tiers WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn set_tier(&self, user_id: &str, tier: &str, now_us: i64) -> Result<Option<String>, StoreError> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let previous: Option<String> =
+                    sqlx::query_scalar(concat!("SELECT tier FROM quota_tiers WHERE user_id = $1", $lock_suffix))
+                        .bind(user_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                sqlx::query(
+                    "INSERT INTO quota_tiers (user_id, tier, updated_at_us) VALUES ($1, $2, $3) \
+                     ON CONFLICT (user_id) DO UPDATE SET tier = excluded.tier, updated_at_us = excluded.updated_at_us",
+                )
+                .bind(user_id)
+                .bind(tier)
+                .bind(now_us)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(previous)
+            }
+
+            async fn overrides(&self, user_id: &str) -> Result<HashMap<String, Limit>, StoreError> {
+                let rows: Vec<(String, bool, i64)> =
+                    sqlx::query_as("SELECT feature, unlimited, limit_units FROM quota_overrides WHERE user_id = $1")
+                        .bind(user_id)
+                        .fetch_all(&self.pool)
+                        .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(feature, unlimited, units)| (feature, if unlimited { Limit::Unlimited } else { Limit::Units(units) }))
+                    .collect())
+            }
+
+            async fn set_override(&self, user_id: &str, feature: &str, limit: Limit, now_us: i64) -> Result<(), StoreError> {
+                let (unlimited, units) = limit_columns(limit);
+                sqlx::query(
+                    "INSERT INTO quota_overrides (user_id, feature, unlimited, limit_units, updated_at_us) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, feature) DO UPDATE SET \
+                     unlimited = excluded.unlimited, limit_units = excluded.limit_units, updated_at_us = excluded.updated_at_us",
+                )
+                .bind(user_id)
+                .bind(feature)
+                .bind(unlimited)
+                .bind(units)
+                .bind(now_us)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn clear_override(&self, user_id: &str, feature: &str) -> Result<bool, StoreError> {
+                let result = sqlx::query("DELETE FROM quota_overrides WHERE user_id = $1 AND feature = $2")
+                    .bind(user_id)
+                    .bind(feature)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(result.rows_affected() > 0)
+            }
+
+            async fn usage(&self, user_id: &str, cutoff_us: i64) -> Result<HashMap<String, Usage>, StoreError> {
+                let rows: Vec<(String, i64, Option<i64>)> =
+                    sqlx::query_as(USAGE_SQL).bind(user_id).bind(cutoff_us).fetch_all(&self.pool).await?;
+                Ok(rows.into_iter().map(|(feature, used, oldest_us)| (feature, Usage { used, oldest_us })).collect())
+            }
+
+            async fn feature_usage(&self, user_id: &str, feature: &str, cutoff_us: i64) -> Result<Usage, StoreError> {
+                let row: Option<(i64, Option<i64>)> = sqlx::query_as(FEATURE_USAGE_SQL)
+                    .bind(user_id)
+                    .bind(feature)
+                    .bind(cutoff_us)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(|(used, oldest_us)| Usage { used, oldest_us }).unwrap_or_default())
+            }
+
+            async fn consume(
+                &self,
+                user_id: &str,
+                feature: &str,
+                key: &str,
+                units: i64,
+                limit: Limit,
+                now_us: i64,
+                cutoff_us: i64,
+            ) -> Result<(Consumed, Usage), StoreError> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                sqlx::query(
+                    "INSERT INTO quota_counters (user_id, feature, used) VALUES ($1, $2, 0) \
+                     ON CONFLICT (user_id, feature) DO NOTHING",
+                )
+                .bind(user_id)
+                .bind(feature)
+                .execute(&mut *tx)
+                .await?;
+                let counted: i64 = sqlx::query_scalar(concat!(
+                    "SELECT used FROM quota_counters WHERE user_id = $1 AND feature = $2",
+                    $lock_suffix
+                ))
+                .bind(user_id)
+                .bind(feature)
+                .fetch_one(&mut *tx)
+                .await?;
+                let earlier: Option<i64> = sqlx::query_scalar(
+                    "SELECT units FROM quota_consumptions WHERE user_id = $1 AND feature = $2 AND idempotency_key = $3",
+                )
+                .bind(user_id)
+                .bind(feature)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                // Prune what left the window; its still-counted units leave the counter.
+                let expired: Vec<(i64, bool)> = sqlx::query_as(
+                    "DELETE FROM quota_consumptions WHERE user_id = $1 AND feature = $2 AND consumed_at_us <= $3 \
+                     RETURNING units, released",
+                )
+                .bind(user_id)
+                .bind(feature)
+                .bind(cutoff_us)
+                .fetch_all(&mut *tx)
+                .await?;
+                let expired_units: i64 = expired.iter().filter(|(_, released)| !released).map(|(units, _)| units).sum();
+                let mut used = counted - expired_units;
+                let outcome = match earlier {
+                    Some(recorded) if recorded == units => Consumed::Duplicate,
+                    Some(recorded) => Consumed::KeyReused { units: recorded },
+                    None => {
+                        let fits = match limit {
+                            Limit::Unlimited => true,
+                            Limit::Units(max) => used.checked_add(units).is_some_and(|after| after <= max),
+                        };
+                        if fits {
+                            sqlx::query(
+                                "INSERT INTO quota_consumptions (user_id, feature, idempotency_key, units, consumed_at_us, released) \
+                                 VALUES ($1, $2, $3, $4, $5, false)",
+                            )
+                            .bind(user_id)
+                            .bind(feature)
+                            .bind(key)
+                            .bind(units)
+                            .bind(now_us)
+                            .execute(&mut *tx)
+                            .await?;
+                            used += units;
+                            Consumed::Recorded
+                        } else {
+                            Consumed::Refused
+                        }
+                    }
+                };
+                if used != counted {
+                    sqlx::query("UPDATE quota_counters SET used = $3 WHERE user_id = $1 AND feature = $2")
+                        .bind(user_id)
+                        .bind(feature)
+                        .bind(used)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let oldest_us: Option<i64> = sqlx::query_scalar(
+                    "SELECT MIN(consumed_at_us) FROM quota_consumptions \
+                     WHERE user_id = $1 AND feature = $2 AND NOT released",
+                )
+                .bind(user_id)
+                .bind(feature)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok((outcome, Usage { used, oldest_us }))
+            }
+
+            async fn release(&self, user_id: &str, feature: &str, key: &str) -> Result<Option<i64>, StoreError> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let locked: Option<i64> = sqlx::query_scalar(concat!(
+                    "SELECT used FROM quota_counters WHERE user_id = $1 AND feature = $2",
+                    $lock_suffix
+                ))
+                .bind(user_id)
+                .bind(feature)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if locked.is_none() {
+                    return Ok(None);
+                }
+                let units: Option<i64> = sqlx::query_scalar(
+                    "UPDATE quota_consumptions SET released = true \
+                     WHERE user_id = $1 AND feature = $2 AND idempotency_key = $3 AND NOT released RETURNING units",
+                )
+                .bind(user_id)
+                .bind(feature)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(units) = units {
+                    sqlx::query("UPDATE quota_counters SET used = used - $3 WHERE user_id = $1 AND feature = $2")
+                        .bind(user_id)
+                        .bind(feature)
+                        .bind(units)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(units)
+            }
+        }
+    };
+}
+
+quota_store_impl!(PgQuotaStore, "BEGIN", " FOR UPDATE");
+quota_store_impl!(SqliteQuotaStore, "BEGIN IMMEDIATE", "");
