@@ -155,15 +155,15 @@ fn limit_columns(limit: Limit) -> (bool, i64) {
 /// The live usage: the counter minus the expired rows not yet pruned, and the oldest
 /// live row. `$1` user, `$2` feature, `$3` cutoff.
 const FEATURE_USAGE_SQL: &str = "\
-SELECT c.used - COALESCE((SELECT SUM(q.units) FROM quota_consumptions q \
-        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us <= $3 AND NOT q.released), 0), \
+SELECT CAST(c.used - COALESCE((SELECT SUM(q.units) FROM quota_consumptions q \
+        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us <= $3 AND NOT q.released), 0) AS BIGINT), \
     (SELECT MIN(q.consumed_at_us) FROM quota_consumptions q \
         WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us > $3 AND NOT q.released) \
 FROM quota_counters c WHERE c.user_id = $1 AND c.feature = $2";
 
 const USAGE_SQL: &str = "\
-SELECT c.feature, c.used - COALESCE((SELECT SUM(q.units) FROM quota_consumptions q \
-        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us <= $2 AND NOT q.released), 0), \
+SELECT c.feature, CAST(c.used - COALESCE((SELECT SUM(q.units) FROM quota_consumptions q \
+        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us <= $2 AND NOT q.released), 0) AS BIGINT), \
     (SELECT MIN(q.consumed_at_us) FROM quota_consumptions q \
         WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us > $2 AND NOT q.released) \
 FROM quota_counters c WHERE c.user_id = $1";
