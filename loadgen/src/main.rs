@@ -5,6 +5,8 @@
 //! It creates a schema of its own, seeds it, and drops it at the end. It only ever
 //! talks to loopback addresses and stops after the configured duration.
 
+mod quota;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,13 +40,19 @@ struct Args {
     /// Concurrent clients sending batches (gateway replicas flushing).
     #[arg(long, default_value_t = 4)]
     batch_clients: usize,
-    /// Concurrent callers of single Deduct.
+    /// Concurrent callers of single Deduct (and of CheckQuota).
     #[arg(long, default_value_t = 64)]
     single_callers: usize,
+    /// Which service to drive: credits, quota or all.
+    #[arg(long, default_value = "all")]
+    suite: String,
+    /// Users of the quota suite (each with usage rows in all 23 features).
+    #[arg(long, default_value_t = 20_000)]
+    quota_users: usize,
 }
 
 #[derive(Debug)]
-struct Figures {
+pub(crate) struct Figures {
     name: String,
     deductions: u64,
     elapsed: Duration,
@@ -52,11 +60,11 @@ struct Figures {
 }
 
 impl Figures {
-    fn per_second(&self) -> f64 {
+    pub(crate) fn per_second(&self) -> f64 {
         self.deductions as f64 / self.elapsed.as_secs_f64()
     }
 
-    fn row(&self) -> String {
+    pub(crate) fn row(&self) -> String {
         format!(
             "| {} | {:.0} | {:.2} | {:.2} |",
             self.name,
@@ -69,7 +77,7 @@ impl Figures {
 
 /// Runs `concurrency` workers for `duration`; each call of `operation(worker, sequence)`
 /// returns how many deductions it made, and its latency is recorded.
-async fn drive<F, Fut>(name: String, concurrency: usize, duration: Duration, operation: F) -> anyhow::Result<Figures>
+pub(crate) async fn drive<F, Fut>(name: String, concurrency: usize, duration: Duration, operation: F) -> anyhow::Result<Figures>
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<u64>> + Send,
@@ -108,7 +116,7 @@ fn user(index: u64, users: usize) -> String {
 }
 
 /// A cheap deterministic spread of users (no RNG state shared between workers).
-fn pick(worker: usize, sequence: u64, item: u64) -> u64 {
+pub(crate) fn pick(worker: usize, sequence: u64, item: u64) -> u64 {
     let mut x = (worker as u64) << 40 ^ sequence << 16 ^ item;
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -139,7 +147,16 @@ async fn main() -> anyhow::Result<()> {
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await?;
     sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
     let url = format!("{}?options[search_path]={schema}", args.database_url);
-    let result = run(&args, &url).await;
+    let result = async {
+        if matches!(args.suite.as_str(), "credits" | "all") {
+            run(&args, &url).await?;
+        }
+        if matches!(args.suite.as_str(), "quota" | "all") {
+            quota::run(&args, &url).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await?;
     result
 }
