@@ -8,6 +8,7 @@ use reeve_runtime::Micros;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::checkout::CheckoutError;
 use crate::ledger::{IDEMPOTENCY_KEY_REUSED, InvalidWrite};
 use crate::store::StoreError;
 
@@ -22,6 +23,8 @@ pub enum CreditsError {
     Insufficient { balance_micros: i64, required_micros: i64 },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Checkout(#[from] CheckoutError),
 }
 
 impl CreditsError {
@@ -59,6 +62,23 @@ impl From<CreditsError> for Status {
                     format!("balance {balance_micros} micros is below the required {required_micros} micros"),
                 );
                 Status::with_error_details(Code::FailedPrecondition, message, details)
+            }
+            CreditsError::Checkout(checkout) => {
+                let (code, reason) = match &checkout {
+                    CheckoutError::Disabled => (Code::FailedPrecondition, "PURCHASES_DISABLED"),
+                    CheckoutError::OutOfRange { .. } => (Code::InvalidArgument, "AMOUNT_OUT_OF_RANGE"),
+                    CheckoutError::Unavailable(_) => (Code::Unavailable, "STRIPE_UNAVAILABLE"),
+                    CheckoutError::Refused(_) => (Code::Internal, "STRIPE_REFUSED"),
+                };
+                let mut metadata = HashMap::new();
+                if let CheckoutError::OutOfRange { min, max, .. } = checkout {
+                    metadata.insert("min_credits".to_owned(), min.to_string());
+                    metadata.insert("max_credits".to_owned(), max.to_string());
+                }
+                if code != Code::InvalidArgument {
+                    tracing::error!(error = %message, "checkout failed");
+                }
+                Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
             }
             CreditsError::Store(store) => {
                 let code = match store {

@@ -3,6 +3,7 @@
 //! `main.rs` only reads [`Config`] and calls [`start`]; tests call [`start`] too, on
 //! port 0, so they run exactly what production runs.
 
+pub mod checkout;
 pub mod error;
 pub mod group_commit;
 pub mod ledger;
@@ -39,6 +40,8 @@ pub struct Config {
     /// `REEVE_DEDUCT_WORKERS`: concurrent group-commit transactions (default: 4 on
     /// PostgreSQL, 1 on SQLite, whose writers are serialised anyway).
     pub deduct_workers: Option<usize>,
+    /// `STRIPE_SECRET_KEY` and the purchase settings; `None` disables `Purchase`.
+    pub checkout: Option<checkout::CheckoutConfig>,
 }
 
 impl Config {
@@ -67,7 +70,8 @@ impl Config {
                 .map(Some)
                 .ok_or_else(|| ConfigError::new("REEVE_DEDUCT_WORKERS", "must be 1 to 64"))?,
         };
-        Ok(Config { database_url, listen_addr, service_tokens, deduct_workers })
+        let checkout = checkout::CheckoutConfig::from_env()?;
+        Ok(Config { database_url, listen_addr, service_tokens, deduct_workers, checkout })
     }
 }
 
@@ -86,7 +90,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let is_sqlite = config.database_url.starts_with("sqlite:");
     let workers = config.deduct_workers.unwrap_or(if is_sqlite { 1 } else { 4 });
     let deductions = GroupCommit::start(Arc::clone(&store), workers, 1_000, system_clock_us);
-    let api = CreditsApi::new(Arc::clone(&store), deductions, system_clock_us);
+    let checkout = checkout::Checkout::new(config.checkout.clone())?;
+    let api = CreditsApi::new(Arc::clone(&store), deductions, checkout, system_clock_us);
     let credits = CreditServiceServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

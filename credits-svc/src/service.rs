@@ -7,6 +7,7 @@ use reeve_proto::credits::v1 as pb;
 use reeve_runtime::Micros;
 use tonic::{Request, Response, Status};
 
+use crate::checkout::Checkout;
 use crate::error::CreditsError;
 use crate::group_commit::GroupCommit;
 use crate::ledger::{EntryKind, LedgerEntry, WriteOutcome, WriteRequest};
@@ -20,12 +21,13 @@ pub const MAX_PAGE_SIZE: u32 = 500;
 pub struct CreditsApi {
     store: Arc<dyn LedgerStore>,
     deductions: GroupCommit,
+    checkout: Checkout,
     clock: fn() -> i64,
 }
 
 impl CreditsApi {
-    pub fn new(store: Arc<dyn LedgerStore>, deductions: GroupCommit, clock: fn() -> i64) -> CreditsApi {
-        CreditsApi { store, deductions, clock }
+    pub fn new(store: Arc<dyn LedgerStore>, deductions: GroupCommit, checkout: Checkout, clock: fn() -> i64) -> CreditsApi {
+        CreditsApi { store, deductions, checkout, clock }
     }
 
     async fn apply_one(&self, write: WriteRequest) -> Result<(LedgerEntry, bool), CreditsError> {
@@ -214,6 +216,19 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         Ok(Response::new(pb::HistoryResponse {
             entries: entries.into_iter().map(entry_to_proto).collect(),
             next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, amount_credits = request.get_ref().amount_credits))]
+    async fn purchase(&self, request: Request<pb::PurchaseRequest>) -> Result<Response<pb::PurchaseResponse>, Status> {
+        let request = request.into_inner();
+        check_user_id(&request.user_id)?;
+        let started = self.checkout.start(&request.user_id, request.amount_credits).await.map_err(CreditsError::from)?;
+        tracing::info!(session_id = %started.session_id, "checkout session created");
+        Ok(Response::new(pb::PurchaseResponse {
+            checkout_url: started.checkout_url,
+            session_id: started.session_id,
+            amount_micros: started.amount.0,
         }))
     }
 }

@@ -168,6 +168,7 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         listen_addr: "127.0.0.1:0".parse()?,
         service_tokens: ServiceTokens::new([TOKEN]),
         deduct_workers: None,
+        checkout: None,
     };
     let server = credits_svc::start(config, shutdown.clone()).await?;
     let pool = PgPoolOptions::new().max_connections(64).connect(url).await?;

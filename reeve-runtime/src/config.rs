@@ -41,3 +41,13 @@ where
             .map_err(|error| ConfigError::new(name, format!("cannot be parsed: {error}"))),
     }
 }
+
+/// `REEVE_CURRENCY`: the one currency credits are sold and credited in, as a
+/// lower-case ISO code (default `usd`).
+pub fn currency() -> Result<String, ConfigError> {
+    let currency = var("REEVE_CURRENCY")?.unwrap_or_else(|| "usd".to_owned()).to_ascii_lowercase();
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(ConfigError::new("REEVE_CURRENCY", "must be a three-letter ISO currency code such as usd"));
+    }
+    Ok(currency)
+}

@@ -66,6 +66,7 @@ impl TestDb {
             listen_addr: "127.0.0.1:0".parse().unwrap(),
             service_tokens: ServiceTokens::new([TOKEN, "second-token"]),
             deduct_workers: None,
+            checkout: None,
         }
     }
 

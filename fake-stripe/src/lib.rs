@@ -1,0 +1,384 @@
+//! A Stripe stand-in on loopback, for tests and for `reeve up` without a Stripe key.
+//!
+//! It answers the one API call Reeve makes (`POST /v1/checkout/sessions`) with a
+//! Stripe-shaped session whose URL is a local pay page; "paying" it
+//! (`POST /checkout/{id}/pay`) sends correctly signed `checkout.session.completed` and
+//! `payment_intent.succeeded` webhooks to the configured endpoint, retrying like Stripe
+//! while the endpoint answers non-2xx. `POST /v1/refunds` and
+//! `POST /v1/test_helpers/disputes` send `charge.refunded` and `charge.dispute.created`
+//! the same way. It keeps everything in memory and must never be used with real money.
+
+// The checkout session object is one large json! literal.
+#![recursion_limit = "256"]
+
+pub mod objects;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::objects::Session;
+
+/// Header value of `Stripe-Signature` for `payload` signed at `timestamp` (Unix seconds).
+pub fn sign(payload: &str, secret: &str, timestamp: i64) -> String {
+    stripe_webhook::Webhook::generate_test_header(payload, secret, Some(timestamp))
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    /// Where webhooks go, e.g. `http://127.0.0.1:8080/api/credits/webhook`.
+    pub webhook_url: String,
+    /// The endpoint's signing secret (`whsec_…`).
+    pub webhook_secret: String,
+}
+
+/// One paid checkout: what a refund or dispute refers to.
+#[derive(Debug, Clone)]
+struct Payment {
+    charge_id: String,
+    amount: i64,
+    amount_refunded: i64,
+    currency: String,
+}
+
+struct FakeState {
+    config: Config,
+    base_url: String,
+    http: reqwest::Client,
+    sessions: Mutex<HashMap<String, Session>>,
+    payments: Mutex<HashMap<String, Payment>>,
+}
+
+/// A running fake.
+pub struct FakeStripe {
+    pub local_addr: SocketAddr,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl FakeStripe {
+    /// The API base to hand to a Stripe client (`STRIPE_API_BASE`), ending in '/'.
+    pub fn api_base(&self) -> String {
+        format!("http://{}/", self.local_addr)
+    }
+
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await??;
+        Ok(())
+    }
+}
+
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<FakeStripe> {
+    let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
+    let local_addr = listener.local_addr()?;
+    let state = Arc::new(FakeState {
+        config,
+        base_url: format!("http://{local_addr}"),
+        http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
+        sessions: Mutex::new(HashMap::new()),
+        payments: Mutex::new(HashMap::new()),
+    });
+    let app = Router::new()
+        .route("/v1/checkout/sessions", post(create_session))
+        .route("/v1/checkout/sessions/{id}", get(retrieve_session))
+        .route("/checkout/{id}", get(pay_page))
+        .route("/checkout/{id}/pay", post(pay))
+        .route("/v1/refunds", post(refund))
+        .route("/v1/test_helpers/disputes", post(dispute))
+        .with_state(state);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    });
+    tracing::info!(%local_addr, "fake Stripe serving (no real money)");
+    Ok(FakeStripe { local_addr, task })
+}
+
+fn random_id(prefix: &str) -> String {
+    use rand::Rng;
+    use rand::distr::Alphanumeric;
+    let tail: String = rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
+    format!("{prefix}_test_{tail}")
+}
+
+/// Stripe's error body.
+fn stripe_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (status, Json(json!({"error": {"type": kind, "message": message}}))).into_response()
+}
+
+/// Stripe answers 401 without a secret key; so does the fake.
+fn check_key(headers: &HeaderMap) -> Result<(), Response> {
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if key.starts_with("sk_") || key.starts_with("rk_") {
+        Ok(())
+    } else {
+        Err(stripe_error(StatusCode::UNAUTHORIZED, "invalid_request_error", "Invalid API Key provided"))
+    }
+}
+
+/// Form fields as Stripe's bracket notation sends them, e.g. `line_items[0][quantity]`.
+type Fields = Vec<(String, String)>;
+
+fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// The `prefix[key]=value` pairs of a metadata hash.
+fn metadata(fields: &Fields, prefix: &str) -> serde_json::Map<String, Value> {
+    fields
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = k.strip_prefix(prefix)?.strip_prefix('[')?.strip_suffix(']')?;
+            Some((key.to_owned(), Value::String(v.clone())))
+        })
+        .collect()
+}
+
+async fn create_session(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fields): Form<Fields>) -> Response {
+    if let Err(response) = check_key(&headers) {
+        return response;
+    }
+    if field(&fields, "mode") != Some("payment") {
+        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "the fake supports mode=payment only");
+    }
+    let unit_amount = field(&fields, "line_items[0][price_data][unit_amount]").and_then(|v| v.parse::<i64>().ok());
+    let quantity = field(&fields, "line_items[0][quantity]").and_then(|v| v.parse::<i64>().ok()).unwrap_or(1);
+    let currency = field(&fields, "line_items[0][price_data][currency]").unwrap_or("usd").to_owned();
+    let Some(amount_total) = unit_amount.and_then(|a| a.checked_mul(quantity)).filter(|a| *a > 0) else {
+        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "line_items[0] needs a positive price_data.unit_amount");
+    };
+    let id = random_id("cs");
+    let session = Session {
+        url: format!("{}/checkout/{id}", state.base_url),
+        id: id.clone(),
+        created: now_secs(),
+        amount_total,
+        currency,
+        client_reference_id: field(&fields, "client_reference_id").map(str::to_owned),
+        metadata: metadata(&fields, "metadata"),
+        payment_intent_metadata: metadata(&fields, "payment_intent_data[metadata]"),
+        success_url: field(&fields, "success_url").map(str::to_owned),
+        cancel_url: field(&fields, "cancel_url").map(str::to_owned),
+        payment_intent: None,
+    };
+    let body = session.to_json();
+    lock(&state.sessions).insert(id, session);
+    Json(body).into_response()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn retrieve_session(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(response) = check_key(&headers) {
+        return response;
+    }
+    match lock(&state.sessions).get(&id) {
+        Some(session) => Json(session.to_json()).into_response(),
+        None => stripe_error(StatusCode::NOT_FOUND, "invalid_request_error", "No such checkout.session"),
+    }
+}
+
+async fn pay_page(State(state): State<Arc<FakeState>>, Path(id): Path<String>) -> Response {
+    let Some(session) = lock(&state.sessions).get(&id).cloned() else {
+        return (StatusCode::NOT_FOUND, "no such checkout session").into_response();
+    };
+    let amount = format!("{}.{:02} {}", session.amount_total / 100, session.amount_total % 100, session.currency.to_uppercase());
+    Html(format!(
+        "<!doctype html><title>Fake Stripe checkout</title><h1>Fake Stripe checkout</h1>\
+         <p>Test mode: no real money. Pay {amount} for session <code>{id}</code>.</p>\
+         <form method=post action=\"/checkout/{id}/pay\"><button type=submit>Pay {amount}</button></form>"
+    ))
+    .into_response()
+}
+
+/// Pays a session: the payment intent and charge come into being and both webhooks are
+/// delivered (in Stripe's usual order) before the answer. Paying a paid session sends
+/// nothing new. A form post (the pay page) is redirected to the success URL.
+async fn pay(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let paid = {
+        let mut sessions = lock(&state.sessions);
+        let Some(session) = sessions.get_mut(&id) else {
+            return (StatusCode::NOT_FOUND, Json(json!({"error": "no such checkout session"}))).into_response();
+        };
+        if session.payment_intent.is_some() {
+            None
+        } else {
+            session.payment_intent = Some(random_id("pi"));
+            Some(session.clone())
+        }
+    };
+    let from_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let Some(session) = paid else {
+        return (StatusCode::CONFLICT, Json(json!({"error": "session already paid"}))).into_response();
+    };
+    let payment_intent = session.payment_intent.clone().unwrap_or_default();
+    let charge_id = random_id("ch");
+    lock(&state.payments).insert(
+        payment_intent.clone(),
+        Payment { charge_id: charge_id.clone(), amount: session.amount_total, amount_refunded: 0, currency: session.currency.clone() },
+    );
+    let now = now_secs();
+    let completed = objects::event(&random_id("evt"), "checkout.session.completed", session.to_json(), None, now);
+    let intent = objects::payment_intent(
+        &payment_intent,
+        &charge_id,
+        session.amount_total,
+        &session.currency,
+        &session.payment_intent_metadata,
+        now,
+    );
+    let succeeded = objects::event(&random_id("evt"), "payment_intent.succeeded", intent, None, now);
+    let mut deliveries = Vec::new();
+    for event in [completed, succeeded] {
+        deliveries.push(deliver(&state, event).await);
+    }
+    if from_form && let Some(success_url) = session.success_url {
+        return Redirect::to(&success_url).into_response();
+    }
+    Json(json!({
+        "session_id": session.id,
+        "payment_intent": payment_intent,
+        "charge": charge_id,
+        "amount": session.amount_total,
+        "currency": session.currency,
+        "deliveries": deliveries,
+    }))
+    .into_response()
+}
+
+/// `POST /v1/refunds` with `payment_intent` and an optional `amount` (default: the rest).
+async fn refund(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fields): Form<Fields>) -> Response {
+    if let Err(response) = check_key(&headers) {
+        return response;
+    }
+    let Some(payment_intent) = field(&fields, "payment_intent").map(str::to_owned) else {
+        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "payment_intent is required");
+    };
+    let requested = field(&fields, "amount").map(|v| v.parse::<i64>());
+    let (payment, previous) = {
+        let mut payments = lock(&state.payments);
+        let Some(payment) = payments.get_mut(&payment_intent) else {
+            return stripe_error(StatusCode::NOT_FOUND, "invalid_request_error", "No such payment_intent");
+        };
+        let left = payment.amount - payment.amount_refunded;
+        let amount = match requested {
+            None => left,
+            Some(Ok(amount)) if amount > 0 && amount <= left => amount,
+            Some(_) => return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "amount must be 1 to what is left"),
+        };
+        let previous = payment.amount_refunded;
+        payment.amount_refunded += amount;
+        (payment.clone(), previous)
+    };
+    let now = now_secs();
+    let refund_id = random_id("re");
+    let charge = objects::charge(&payment.charge_id, &payment_intent, payment.amount, payment.amount_refunded, &payment.currency, now);
+    let previous_refunded = previous;
+    let previous = json!({"amount_refunded": previous_refunded, "refunded": false});
+    let event = objects::event(&random_id("evt"), "charge.refunded", charge, Some(previous), now);
+    let delivery = deliver(&state, event).await;
+    Json(json!({
+        "id": refund_id,
+        "object": "refund",
+        "amount": payment.amount_refunded - previous_refunded,
+        "charge": payment.charge_id,
+        "payment_intent": payment_intent,
+        "currency": payment.currency,
+        "status": "succeeded",
+        "delivery": delivery,
+    }))
+    .into_response()
+}
+
+/// `POST /v1/test_helpers/disputes` with `payment_intent`: the cardholder disputes the
+/// whole charge.
+async fn dispute(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fields): Form<Fields>) -> Response {
+    if let Err(response) = check_key(&headers) {
+        return response;
+    }
+    let Some(payment_intent) = field(&fields, "payment_intent").map(str::to_owned) else {
+        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "payment_intent is required");
+    };
+    let Some(payment) = lock(&state.payments).get(&payment_intent).cloned() else {
+        return stripe_error(StatusCode::NOT_FOUND, "invalid_request_error", "No such payment_intent");
+    };
+    let now = now_secs();
+    let dispute_id = random_id("dp");
+    let dispute = json!({
+        "id": dispute_id,
+        "object": "dispute",
+        "amount": payment.amount,
+        "balance_transactions": [],
+        "charge": payment.charge_id,
+        "created": now,
+        "currency": payment.currency,
+        "enhanced_eligibility_types": [],
+        "evidence": {},
+        "evidence_details": {"due_by": now + 7 * 24 * 3600, "has_evidence": false, "past_due": false, "submission_count": 0},
+        "is_charge_refundable": false,
+        "livemode": false,
+        "metadata": {},
+        "payment_intent": payment_intent,
+        "payment_method_details": null,
+        "reason": "fraudulent",
+        "status": "needs_response"
+    });
+    let event = objects::event(&random_id("evt"), "charge.dispute.created", dispute.clone(), None, now);
+    let delivery = deliver(&state, event).await;
+    Json(json!({"dispute": dispute, "delivery": delivery})).into_response()
+}
+
+/// Sends one signed event, retrying (up to 6 attempts, backing off) while the endpoint
+/// answers non-2xx or cannot be reached. Returns the last status (0: unreachable).
+async fn deliver(state: &FakeState, event: Value) -> Value {
+    let payload = event.to_string();
+    let event_type = event.get("type").cloned().unwrap_or(Value::Null);
+    let event_id = event.get("id").cloned().unwrap_or(Value::Null);
+    let mut status = 0u16;
+    for attempt in 0..6u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
+        }
+        let signature = sign(&payload, &state.config.webhook_secret, now_secs());
+        let sent = state
+            .http
+            .post(&state.config.webhook_url)
+            .header("stripe-signature", signature)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(payload.clone())
+            .send()
+            .await;
+        status = sent.map(|r| r.status().as_u16()).unwrap_or(0);
+        if (200..300).contains(&status) {
+            break;
+        }
+        tracing::warn!(%event_type, status, attempt, "webhook delivery failed; retrying");
+    }
+    json!({"id": event_id, "type": event_type, "status": status})
+}

@@ -1,0 +1,241 @@
+//! webhook-bridge: Reeve's REST API and Stripe webhook receiver. Frontend calls (a
+//! user's JWT), gateway calls (a service token) and Stripe's signed webhooks come in
+//! over HTTP and go out as gRPC calls to credits-svc and quota-svc.
+//!
+//! The bridge holds no money and no quota: its only table is the audit trail of Stripe
+//! events. `main.rs` reads [`Config`] and calls [`start`]; tests call [`start`] on
+//! port 0.
+
+pub mod amount;
+pub mod auth;
+pub mod error;
+pub mod openapi;
+pub mod routes;
+pub mod stripe {
+    pub mod events;
+    pub mod webhook;
+}
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use reeve_proto::credits::v1::credit_service_client::CreditServiceClient;
+use reeve_proto::quota::v1::quota_service_client::QuotaServiceClient;
+use reeve_runtime::auth::{BearerToken, ServiceTokens};
+use reeve_runtime::config::{self, ConfigError};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use utoipa::OpenApi;
+
+use crate::auth::{JwtKey, JwtVerifier};
+use crate::stripe::events::EventStore;
+
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_CREDITS_ADDR: &str = "127.0.0.1:50051";
+pub const DEFAULT_QUOTA_ADDR: &str = "127.0.0.1:50052";
+/// Largest request body: a full batch of 10,000 deductions fits.
+const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// Everything the bridge needs to start.
+#[derive(Clone)]
+pub struct Config {
+    /// `REEVE_HTTP_ADDR`: where to listen.
+    pub http_addr: SocketAddr,
+    /// `REEVE_CREDITS_ADDR` / `REEVE_QUOTA_ADDR`: where the services are (host:port or URL).
+    pub credits_url: String,
+    pub quota_url: String,
+    /// `REEVE_SERVICE_TOKENS`: accepted on the service routes.
+    pub service_tokens: ServiceTokens,
+    /// `REEVE_SERVICE_TOKEN`: what the bridge presents to the services.
+    pub service_token: String,
+    /// `REEVE_JWT_HS256_SECRET` or `REEVE_JWT_RS256_PUBLIC_KEY_FILE`.
+    pub jwt: JwtKey,
+    /// `STRIPE_WEBHOOK_SECRET`.
+    pub webhook_secret: String,
+    /// `REEVE_DATABASE_URL`: where Stripe events are kept.
+    pub database_url: String,
+    /// `REEVE_CURRENCY`: the only currency credited.
+    pub currency: String,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("http_addr", &self.http_addr)
+            .field("credits_url", &self.credits_url)
+            .field("quota_url", &self.quota_url)
+            .field("service_tokens", &self.service_tokens)
+            .field("service_token", &"<redacted>")
+            .field("jwt", &self.jwt)
+            .field("webhook_secret", &"<redacted>")
+            .field("database_url", &"<redacted>")
+            .field("currency", &self.currency)
+            .finish()
+    }
+}
+
+/// `host:port` or `http(s)://host:port` as a gRPC endpoint URL; an unspecified listen
+/// address (0.0.0.0, [::]) is reached on loopback.
+pub fn grpc_url(variable: &'static str, value: &str) -> Result<String, ConfigError> {
+    let url = if value.starts_with("http://") || value.starts_with("https://") {
+        value.to_owned()
+    } else {
+        format!("http://{value}")
+    };
+    let url = url.replacen("://0.0.0.0:", "://127.0.0.1:", 1).replacen("://[::]:", "://[::1]:", 1);
+    Endpoint::from_shared(url.clone()).map_err(|e| ConfigError::new(variable, format!("is not a host:port or URL: {e}")))?;
+    Ok(url)
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let default_http = DEFAULT_HTTP_ADDR.parse().map_err(|_| ConfigError::new("REEVE_HTTP_ADDR", "default is invalid"))?;
+        let http_addr = config::parse_or("REEVE_HTTP_ADDR", default_http)?;
+        let credits_url =
+            grpc_url("REEVE_CREDITS_ADDR", &config::var("REEVE_CREDITS_ADDR")?.unwrap_or_else(|| DEFAULT_CREDITS_ADDR.to_owned()))?;
+        let quota_url =
+            grpc_url("REEVE_QUOTA_ADDR", &config::var("REEVE_QUOTA_ADDR")?.unwrap_or_else(|| DEFAULT_QUOTA_ADDR.to_owned()))?;
+        let tokens_text = config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default();
+        let service_tokens = ServiceTokens::from_comma_separated(&tokens_text);
+        let service_token = match config::var("REEVE_SERVICE_TOKEN")? {
+            Some(token) => token.trim().to_owned(),
+            None => tokens_text.split(',').map(str::trim).find(|t| !t.is_empty()).map(str::to_owned).ok_or_else(|| {
+                ConfigError::new("REEVE_SERVICE_TOKEN", "is required (or REEVE_SERVICE_TOKENS, whose first token is then used)")
+            })?,
+        };
+        BearerToken::new(&service_token).map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))?;
+        let jwt = match (config::var("REEVE_JWT_HS256_SECRET")?, config::var("REEVE_JWT_RS256_PUBLIC_KEY_FILE")?) {
+            (Some(secret), None) => JwtKey::Hs256(secret.into_bytes()),
+            (None, Some(path)) => JwtKey::Rs256Pem(std::fs::read(&path).map_err(|e| {
+                ConfigError::new("REEVE_JWT_RS256_PUBLIC_KEY_FILE", format!("cannot read {path}: {e}"))
+            })?),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "REEVE_JWT_HS256_SECRET",
+                    "set either REEVE_JWT_HS256_SECRET or REEVE_JWT_RS256_PUBLIC_KEY_FILE, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "REEVE_JWT_HS256_SECRET",
+                    "is required (or REEVE_JWT_RS256_PUBLIC_KEY_FILE) to verify user tokens",
+                ));
+            }
+        };
+        JwtVerifier::new(&jwt)?;
+        let webhook_secret = config::var("STRIPE_WEBHOOK_SECRET")?
+            .ok_or_else(|| ConfigError::new("STRIPE_WEBHOOK_SECRET", "is required to verify Stripe webhooks"))?;
+        let database_url = config::var("REEVE_DATABASE_URL")?.unwrap_or_else(|| "sqlite://reeve-data/reeve.db".to_owned());
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") || database_url.starts_with("sqlite:")) {
+            return Err(ConfigError::new("REEVE_DATABASE_URL", "must start with postgres://, postgresql:// or sqlite:"));
+        }
+        let currency = config::currency()?;
+        Ok(Config { http_addr, credits_url, quota_url, service_tokens, service_token, jwt, webhook_secret, database_url, currency })
+    }
+}
+
+pub type CreditsClient = CreditServiceClient<InterceptedService<Channel, BearerToken>>;
+pub type QuotaClient = QuotaServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// What every handler shares, built once.
+pub struct AppState {
+    pub jwt: JwtVerifier,
+    pub service_tokens: ServiceTokens,
+    pub events: EventStore,
+    pub currency: String,
+    pub webhook_secret: String,
+    credits: CreditsClient,
+    quota: QuotaClient,
+    credits_channel: Channel,
+    quota_channel: Channel,
+}
+
+impl AppState {
+    pub fn credits(&self) -> CreditsClient {
+        self.credits.clone()
+    }
+
+    pub fn quota(&self) -> QuotaClient {
+        self.quota.clone()
+    }
+}
+
+fn channel(variable: &'static str, url: &str) -> Result<Channel, ConfigError> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|e| ConfigError::new(variable, e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// The whole REST API on a state.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/credits/balance", get(routes::credits::balance))
+        .route("/api/credits/purchase", post(routes::credits::purchase))
+        .route("/api/credits/deduct", post(routes::credits::deduct))
+        .route("/api/credits/deduct/batch", post(routes::credits::deduct_batch))
+        .route("/api/credits/history", get(routes::credits::history))
+        .route("/api/credits/webhook", post(routes::webhook::receive))
+        .route("/api/tier/usage", get(routes::tier::usage))
+        .route("/api/tier/check", get(routes::tier::check))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .route("/openapi.json", get(|| async { axum::Json(openapi::ApiDoc::openapi()) }))
+        .fallback(|| async { error::ApiError::NotFound { code: "not_found".to_owned(), message: "no such route".to_owned() } })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// A started bridge.
+pub struct RunningBridge {
+    pub local_addr: SocketAddr,
+    pub events: EventStore,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningBridge {
+    /// Waits until the server ends (its shutdown token was cancelled and in-flight
+    /// requests finished).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Opens the event store (running its migration), binds and serves until `shutdown`
+/// is cancelled; in-flight requests finish first.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningBridge> {
+    let events = EventStore::open(&config.database_url).await?;
+    let token = BearerToken::new(&config.service_token).map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))?;
+    let credits_channel = channel("REEVE_CREDITS_ADDR", &config.credits_url)?;
+    let quota_channel = channel("REEVE_QUOTA_ADDR", &config.quota_url)?;
+    let state = Arc::new(AppState {
+        jwt: JwtVerifier::new(&config.jwt)?,
+        service_tokens: config.service_tokens.clone(),
+        events: events.clone(),
+        currency: config.currency.clone(),
+        webhook_secret: config.webhook_secret.clone(),
+        credits: CreditServiceClient::with_interceptor(credits_channel.clone(), token.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+        quota: QuotaServiceClient::with_interceptor(quota_channel.clone(), token),
+        credits_channel,
+        quota_channel,
+    });
+    let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
+    let local_addr = listener.local_addr()?;
+    let app = router(state);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    });
+    tracing::info!(%local_addr, "webhook-bridge serving");
+    Ok(RunningBridge { local_addr, events, task })
+}

@@ -1,0 +1,25 @@
+//! webhook-bridge binary: read the configuration from the environment and serve.
+
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    reeve_runtime::telemetry::init();
+    let config = match webhook_bridge::Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("webhook-bridge: configuration error: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    reeve_runtime::shutdown::cancel_on_signal(shutdown.clone());
+    let result = async { webhook_bridge::start(config, shutdown).await?.wait().await }.await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("webhook-bridge: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The HTTP routes, grouped by resource. Handlers decode, make one gRPC call and
+//! encode; errors go through [`crate::error::ApiError`].
+
+pub mod credits;
+pub mod health;
+pub mod tier;
+pub mod webhook;
+
+use axum::extract::{FromRequest, Request};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A JSON request body whose rejections are our JSON errors (code `invalid_json`),
+/// not axum's plain-text ones.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<JsonBody<T>, ApiError> {
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not the expected JSON: {e}")))
+    }
+}
+
+/// RFC 3339 in UTC with microseconds, e.g. `2026-11-25T12:00:00.000001Z`.
+pub fn timestamp(at: prost_types::Timestamp) -> String {
+    let nanos = u32::try_from(at.nanos).unwrap_or(0);
+    chrono::DateTime::from_timestamp(at.seconds, nanos)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        .unwrap_or_default()
+}

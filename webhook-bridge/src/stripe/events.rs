@@ -1,0 +1,179 @@
+//! The bridge's only table: every verified Stripe event, kept for audit with its
+//! outcome (`stripe_events`). It never holds balances: money lives in credits-svc.
+//!
+//! PostgreSQL in production, SQLite for the embedded default; the SQL is the same text
+//! for both (`$n` placeholders work in each), so one macro runs it on either pool.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventStoreError {
+    #[error("event store database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("event store migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL (expected postgres://… or sqlite:…)")]
+    UnsupportedUrl,
+}
+
+#[derive(Debug, Clone)]
+pub enum EventStore {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Runs the same query builder on whichever pool the store has.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match $store {
+            EventStore::Postgres($pool) => $body,
+            EventStore::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// What the bridge learnt from one event before acting on it.
+#[derive(Debug, Clone, Default)]
+pub struct Received {
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub payment_intent_id: Option<String>,
+    pub charge_id: Option<String>,
+    pub user_id: Option<String>,
+}
+
+/// One stored event, as audits and tests read it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub received_at_us: i64,
+    pub deliveries: i64,
+    pub processed_at_us: Option<i64>,
+    pub outcome: String,
+    pub detail: String,
+    pub user_id: Option<String>,
+}
+
+/// Outcomes after which a redelivery changes nothing on record.
+const FINAL_OUTCOMES_EXCLUDED: &str = "('received', 'failed')";
+
+impl EventStore {
+    /// Opens the store named by `REEVE_DATABASE_URL` and brings its table up to date.
+    pub async fn open(url: &str) -> Result<EventStore, EventStoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(PgConnectOptions::from_str(url)?)
+                .await?;
+            let mut migrator = sqlx::migrate!("./migrations/postgres");
+            // credits-svc and quota-svc keep their own migrations in the same database.
+            migrator.set_ignore_missing(true);
+            migrator.run(&pool).await?;
+            Ok(EventStore::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10));
+            if let Some(parent) = options.get_filename().parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|e| EventStoreError::Database(e.into()))?;
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options)
+                .await?;
+            let mut migrator = sqlx::migrate!("./migrations/sqlite");
+            migrator.set_ignore_missing(true);
+            migrator.run(&pool).await?;
+            Ok(EventStore::Sqlite(pool))
+        } else {
+            Err(EventStoreError::UnsupportedUrl)
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), EventStoreError> {
+        on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Records a delivery: the first stores the event, later ones count themselves.
+    pub async fn record_received(&self, event: &Received, now_us: i64) -> Result<(), EventStoreError> {
+        let sql = "INSERT INTO stripe_events \
+                   (event_id, event_type, payload, received_at_us, last_received_at_us, payment_intent_id, charge_id, user_id) \
+                   VALUES ($1, $2, $3, $4, $4, $5, $6, $7) \
+                   ON CONFLICT (event_id) DO UPDATE SET deliveries = stripe_events.deliveries + 1, \
+                   last_received_at_us = excluded.last_received_at_us";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(&event.event_id)
+            .bind(&event.event_type)
+            .bind(&event.payload)
+            .bind(now_us)
+            .bind(&event.payment_intent_id)
+            .bind(&event.charge_id)
+            .bind(&event.user_id)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Records what was done. The first final outcome stays: a redelivery that finds the
+    /// work already applied does not rewrite the audit trail; a retryable failure does
+    /// not overwrite a final outcome either.
+    pub async fn record_outcome(&self, event_id: &str, outcome: &str, detail: &str, now_us: i64) -> Result<(), EventStoreError> {
+        let processed_at = if outcome == "failed" { None } else { Some(now_us) };
+        let sql = format!(
+            "UPDATE stripe_events SET outcome = $2, detail = $3, processed_at_us = $4 \
+             WHERE event_id = $1 AND outcome IN {FINAL_OUTCOMES_EXCLUDED}"
+        );
+        on_pool!(self, |pool| sqlx::query(&sql)
+            .bind(event_id)
+            .bind(outcome)
+            .bind(detail)
+            .bind(processed_at)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// The user who paid with this payment intent or charge, as an earlier event said.
+    pub async fn user_of_payment(&self, payment_intent_id: Option<&str>, charge_id: Option<&str>) -> Result<Option<String>, EventStoreError> {
+        let sql = "SELECT user_id FROM stripe_events WHERE user_id IS NOT NULL AND \
+                   ((payment_intent_id IS NOT NULL AND payment_intent_id = $1) OR (charge_id IS NOT NULL AND charge_id = $2)) \
+                   ORDER BY received_at_us LIMIT 1";
+        let user: Option<Option<String>> = on_pool!(self, |pool| sqlx::query_scalar(sql)
+            .bind(payment_intent_id)
+            .bind(charge_id)
+            .fetch_optional(pool)
+            .await)?;
+        Ok(user.flatten())
+    }
+
+    pub async fn get(&self, event_id: &str) -> Result<Option<StoredEvent>, EventStoreError> {
+        let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
+                   FROM stripe_events WHERE event_id = $1";
+        let event = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql).bind(event_id).fetch_optional(pool).await)?;
+        Ok(event)
+    }
+
+    /// Events whose outcome is `needs_attention` or `failed`, oldest first.
+    pub async fn needing_attention(&self, limit: i64) -> Result<Vec<StoredEvent>, EventStoreError> {
+        let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
+                   FROM stripe_events WHERE outcome IN ('needs_attention', 'failed') ORDER BY received_at_us LIMIT $1";
+        let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql).bind(limit).fetch_all(pool).await)?;
+        Ok(events)
+    }
+}
