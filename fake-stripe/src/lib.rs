@@ -45,7 +45,8 @@ pub fn now_secs() -> i64 {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen_addr: SocketAddr,
-    /// Where webhooks go, e.g. `http://127.0.0.1:8080/api/credits/webhook`.
+    /// Where webhooks go, e.g. `http://127.0.0.1:8080/api/credits/webhook`; may be
+    /// set later with [`FakeStripe::set_webhook_url`] (the receiver may start after).
     pub webhook_url: String,
     /// The endpoint's signing secret (`whsec_…`).
     pub webhook_secret: String,
@@ -62,6 +63,7 @@ struct Payment {
 
 struct FakeState {
     config: Config,
+    webhook_url: Mutex<String>,
     base_url: String,
     http: reqwest::Client,
     sessions: Mutex<HashMap<String, Session>>,
@@ -71,6 +73,7 @@ struct FakeState {
 /// A running fake.
 pub struct FakeStripe {
     pub local_addr: SocketAddr,
+    state: Arc<FakeState>,
     task: JoinHandle<std::io::Result<()>>,
 }
 
@@ -78,6 +81,11 @@ impl FakeStripe {
     /// The API base to hand to a Stripe client (`STRIPE_API_BASE`), ending in '/'.
     pub fn api_base(&self) -> String {
         format!("http://{}/", self.local_addr)
+    }
+
+    /// Points webhooks at `url` from now on.
+    pub fn set_webhook_url(&self, url: impl Into<String>) {
+        *lock(&self.state.webhook_url) = url.into();
     }
 
     pub async fn wait(self) -> anyhow::Result<()> {
@@ -90,6 +98,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
     let local_addr = listener.local_addr()?;
     let state = Arc::new(FakeState {
+        webhook_url: Mutex::new(config.webhook_url.clone()),
         config,
         base_url: format!("http://{local_addr}"),
         http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
@@ -103,12 +112,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .route("/checkout/{id}/pay", post(pay))
         .route("/v1/refunds", post(refund))
         .route("/v1/test_helpers/disputes", post(dispute))
-        .with_state(state);
+        .with_state(Arc::clone(&state));
     let task = tokio::spawn(async move {
         axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
     });
     tracing::info!(%local_addr, "fake Stripe serving (no real money)");
-    Ok(FakeStripe { local_addr, task })
+    Ok(FakeStripe { local_addr, state, task })
 }
 
 fn random_id(prefix: &str) -> String {
@@ -366,9 +375,10 @@ async fn deliver(state: &FakeState, event: Value) -> Value {
             tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
         }
         let signature = sign(&payload, &state.config.webhook_secret, now_secs());
+        let url = lock(&state.webhook_url).clone();
         let sent = state
             .http
-            .post(&state.config.webhook_url)
+            .post(url)
             .header("stripe-signature", signature)
             .header(header::CONTENT_TYPE, "application/json")
             .body(payload.clone())

@@ -40,6 +40,9 @@ pub struct Verified {
 pub fn verify(payload: &[u8], signature: Option<&str>, secret: &str) -> Result<Verified, ApiError> {
     let signature =
         signature.ok_or_else(|| ApiError::bad_request("missing_signature", "the Stripe-Signature header is required"))?;
+    if !well_formed(signature) {
+        return Err(ApiError::bad_request("malformed_signature", "the Stripe-Signature header is not t=<seconds>,v1=<hex>"));
+    }
     let payload = std::str::from_utf8(payload).map_err(|_| ApiError::bad_request("invalid_payload", "the body is not UTF-8"))?;
     match stripe_webhook::Webhook::construct_event(payload, signature, secret) {
         // BadParse comes only after the signature and timestamp were accepted: the
@@ -67,6 +70,21 @@ pub fn verify(payload: &[u8], signature: Option<&str>, secret: &str) -> Result<V
     let object = data.and_then(|d| d.get("object")).cloned().unwrap_or(Value::Null);
     let previous = data.and_then(|d| d.get("previous_attributes")).cloned().filter(|v| !v.is_null());
     Ok(Verified { id, event_type, object, previous, payload: payload.to_owned() })
+}
+
+/// The header's shape only (`t=<digits>` and at least one `v1=<hex>`), so a garbled
+/// header gets its own error code; the cryptographic check is async-stripe's.
+fn well_formed(signature: &str) -> bool {
+    let mut timestamp = false;
+    let mut v1 = false;
+    for part in signature.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", t)) => timestamp |= !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()),
+            Some(("v1", hex)) => v1 |= !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            _ => {}
+        }
+    }
+    timestamp && v1
 }
 
 fn text<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
