@@ -133,17 +133,17 @@ fn stripe_error(status: StatusCode, kind: &str, message: &str) -> Response {
 }
 
 /// Stripe answers 401 without a secret key; so does the fake.
-fn check_key(headers: &HeaderMap) -> Result<(), Response> {
+fn has_key(headers: &HeaderMap) -> bool {
     let key = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if key.starts_with("sk_") || key.starts_with("rk_") {
-        Ok(())
-    } else {
-        Err(stripe_error(StatusCode::UNAUTHORIZED, "invalid_request_error", "Invalid API Key provided"))
-    }
+    key.starts_with("sk_") || key.starts_with("rk_")
+}
+
+fn invalid_key() -> Response {
+    stripe_error(StatusCode::UNAUTHORIZED, "invalid_request_error", "Invalid API Key provided")
 }
 
 /// Form fields as Stripe's bracket notation sends them, e.g. `line_items[0][quantity]`.
@@ -165,8 +165,8 @@ fn metadata(fields: &Fields, prefix: &str) -> serde_json::Map<String, Value> {
 }
 
 async fn create_session(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fields): Form<Fields>) -> Response {
-    if let Err(response) = check_key(&headers) {
-        return response;
+    if !has_key(&headers) {
+        return invalid_key();
     }
     if field(&fields, "mode") != Some("payment") {
         return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "the fake supports mode=payment only");
@@ -201,8 +201,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 async fn retrieve_session(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(response) = check_key(&headers) {
-        return response;
+    if !has_key(&headers) {
+        return invalid_key();
     }
     match lock(&state.sessions).get(&id) {
         Some(session) => Json(session.to_json()).into_response(),
@@ -283,8 +283,8 @@ async fn pay(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): 
 
 /// `POST /v1/refunds` with `payment_intent` and an optional `amount` (default: the rest).
 async fn refund(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fields): Form<Fields>) -> Response {
-    if let Err(response) = check_key(&headers) {
-        return response;
+    if !has_key(&headers) {
+        return invalid_key();
     }
     let Some(payment_intent) = field(&fields, "payment_intent").map(str::to_owned) else {
         return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "payment_intent is required");
@@ -328,8 +328,8 @@ async fn refund(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fi
 /// `POST /v1/test_helpers/disputes` with `payment_intent`: the cardholder disputes the
 /// whole charge.
 async fn dispute(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fields): Form<Fields>) -> Response {
-    if let Err(response) = check_key(&headers) {
-        return response;
+    if !has_key(&headers) {
+        return invalid_key();
     }
     let Some(payment_intent) = field(&fields, "payment_intent").map(str::to_owned) else {
         return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "payment_intent is required");
