@@ -2,9 +2,14 @@
 
 use tokio_util::sync::CancellationToken;
 
+const NAME: &str = "credits-svc";
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    reeve_runtime::telemetry::init();
+    if let Err(error) = reeve_runtime::config::install(Default::default()).and_then(|()| reeve_runtime::telemetry::init(NAME)) {
+        eprintln!("credits-svc: configuration error: {error}");
+        return std::process::ExitCode::from(2);
+    }
     let config = match credits_svc::Config::from_env() {
         Ok(config) => config,
         Err(error) => {

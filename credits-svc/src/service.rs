@@ -37,7 +37,26 @@ impl CreditsApi {
             .await?
             .pop()
             .ok_or_else(|| CreditsError::invalid("internal", "the store returned no outcome"))?;
+        record(write.kind, &outcome);
         single_result(outcome)
+    }
+}
+
+/// Counts one write outcome: `reeve_ledger_writes_total` by kind and outcome, and the
+/// micros moved by applied credits and deductions.
+fn record(kind: EntryKind, outcome: &WriteOutcome) {
+    let (label, moved) = match outcome {
+        WriteOutcome::Applied(entry) => ("applied", Some(entry.amount.0)),
+        WriteOutcome::Duplicate(_) => ("duplicate", None),
+        WriteOutcome::Insufficient { .. } => ("insufficient", None),
+        WriteOutcome::Invalid(_) => ("invalid", None),
+    };
+    let kind = kind.as_str();
+    metrics::counter!("reeve_ledger_writes_total", "kind" => kind, "outcome" => label).increment(1);
+    match moved {
+        Some(amount) if amount > 0 => metrics::counter!("reeve_credits_added_micros_total", "kind" => kind).increment(amount.unsigned_abs()),
+        Some(amount) => metrics::counter!("reeve_credits_removed_micros_total", "kind" => kind).increment(amount.unsigned_abs()),
+        None => {}
     }
 }
 
@@ -121,6 +140,7 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         let write = deduction(request.into_inner());
         write.validate().map_err(CreditsError::Invalid)?;
         let outcome = self.deductions.submit(write).await.map_err(CreditsError::from)?;
+        record(EntryKind::Deduction, &outcome);
         let (entry, duplicate) = single_result(outcome)?;
         Ok(Response::new(pb::DeductResponse { entry: Some(entry_to_proto(entry)), duplicate }))
     }
@@ -143,7 +163,10 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         let outcomes = writes
             .into_iter()
             .zip(outcomes)
-            .map(|(write, outcome)| outcome_to_proto(write.idempotency_key, outcome))
+            .map(|(write, outcome)| {
+                record(EntryKind::Deduction, &outcome);
+                outcome_to_proto(write.idempotency_key, outcome)
+            })
             .collect();
         Ok(Response::new(pb::DeductBatchResponse { outcomes }))
     }

@@ -2,9 +2,14 @@
 
 use tokio_util::sync::CancellationToken;
 
+const NAME: &str = "quota-svc";
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    reeve_runtime::telemetry::init();
+    if let Err(error) = reeve_runtime::config::install(Default::default()).and_then(|()| reeve_runtime::telemetry::init(NAME)) {
+        eprintln!("quota-svc: configuration error: {error}");
+        return std::process::ExitCode::from(2);
+    }
     let config = match quota_svc::Config::from_env().and_then(|c| c.registry().map(|_| c)) {
         Ok(config) => config,
         Err(error) => {

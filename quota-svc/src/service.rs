@@ -163,6 +163,13 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
             }
         };
         let (remaining, next_free_at) = remaining_and_next(limit, usage);
+        metrics::counter!(
+            "reeve_quota_checks_total",
+            "feature" => request.feature.clone(),
+            "consume" => if request.consume > 0 { "true" } else { "false" },
+            "result" => if allowed { "allowed" } else { "refused" },
+        )
+        .increment(1);
         Ok(Response::new(pb::CheckQuotaResponse {
             allowed,
             tier,

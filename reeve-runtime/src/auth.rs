@@ -90,7 +90,8 @@ pub fn bearer_token(header: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Adds `authorization: Bearer <token>` to every outgoing request of a tonic client.
+/// Adds `authorization: Bearer <token>` (and the current W3C trace context) to every
+/// outgoing request of a tonic client.
 #[derive(Clone)]
 pub struct BearerToken {
     value: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
@@ -115,6 +116,7 @@ impl BearerToken {
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         request.metadata_mut().insert("authorization", self.value.clone());
+        crate::telemetry::inject_trace_context(request.metadata_mut());
         Ok(request)
     }
 }

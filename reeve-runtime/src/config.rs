@@ -1,7 +1,103 @@
-//! Reading configuration from the environment with errors that name the variable.
-//! Values are never echoed back in errors: some of them are secrets.
+//! Reading configuration with errors that name the variable. Values are never echoed
+//! back in errors: some of them are secrets.
+//!
+//! A variable is looked up in three layers, the first that has it wins: the process
+//! environment, then an optional TOML file (`REEVE_CONFIG_FILE`, keys are the variable
+//! names), then defaults a launcher installed (`reeve up`'s generated dev values). The
+//! layers are installed once, at start-up, before any configuration is read.
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::OnceLock;
+
+/// Every variable a Reeve process reads; a file naming anything else is refused.
+pub const KNOWN_VARIABLES: &[&str] = &[
+    "REEVE_DATABASE_URL",
+    "REEVE_HTTP_ADDR",
+    "REEVE_CREDITS_ADDR",
+    "REEVE_QUOTA_ADDR",
+    "REEVE_SERVICE_TOKENS",
+    "REEVE_SERVICE_TOKEN",
+    "REEVE_JWT_HS256_SECRET",
+    "REEVE_JWT_RS256_PUBLIC_KEY_FILE",
+    "REEVE_QUOTA_CONFIG",
+    "STRIPE_SECRET_KEY",
+    "STRIPE_WEBHOOK_SECRET",
+    "STRIPE_API_BASE",
+    "REEVE_PURCHASE_MIN",
+    "REEVE_PURCHASE_MAX",
+    "REEVE_CHECKOUT_SUCCESS_URL",
+    "REEVE_CHECKOUT_CANCEL_URL",
+    "REEVE_CURRENCY",
+    "REEVE_DEDUCT_WORKERS",
+    "REEVE_LOG_FORMAT",
+    "REEVE_FAKE_STRIPE_ADDR",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+    "RUST_LOG",
+];
+
+#[derive(Debug, Default)]
+struct Layers {
+    file: HashMap<String, String>,
+    defaults: HashMap<String, String>,
+}
+
+static LAYERS: OnceLock<Layers> = OnceLock::new();
+
+/// Installs the file layer (the TOML file named by `REEVE_CONFIG_FILE`, if set) and
+/// a launcher's defaults. Call once, before reading any configuration.
+pub fn install(defaults: HashMap<String, String>) -> Result<(), ConfigError> {
+    let file = match std::env::var("REEVE_CONFIG_FILE") {
+        Ok(path) if !path.trim().is_empty() => read_file(&path)?,
+        _ => HashMap::new(),
+    };
+    LAYERS
+        .set(Layers { file, defaults })
+        .map_err(|_| ConfigError::new("REEVE_CONFIG_FILE", "configuration layers were installed twice"))
+}
+
+/// Reads a TOML file of `VARIABLE = value` lines (strings, integers or booleans).
+pub fn read_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("REEVE_CONFIG_FILE", format!("cannot read {path}: {e}")))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| ConfigError::new("REEVE_CONFIG_FILE", format!("{path} is not valid TOML: {e}")))?;
+    let mut values = HashMap::new();
+    for (key, value) in table {
+        if !KNOWN_VARIABLES.contains(&key.as_str()) {
+            return Err(ConfigError::new("REEVE_CONFIG_FILE", format!("{path}: unknown variable {key}")));
+        }
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => return Err(ConfigError::new("REEVE_CONFIG_FILE", format!("{path}: {key} must be a string, integer or boolean"))),
+        };
+        values.insert(key, value);
+    }
+    Ok(values)
+}
+
+/// Where a variable's value came from, for start-up summaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Environment,
+    File,
+    Default,
+    Unset,
+}
+
+pub fn source(name: &str) -> Source {
+    if std::env::var(name).is_ok_and(|v| !v.trim().is_empty()) {
+        return Source::Environment;
+    }
+    match LAYERS.get() {
+        Some(layers) if layers.file.contains_key(name) => Source::File,
+        Some(layers) if layers.defaults.contains_key(name) => Source::Default,
+        _ => Source::Unset,
+    }
+}
 
 /// A configuration value that cannot be used, naming the variable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,14 +113,17 @@ impl ConfigError {
     }
 }
 
-/// The variable's value; unset and empty both read as `None`.
+/// The variable's value (environment, then file, then installed defaults); unset and
+/// empty both read as `None`.
 pub fn var(name: &'static str) -> Result<Option<String>, ConfigError> {
     match std::env::var(name) {
-        Ok(value) if value.trim().is_empty() => Ok(None),
-        Ok(value) => Ok(Some(value)),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::new(name, "is not valid UTF-8")),
+        Ok(value) if value.trim().is_empty() => {}
+        Ok(value) => return Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => {}
+        Err(std::env::VarError::NotUnicode(_)) => return Err(ConfigError::new(name, "is not valid UTF-8")),
     }
+    let layered = LAYERS.get().and_then(|layers| layers.file.get(name).or_else(|| layers.defaults.get(name)));
+    Ok(layered.filter(|v| !v.trim().is_empty()).cloned())
 }
 
 /// The variable parsed as `T`, or `default` when unset.

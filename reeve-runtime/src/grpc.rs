@@ -1,9 +1,14 @@
 //! Serving one Reeve gRPC service the same way everywhere: health
-//! (`grpc.health.v1.Health`) and reflection (v1 and v1alpha) beside it, TCP_NODELAY on
-//! accepted sockets, and a graceful stop that turns health NOT_SERVING first and then
-//! drains in-flight calls.
+//! (`grpc.health.v1.Health`) and reflection (v1 and v1alpha) beside it, Prometheus
+//! metrics at `GET /metrics` (HTTP/1.1 on the same port), a span and metrics per call
+//! (parented on the caller's W3C trace context), TCP_NODELAY on accepted sockets, and a
+//! graceful stop that turns health NOT_SERVING first and then drains in-flight calls.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -12,6 +17,7 @@ use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tracing::Instrument;
 
 /// A started gRPC server.
 pub struct GrpcServer {
@@ -60,12 +66,17 @@ pub async fn serve(
     let shutdown = shutdown.child_token();
     let stopping = shutdown.clone();
     let stopping_health = health.clone();
+    let router = routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .into_axum_router()
+        .route("/metrics", axum::routing::get(|| async { crate::telemetry::render_metrics() }));
     let task = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_routes(routes)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+            .accept_http1(true)
+            .layer(tower::layer::layer_fn(|inner| RpcTelemetry { inner }))
+            .add_routes(Routes::from(router))
             .serve_with_incoming_shutdown(incoming, async move {
                 stopping.cancelled().await;
                 for name in ["", service_name] {
@@ -94,5 +105,59 @@ impl GrpcServer {
     pub async fn wait(self) -> Result<(), ServeError> {
         self.task.await??;
         Ok(())
+    }
+}
+
+/// A span per call (a child of the caller's trace, when it sent one) and the RPC
+/// metrics: `reeve_rpc_requests_total` and `reeve_rpc_duration_seconds` by method and
+/// gRPC code. The code is read from the response headers, where tonic puts every error
+/// (a trailers-only response); a call whose headers carry none ended OK.
+#[derive(Debug, Clone)]
+pub struct RpcTelemetry<S> {
+    inner: S,
+}
+
+impl<S, B, ResBody> tower::Service<http::Request<B>> for RpcTelemetry<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready serves this call; a fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let method = request.uri().path().to_owned();
+        let span = tracing::info_span!("rpc", rpc.method = %method, otel.kind = "server");
+        crate::telemetry::adopt_trace_context(&span, request.headers());
+        let started = Instant::now();
+        Box::pin(
+            async move {
+                let result = inner.call(request).await;
+                let code = match &result {
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
+                        .unwrap_or_else(|| "Ok".to_owned()),
+                    Err(_) => "Unavailable".to_owned(),
+                };
+                metrics::counter!("reeve_rpc_requests_total", "method" => method.clone(), "code" => code.clone()).increment(1);
+                metrics::histogram!("reeve_rpc_duration_seconds", "method" => method, "code" => code)
+                    .record(started.elapsed().as_secs_f64());
+                result
+            }
+            .instrument(span),
+        )
     }
 }

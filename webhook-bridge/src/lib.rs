@@ -189,9 +189,34 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/openapi.json", get(|| async { axum::Json(openapi::ApiDoc::openapi()) }))
+        .route("/metrics", get(|| async { reeve_runtime::telemetry::render_metrics() }))
         .fallback(|| async { error::ApiError::NotFound { code: "not_found".to_owned(), message: "no such route".to_owned() } })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(http_telemetry))
         .with_state(state)
+}
+
+/// A span per request (a child of the caller's W3C trace context, if sent) with the
+/// user id recorded by the auth extractor, and `reeve_http_requests_total` /
+/// `reeve_http_request_duration_seconds` by route and status.
+async fn http_telemetry(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use tracing::Instrument;
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!("http", http.method = %method, http.route = %route, user_id = tracing::field::Empty, otel.kind = "server");
+    reeve_runtime::telemetry::adopt_trace_context(&span, request.headers());
+    let started = std::time::Instant::now();
+    let response = next.run(request).instrument(span).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("reeve_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status.clone())
+        .increment(1);
+    metrics::histogram!("reeve_http_request_duration_seconds", "method" => method, "route" => route, "status" => status)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// A started bridge.

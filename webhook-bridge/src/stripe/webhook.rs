@@ -267,6 +267,7 @@ pub async fn handle(state: &AppState, event: Verified) -> Result<Handled, ApiErr
     }
     state.events.record_outcome(&event.id, outcome, &detail, now).await.map_err(store_failed)?;
     tracing::info!(event_id = %event.id, event_type = %event.event_type, outcome, "Stripe event handled");
+    metrics::counter!("reeve_webhook_events_total", "type" => event.event_type.clone(), "outcome" => outcome).increment(1);
     Ok(Handled { received: true, event_id: event.id, outcome })
 }
 
