@@ -71,10 +71,14 @@ pub fn init_with(service_name: &'static str, default_format: LogFormat) -> Resul
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let json = format == LogFormat::Json;
+    // Logs go to stderr; stdout is left to what a command prints for its user.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let result = tracing_subscriber::registry()
         .with(filter)
-        .with(json.then(|| tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false)))
-        .with((!json).then(tracing_subscriber::fmt::layer))
+        .with(json.then(|| {
+            tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false).with_writer(std::io::stderr)
+        }))
+        .with((!json).then(|| tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)))
         .with(otel)
         .try_init();
     // A second set-up in one process (tests, `reeve up`) keeps the first subscriber.

@@ -1,0 +1,261 @@
+//! Admin commands: one gRPC call each to a running credits-svc or quota-svc
+//! (`REEVE_CREDITS_ADDR`, `REEVE_QUOTA_ADDR`, token `REEVE_SERVICE_TOKEN`), printed as a
+//! table or, with `--json`, as one JSON document.
+
+use reeve_proto::credits::v1 as credits;
+use reeve_proto::credits::v1::credit_service_client::CreditServiceClient;
+use reeve_proto::quota::v1 as quota;
+use reeve_proto::quota::v1::quota_service_client::QuotaServiceClient;
+use reeve_runtime::Micros;
+use reeve_runtime::auth::BearerToken;
+use reeve_runtime::config::{self, ConfigError};
+use serde_json::{Value, json};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub struct Output {
+    pub json: bool,
+}
+
+impl Output {
+    fn print(&self, document: Value, table: Vec<Vec<String>>) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&document).unwrap_or_default());
+            return;
+        }
+        let columns = table.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> =
+            (0..columns).map(|c| table.iter().filter_map(|row| row.get(c)).map(|cell| cell.chars().count()).max().unwrap_or(0)).collect();
+        for row in &table {
+            let line: Vec<String> = row.iter().enumerate().map(|(c, cell)| format!("{cell:<width$}", width = widths[c])).collect();
+            println!("{}", line.join("  ").trim_end());
+        }
+    }
+}
+
+fn token() -> Result<BearerToken, ConfigError> {
+    let token = match config::var("REEVE_SERVICE_TOKEN")? {
+        Some(token) => token,
+        None => config::var("REEVE_SERVICE_TOKENS")?
+            .and_then(|list| list.split(',').map(str::trim).find(|t| !t.is_empty()).map(str::to_owned))
+            .ok_or_else(|| ConfigError::new("REEVE_SERVICE_TOKEN", "is required (or run `reeve up` here once)"))?,
+    };
+    BearerToken::new(token.trim()).map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))
+}
+
+async fn channel(variable: &'static str, default: &str) -> anyhow::Result<Channel> {
+    let url = webhook_bridge::grpc_url(variable, &config::var(variable)?.unwrap_or_else(|| default.to_owned()))?;
+    let endpoint = Channel::from_shared(url.clone()).map_err(|e| ConfigError::new(variable, e.to_string()))?;
+    endpoint
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {url} ({variable}): {e}; is `reeve up` running?"))
+}
+
+async fn credits_client() -> anyhow::Result<CreditServiceClient<InterceptedService<Channel, BearerToken>>> {
+    let channel = channel("REEVE_CREDITS_ADDR", webhook_bridge::DEFAULT_CREDITS_ADDR).await?;
+    Ok(CreditServiceClient::with_interceptor(channel, token()?))
+}
+
+async fn quota_client() -> anyhow::Result<QuotaServiceClient<InterceptedService<Channel, BearerToken>>> {
+    let channel = channel("REEVE_QUOTA_ADDR", webhook_bridge::DEFAULT_QUOTA_ADDR).await?;
+    Ok(QuotaServiceClient::with_interceptor(channel, token()?))
+}
+
+/// A gRPC refusal as a one-line error.
+fn refused(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+fn new_key(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+fn timestamp(at: Option<prost_types::Timestamp>) -> String {
+    at.map(webhook_bridge::routes::timestamp).unwrap_or_default()
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match credits::EntryKind::try_from(kind) {
+        Ok(credits::EntryKind::Deduction) => "deduction",
+        Ok(credits::EntryKind::Purchase) => "purchase",
+        Ok(credits::EntryKind::Grant) => "grant",
+        Ok(credits::EntryKind::Adjustment) => "adjustment",
+        _ => "unknown",
+    }
+}
+
+fn entry_json(entry: &credits::LedgerEntry) -> Value {
+    json!({
+        "id": entry.id,
+        "user_id": entry.user_id,
+        "kind": kind_name(entry.kind),
+        "amount": Micros(entry.amount_micros).to_string(),
+        "amount_micros": entry.amount_micros,
+        "balance_after": Micros(entry.balance_after_micros).to_string(),
+        "balance_after_micros": entry.balance_after_micros,
+        "idempotency_key": entry.idempotency_key,
+        "description": entry.description,
+        "created_at": timestamp(entry.created_at),
+    })
+}
+
+fn written(out: &Output, entry: Option<credits::LedgerEntry>, duplicate: bool) -> anyhow::Result<()> {
+    let entry = entry.ok_or_else(|| anyhow::anyhow!("credits-svc returned no entry"))?;
+    let status = if duplicate { "already applied (same key)" } else { "applied" };
+    out.print(
+        json!({"entry": entry_json(&entry), "duplicate": duplicate}),
+        vec![
+            vec!["status".into(), status.into()],
+            vec!["user".into(), entry.user_id.clone()],
+            vec!["amount".into(), Micros(entry.amount_micros).to_string()],
+            vec!["balance".into(), Micros(entry.balance_after_micros).to_string()],
+            vec!["key".into(), entry.idempotency_key.clone()],
+        ],
+    );
+    Ok(())
+}
+
+pub async fn balance(out: &Output, user_id: String) -> anyhow::Result<()> {
+    let reply = credits_client().await?.get_balance(credits::GetBalanceRequest { user_id }).await.map_err(refused)?.into_inner();
+    let balance = Micros(reply.balance_micros).to_string();
+    out.print(
+        json!({"user_id": reply.user_id, "balance": balance, "balance_micros": reply.balance_micros}),
+        vec![vec!["user".into(), "balance".into()], vec![reply.user_id, balance]],
+    );
+    Ok(())
+}
+
+pub async fn grant(out: &Output, user_id: String, amount: &str, key: Option<String>, reason: String) -> anyhow::Result<()> {
+    let amount = Micros::parse_positive_credits(amount).map_err(|e| anyhow::anyhow!("amount: {e}"))?;
+    let reply = credits_client()
+        .await?
+        .add_credits(credits::AddCreditsRequest {
+            user_id,
+            amount_micros: amount.0,
+            idempotency_key: key.unwrap_or_else(|| new_key("grant")),
+            kind: credits::CreditKind::Grant.into(),
+            description: reason,
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    written(out, reply.entry, reply.duplicate)
+}
+
+pub async fn adjust(out: &Output, user_id: String, amount: &str, key: Option<String>, reason: String) -> anyhow::Result<()> {
+    let amount: Micros = amount.parse().map_err(|e| anyhow::anyhow!("amount: {e}"))?;
+    let reply = credits_client()
+        .await?
+        .adjust(credits::AdjustRequest { user_id, amount_micros: amount.0, idempotency_key: key.unwrap_or_else(|| new_key("adjust")), reason })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    written(out, reply.entry, reply.duplicate)
+}
+
+pub async fn history(out: &Output, user_id: String, limit: i32, cursor: Option<String>) -> anyhow::Result<()> {
+    let reply = credits_client()
+        .await?
+        .history(credits::HistoryRequest { user_id, page_size: limit, page_token: cursor.unwrap_or_default() })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let mut table = vec![["id", "created_at", "kind", "amount", "balance_after", "key", "description"].map(String::from).to_vec()];
+    for e in &reply.entries {
+        table.push(vec![
+            e.id.to_string(),
+            timestamp(e.created_at),
+            kind_name(e.kind).to_owned(),
+            Micros(e.amount_micros).to_string(),
+            Micros(e.balance_after_micros).to_string(),
+            e.idempotency_key.clone(),
+            e.description.clone(),
+        ]);
+    }
+    if !reply.next_page_token.is_empty() {
+        table.push(vec![format!("(more: --cursor {})", reply.next_page_token)]);
+    }
+    let entries: Vec<Value> = reply.entries.iter().map(entry_json).collect();
+    let next = Some(reply.next_page_token).filter(|t| !t.is_empty());
+    out.print(json!({"entries": entries, "next_cursor": next}), table);
+    Ok(())
+}
+
+pub async fn set_tier(out: &Output, user_id: String, tier: String) -> anyhow::Result<()> {
+    let reply = quota_client().await?.set_tier(quota::SetTierRequest { user_id, tier }).await.map_err(refused)?.into_inner();
+    out.print(
+        json!({"user_id": reply.user_id, "tier": reply.tier, "previous_tier": reply.previous_tier}),
+        vec![vec!["user".into(), "tier".into(), "previous".into()], vec![reply.user_id, reply.tier, reply.previous_tier]],
+    );
+    Ok(())
+}
+
+fn limit_text(limit: Option<&quota::Limit>) -> String {
+    match limit {
+        Some(quota::Limit { unlimited: false, units }) => units.to_string(),
+        _ => "unlimited".to_owned(),
+    }
+}
+
+pub async fn usage(out: &Output, user_id: String) -> anyhow::Result<()> {
+    let reply = quota_client().await?.get_usage(quota::GetUsageRequest { user_id }).await.map_err(refused)?.into_inner();
+    let mut table = vec![vec![format!("user {} (tier {})", reply.user_id, reply.tier)]];
+    table.push(["feature", "limit", "used", "remaining", "next_free_at"].map(String::from).to_vec());
+    let mut features = Vec::new();
+    for f in &reply.features {
+        let unlimited = f.limit.as_ref().is_none_or(|l| l.unlimited);
+        let limit = limit_text(f.limit.as_ref());
+        let limit = if f.overridden { format!("{limit} (override)") } else { limit };
+        table.push(vec![
+            f.feature.clone(),
+            limit,
+            f.used.to_string(),
+            if unlimited { "-".to_owned() } else { f.remaining.to_string() },
+            timestamp(f.next_free_at),
+        ]);
+        features.push(json!({
+            "feature": f.feature,
+            "limit": if unlimited { Value::Null } else { json!(f.limit.as_ref().map(|l| l.units)) },
+            "unlimited": unlimited,
+            "used": f.used,
+            "remaining": if unlimited { Value::Null } else { json!(f.remaining) },
+            "next_free_at": f.next_free_at.map(webhook_bridge::routes::timestamp),
+            "overridden": f.overridden,
+        }));
+    }
+    out.print(json!({"user_id": reply.user_id, "tier": reply.tier, "features": features}), table);
+    Ok(())
+}
+
+pub async fn set_override(out: &Output, user_id: String, feature: String, limit: Option<String>, clear: bool) -> anyhow::Result<()> {
+    let mut client = quota_client().await?;
+    if clear {
+        let reply = client
+            .clear_override(quota::ClearOverrideRequest { user_id: user_id.clone(), feature: feature.clone() })
+            .await
+            .map_err(refused)?
+            .into_inner();
+        let status = if reply.cleared { "cleared" } else { "no override was set" };
+        out.print(json!({"user_id": user_id, "feature": feature, "cleared": reply.cleared}), vec![vec![status.into()]]);
+        return Ok(());
+    }
+    let text = limit.ok_or_else(|| anyhow::anyhow!("give a limit (a number or \"unlimited\") or --clear"))?;
+    let limit = if text.eq_ignore_ascii_case("unlimited") {
+        quota::Limit { unlimited: true, units: 0 }
+    } else {
+        let units = text.parse::<i64>().ok().filter(|u| *u >= 0).ok_or_else(|| anyhow::anyhow!("limit must be a number >= 0 or \"unlimited\""))?;
+        quota::Limit { unlimited: false, units }
+    };
+    let shown = limit_text(Some(&limit));
+    client
+        .set_override(quota::SetOverrideRequest { user_id: user_id.clone(), feature: feature.clone(), limit: Some(limit) })
+        .await
+        .map_err(refused)?;
+    out.print(
+        json!({"user_id": user_id, "feature": feature, "limit": shown}),
+        vec![vec!["user".into(), "feature".into(), "limit".into()], vec![user_id, feature, shown]],
+    );
+    Ok(())
+}

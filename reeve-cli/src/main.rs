@@ -1,0 +1,135 @@
+//! `reeve`: run the whole system in one process (`reeve up`), apply migrations
+//! (`reeve migrate`), or administer a running system over gRPC (balance, grant,
+//! adjust, history, set-tier, usage, override, dev-token).
+//!
+//! Configuration comes from the `REEVE_*` variables (environment, then the TOML file
+//! named by `REEVE_CONFIG_FILE`, then the dev values `reeve up` generated into
+//! `<data dir>/dev-secrets.toml`), so the admin commands find a local `reeve up`
+//! without flags.
+
+mod admin;
+mod dev;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use reeve_runtime::config::ConfigError;
+
+#[derive(Debug, Parser)]
+#[command(name = "reeve", version, about = "Reeve credits & quotas")]
+struct Cli {
+    /// Where `reeve up` keeps its SQLite file and generated dev secrets.
+    #[arg(long, global = true, default_value = "reeve-data", env = "REEVE_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Print JSON instead of tables (admin commands).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run credits-svc, quota-svc and webhook-bridge in one process on the embedded
+    /// default (SQLite under the data dir; a fake Stripe when STRIPE_SECRET_KEY is unset).
+    Up,
+    /// Apply every service's database migrations to REEVE_DATABASE_URL and exit.
+    Migrate,
+    /// A user's balance.
+    Balance { user_id: String },
+    /// Grant credits (decimal, e.g. 25 or 0.5) to a user.
+    Grant {
+        user_id: String,
+        amount: String,
+        /// Idempotency key; a retry with the same key grants once. Default: a new key.
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value = "admin grant")]
+        reason: String,
+    },
+    /// Credit (+) or debit (−) a user with a reason; a debit may leave a debt.
+    Adjust {
+        user_id: String,
+        /// Signed decimal credits, e.g. -5 or 2.5.
+        #[arg(allow_hyphen_values = true)]
+        amount: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// A user's ledger entries, newest first.
+    History {
+        user_id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Set a user's tier (free, pro, enterprise).
+    SetTier { user_id: String, tier: String },
+    /// A user's quota usage, every feature.
+    Usage { user_id: String },
+    /// Set (a number or "unlimited") or clear a user's limit for one feature.
+    Override {
+        user_id: String,
+        feature: String,
+        /// A number of units, or "unlimited"; omit with --clear.
+        limit: Option<String>,
+        #[arg(long, conflicts_with = "limit")]
+        clear: bool,
+    },
+    /// Mint a user JWT with the dev HS256 secret (REEVE_JWT_HS256_SECRET).
+    DevToken {
+        user_id: String,
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: i64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up => up::run(&cli.data_dir).await,
+        command => {
+            if let Err(error) = dev::install_layers(&cli.data_dir, false) {
+                return config_error(&error);
+            }
+            run(command, cli.json).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => match error.downcast_ref::<ConfigError>() {
+            Some(config) => config_error(config),
+            None => {
+                eprintln!("reeve: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn config_error(error: &ConfigError) -> ExitCode {
+    eprintln!("reeve: configuration error: {error}");
+    ExitCode::from(2)
+}
+
+async fn run(command: Command, json: bool) -> anyhow::Result<()> {
+    let out = admin::Output { json };
+    match command {
+        Command::Up => unreachable!("handled in main"),
+        Command::Migrate => up::migrate().await,
+        Command::Balance { user_id } => admin::balance(&out, user_id).await,
+        Command::Grant { user_id, amount, key, reason } => admin::grant(&out, user_id, &amount, key, reason).await,
+        Command::Adjust { user_id, amount, reason, key } => admin::adjust(&out, user_id, &amount, key, reason).await,
+        Command::History { user_id, limit, cursor } => admin::history(&out, user_id, limit, cursor).await,
+        Command::SetTier { user_id, tier } => admin::set_tier(&out, user_id, tier).await,
+        Command::Usage { user_id } => admin::usage(&out, user_id).await,
+        Command::Override { user_id, feature, limit, clear } => admin::set_override(&out, user_id, feature, limit, clear).await,
+        Command::DevToken { user_id, ttl_secs } => dev::print_token(&user_id, ttl_secs),
+    }
+}
