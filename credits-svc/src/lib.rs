@@ -105,6 +105,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     )
     .await?;
     store.ping().await?;
+    let sampled = Arc::clone(&store);
+    reeve_runtime::telemetry::sample_pool("credits-svc", shutdown.clone(), move || sampled.pool_stats());
     server.set_serving().await;
     tracing::info!(local_addr = %server.local_addr, store = if is_sqlite { "sqlite" } else { "postgres" }, "credits-svc serving");
     Ok(server)

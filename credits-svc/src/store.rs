@@ -74,6 +74,8 @@ pub trait LedgerStore: Send + Sync + 'static {
     async fn history(&self, user_id: &str, before_id: Option<i64>, limit: u32) -> Result<Vec<LedgerEntry>, StoreError>;
     /// The cached balance beside the sum of the user's entries.
     async fn audit(&self, user_id: &str) -> Result<BalanceAudit, StoreError>;
+    /// Connections of the pool, for metrics.
+    fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats;
 }
 
 /// Opens the store named by a `REEVE_DATABASE_URL` and brings its schema up to date.

@@ -102,6 +102,8 @@ pub async fn start_with_clock(config: Config, clock: Clock, shutdown: Cancellati
     )
     .await?;
     store.ping().await?;
+    let sampled = Arc::clone(&store);
+    reeve_runtime::telemetry::sample_pool("quota-svc", shutdown.clone(), move || sampled.pool_stats());
     server.set_serving().await;
     tracing::info!(local_addr = %server.local_addr, "quota-svc serving");
     Ok(server)

@@ -75,6 +75,8 @@ pub enum Consumed {
 #[async_trait]
 pub trait QuotaStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Connections of the pool, for metrics.
+    fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats;
     async fn tier(&self, user_id: &str) -> Result<Option<String>, StoreError>;
     /// Sets the tier and answers the previous one.
     async fn set_tier(&self, user_id: &str, tier: &str, now_us: i64) -> Result<Option<String>, StoreError>;
@@ -174,6 +176,10 @@ macro_rules! quota_store_impl {
     ($store:ty, $begin:literal, $lock_suffix:literal) => {
         #[async_trait]
         impl QuotaStore for $store {
+            fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats {
+                reeve_runtime::telemetry::PoolStats { open: self.pool.size(), idle: self.pool.num_idle() }
+            }
+
             async fn ping(&self) -> Result<(), StoreError> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())

@@ -161,3 +161,32 @@ pub fn adopt_trace_context(span: &tracing::Span, headers: &http::HeaderMap) {
         let _ = span.set_parent(parent);
     }
 }
+
+/// Connections of a database pool, for the `reeve_db_pool_connections` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    pub open: u32,
+    pub idle: usize,
+}
+
+/// Samples a pool every few seconds into `reeve_db_pool_connections{service, state}`
+/// (state `in_use` or `idle`) until `shutdown` is cancelled.
+pub fn sample_pool(
+    service: &'static str,
+    shutdown: tokio_util::sync::CancellationToken,
+    stats: impl Fn() -> PoolStats + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let PoolStats { open, idle } = stats();
+            let in_use = f64::from(open) - idle as f64;
+            metrics::gauge!("reeve_db_pool_connections", "service" => service, "state" => "in_use").set(in_use.max(0.0));
+            metrics::gauge!("reeve_db_pool_connections", "service" => service, "state" => "idle").set(idle as f64);
+        }
+    });
+}

@@ -255,6 +255,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         credits_channel,
         quota_channel,
     });
+    let sampled = events.clone();
+    reeve_runtime::telemetry::sample_pool("webhook-bridge", shutdown.clone(), move || sampled.pool_stats());
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
     let local_addr = listener.local_addr()?;
     let app = router(state);

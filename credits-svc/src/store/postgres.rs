@@ -147,6 +147,10 @@ impl PgLedger {
 
 #[async_trait]
 impl LedgerStore for PgLedger {
+    fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats {
+        reeve_runtime::telemetry::PoolStats { open: self.pool.size(), idle: self.pool.num_idle() }
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -57,6 +57,10 @@ impl SqliteLedger {
 
 #[async_trait]
 impl LedgerStore for SqliteLedger {
+    fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats {
+        reeve_runtime::telemetry::PoolStats { open: self.pool.size(), idle: self.pool.num_idle() }
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -103,6 +103,11 @@ impl EventStore {
         }
     }
 
+    /// Connections of the pool, for metrics.
+    pub fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats {
+        on_pool!(self, |pool| reeve_runtime::telemetry::PoolStats { open: pool.size(), idle: pool.num_idle() })
+    }
+
     pub async fn ping(&self) -> Result<(), EventStoreError> {
         on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
         Ok(())
