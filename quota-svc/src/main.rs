@@ -20,6 +20,8 @@ async fn main() -> std::process::ExitCode {
     let shutdown = CancellationToken::new();
     reeve_runtime::shutdown::cancel_on_signal(shutdown.clone());
     let result = async { quota_svc::start(config, shutdown).await?.wait().await.map_err(anyhow::Error::from) }.await;
+    // Flush exported traces before the process ends.
+    reeve_runtime::telemetry::shutdown();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -135,23 +135,28 @@ where
         // The clone that was polled ready serves this call; a fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let method = request.uri().path().to_owned();
-        let span = tracing::info_span!("rpc", rpc.method = %method, otel.kind = "server");
+        let path = request.uri().path().to_owned();
+        let span = tracing::info_span!("rpc", rpc.method = %path, otel.kind = "server");
         crate::telemetry::adopt_trace_context(&span, request.headers());
         let started = Instant::now();
         Box::pin(
             async move {
                 let result = inner.call(request).await;
-                let code = match &result {
-                    Ok(response) => response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i32>().ok())
-                        .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
-                        .unwrap_or_else(|| "Ok".to_owned()),
-                    Err(_) => "Unavailable".to_owned(),
+                let (code, known) = match &result {
+                    Ok(response) => {
+                        let code = response
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .map(tonic::Code::from_i32)
+                            .unwrap_or(tonic::Code::Ok);
+                        (format!("{code:?}"), code != tonic::Code::Unimplemented && response.status() != http::StatusCode::NOT_FOUND)
+                    }
+                    Err(_) => ("Unavailable".to_owned(), true),
                 };
+                // Paths nobody serves are one label, so callers cannot grow the metrics.
+                let method = if known { path } else { "unknown".to_owned() };
                 metrics::counter!("reeve_rpc_requests_total", "method" => method.clone(), "code" => code.clone()).increment(1);
                 metrics::histogram!("reeve_rpc_duration_seconds", "method" => method, "code" => code)
                     .record(started.elapsed().as_secs_f64());

@@ -156,6 +156,34 @@ async fn refunds_and_disputes_debit_once(backend: Backend) {
     assert_eq!(stack.history("carol").await.len(), 4);
 }
 
+/// A refund and a dispute delivered before their payment: stored as needing attention,
+/// then applied (once) when the payment arrives, however often it is redelivered.
+async fn refund_before_its_payment_is_applied_later(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let mut charge = fixture("charge");
+    charge["id"] = json!("ch_for_pi_early");
+    charge["payment_intent"] = json!("pi_early");
+    charge["amount_refunded"] = json!(300);
+    let refund = event("evt_early_refund", "charge.refunded", charge, Some(json!({"amount_refunded": 0})));
+    let mut dispute = fixture("dispute");
+    dispute["id"] = json!("dp_early");
+    dispute["charge"] = json!("ch_for_pi_early");
+    dispute["amount"] = json!(200);
+    let dispute = event("evt_early_dispute", "charge.dispute.created", dispute, None);
+    for early in [&refund, &dispute] {
+        let (status, body) = stack.send_event(early).await;
+        assert_eq!((status, body["outcome"].as_str()), (StatusCode::OK, Some("needs_attention")), "{body}");
+    }
+    let paid = event("evt_early_pay", "payment_intent.succeeded", payment_intent("pi_early", Some("frank"), 1000, "usd"), None);
+    let deliveries = futures::future::join_all((0..3).map(|_| stack.send_event(&paid))).await;
+    assert!(deliveries.iter().all(|(status, _)| *status == StatusCode::OK));
+    assert_eq!(stack.balance("frank").await, 5 * CREDIT, "10.00 paid − 3.00 refunded − 2.00 disputed");
+    for id in ["evt_early_refund", "evt_early_dispute"] {
+        assert_eq!(stack.bridge.events.get(id).await.unwrap().unwrap().outcome, "debited");
+    }
+    assert!(stack.bridge.events.needing_attention(10).await.unwrap().is_empty());
+}
+
 /// Missing, malformed, wrong-secret, tampered and stale signatures: 400, and nothing is
 /// credited or stored.
 async fn bad_signatures_are_refused(backend: Backend) {
@@ -234,6 +262,7 @@ on_both_stores!(
     full_purchase_flow,
     redelivered_payment_credits_once,
     refunds_and_disputes_debit_once,
+    refund_before_its_payment_is_applied_later,
     bad_signatures_are_refused,
     unusable_events_are_stored_not_credited,
     credits_down_answers_503_then_retry_credits,

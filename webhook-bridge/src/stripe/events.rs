@@ -167,6 +167,38 @@ impl EventStore {
         Ok(user.flatten())
     }
 
+    /// Refunds and disputes of this payment stored as needing attention (their user was
+    /// not known yet), oldest first.
+    pub async fn waiting_for_payment(&self, payment_intent_id: Option<&str>, charge_id: Option<&str>) -> Result<Vec<StoredEvent>, EventStoreError> {
+        let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
+                   FROM stripe_events WHERE outcome = 'needs_attention' \
+                   AND event_type IN ('charge.refunded', 'charge.dispute.created') \
+                   AND ((payment_intent_id IS NOT NULL AND payment_intent_id = $1) OR (charge_id IS NOT NULL AND charge_id = $2)) \
+                   ORDER BY received_at_us";
+        let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql)
+            .bind(payment_intent_id)
+            .bind(charge_id)
+            .fetch_all(pool)
+            .await)?;
+        Ok(events)
+    }
+
+    /// Records the outcome of an event that was waiting (`needs_attention`) and has now
+    /// been applied.
+    pub async fn resolve(&self, event_id: &str, outcome: &str, detail: &str, now_us: i64) -> Result<(), EventStoreError> {
+        let sql = "UPDATE stripe_events SET outcome = $2, detail = $3, processed_at_us = $4 \
+                   WHERE event_id = $1 AND outcome = 'needs_attention'";
+        on_pool!(self, |pool| sqlx::query(sql)
+            .bind(event_id)
+            .bind(outcome)
+            .bind(detail)
+            .bind(now_us)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
     pub async fn get(&self, event_id: &str) -> Result<Option<StoredEvent>, EventStoreError> {
         let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
                    FROM stripe_events WHERE event_id = $1";

@@ -15,7 +15,9 @@
 //!
 //! A refund is keyed by the step of the charge's `amount_refunded` it reports (from
 //! `data.previous_attributes`), so two partial refunds are two debits and a redelivery
-//! of either is none. 2xx is answered only once the effect is durable in credits-svc;
+//! of either is none. A refund or dispute whose user is not known yet (it arrived before
+//! its payment) is stored as needing attention and applied when the payment arrives.
+//! 2xx is answered only once the effect is durable in credits-svc;
 //! when credits-svc cannot be reached the answer is 503, so Stripe retries.
 
 use reeve_proto::credits::v1 as credits;
@@ -60,16 +62,21 @@ pub fn verify(payload: &[u8], signature: Option<&str>, secret: &str) -> Result<V
         }
         Err(_) => return Err(ApiError::bad_request("invalid_signature", "the Stripe-Signature does not verify")),
     }
-    let event: Value = serde_json::from_str(payload)
-        .map_err(|_| ApiError::bad_request("malformed_event", "the body is not a JSON Stripe event"))?;
-    let text = |key: &str| event.get(key).and_then(Value::as_str).map(str::to_owned);
-    let (Some(id), Some(event_type)) = (text("id"), text("type")) else {
-        return Err(ApiError::bad_request("malformed_event", "the event has no id or type"));
-    };
+    read_event(payload).ok_or_else(|| ApiError::bad_request("malformed_event", "the body is not a Stripe event with an id and a type"))
+}
+
+/// The fields acted upon, from an event's JSON; `None` without an id or a type.
+fn read_event(payload: &str) -> Option<Verified> {
+    let event: Value = serde_json::from_str(payload).ok()?;
+    let text = |key: &str| event.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
     let data = event.get("data");
-    let object = data.and_then(|d| d.get("object")).cloned().unwrap_or(Value::Null);
-    let previous = data.and_then(|d| d.get("previous_attributes")).cloned().filter(|v| !v.is_null());
-    Ok(Verified { id, event_type, object, previous, payload: payload.to_owned() })
+    Some(Verified {
+        id: text("id")?,
+        event_type: text("type")?,
+        object: data.and_then(|d| d.get("object")).cloned().unwrap_or(Value::Null),
+        previous: data.and_then(|d| d.get("previous_attributes")).cloned().filter(|v| !v.is_null()),
+        payload: payload.to_owned(),
+    })
 }
 
 /// The header's shape only (`t=<digits>` and at least one `v1=<hex>`), so a garbled
@@ -109,6 +116,10 @@ pub fn received(event: &Verified) -> Received {
             None,
             metadata_user(object).or_else(|| text(object, "client_reference_id")),
         ),
+        // Kept so that a refund or dispute that arrives before its payment can be
+        // applied once the payment is known (see `apply_waiting`).
+        "charge.refunded" => (text(object, "payment_intent"), text(object, "id"), metadata_user(object)),
+        "charge.dispute.created" => (text(object, "payment_intent"), text(object, "charge"), metadata_user(object)),
         _ => (None, None, None),
     };
     Received {
@@ -268,7 +279,39 @@ pub async fn handle(state: &AppState, event: Verified) -> Result<Handled, ApiErr
     state.events.record_outcome(&event.id, outcome, &detail, now).await.map_err(store_failed)?;
     tracing::info!(event_id = %event.id, event_type = %event.event_type, outcome, "Stripe event handled");
     metrics::counter!("reeve_webhook_events_total", "type" => event.event_type.clone(), "outcome" => outcome).increment(1);
+    if let Action::Credit { .. } = action {
+        let stored = received(&event);
+        apply_waiting(state, stored.payment_intent_id.as_deref(), stored.charge_id.as_deref()).await?;
+    }
     Ok(Handled { received: true, event_id: event.id, outcome })
+}
+
+/// Applies the refunds and disputes of a payment that arrived before the payment itself
+/// (stored as needing attention, for want of a user). Their keys make this safe to run
+/// on every delivery of the payment, concurrently or not.
+async fn apply_waiting(state: &AppState, payment_intent: Option<&str>, charge: Option<&str>) -> Result<(), ApiError> {
+    let unavailable = |error: crate::stripe::events::EventStoreError| {
+        tracing::error!(%error, "cannot read waiting Stripe events");
+        ApiError::unavailable("the event store is unavailable; Stripe will retry")
+    };
+    let waiting = state.events.waiting_for_payment(payment_intent, charge).await.map_err(unavailable)?;
+    for stored in waiting {
+        // Verified when it was received.
+        let Some(event) = read_event(&stored.payload) else { continue };
+        let known_user = match payment_of(&event) {
+            Some((pi, ch)) => state.events.user_of_payment(pi.as_deref(), ch.as_deref()).await.map_err(unavailable)?,
+            None => None,
+        };
+        let action = plan(&event, &state.currency, known_user);
+        if let Action::NeedsAttention(_) = action {
+            continue;
+        }
+        let (outcome, detail) = apply(state, &action).await?;
+        let now = reeve_runtime::clock::now_us();
+        state.events.resolve(&event.id, outcome, &detail, now).await.map_err(unavailable)?;
+        tracing::info!(event_id = %event.id, event_type = %event.event_type, outcome, "waiting Stripe event applied");
+    }
+    Ok(())
 }
 
 async fn apply(state: &AppState, action: &Action) -> Result<(&'static str, String), ApiError> {
