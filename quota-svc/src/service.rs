@@ -113,15 +113,6 @@ impl QuotaApi {
     async fn tier_of(&self, user_id: &str) -> Result<String, QuotaError> {
         Ok(self.store.tier(user_id).await?.unwrap_or_else(|| DEFAULT_TIER.to_owned()))
     }
-
-    /// The user's limit for `feature`: the override if any, else the tier's.
-    async fn limit_of(&self, user_id: &str, tier: &str, feature: &str) -> Result<(Limit, bool), QuotaError> {
-        let tier_limit = self.registry.limit(feature, tier)?;
-        Ok(match self.store.overrides(user_id).await?.get(feature) {
-            Some(limit) => (*limit, true),
-            None => (tier_limit, false),
-        })
-    }
 }
 
 #[tonic::async_trait]
@@ -136,12 +127,25 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         if request.consume > 0 {
             check_id("idempotency_key", &request.idempotency_key)?;
         }
-        let tier = self.tier_of(&request.user_id).await?;
-        let (limit, _) = self.limit_of(&request.user_id, &tier, &request.feature).await?;
+        // An unknown feature is refused before any database work.
+        self.registry.limit(&request.feature, DEFAULT_TIER).map_err(QuotaError::from)?;
         let now_us = (self.clock)();
         let cutoff_us = window::cutoff_us(now_us);
-        let (allowed, duplicate, usage) = if request.consume == 0 {
-            let usage = self.store.feature_usage(&request.user_id, &request.feature, cutoff_us).await.map_err(QuotaError::from)?;
+        // One round trip for what a check needs (tier, override and, when only asking,
+        // the usage); a consume then makes one more (its atomic step).
+        let asking = request.consume == 0;
+        let context = self
+            .store
+            .check_context(&request.user_id, &request.feature, asking.then_some(cutoff_us))
+            .await
+            .map_err(QuotaError::from)?;
+        let tier = context.tier.unwrap_or_else(|| DEFAULT_TIER.to_owned());
+        let limit = match context.override_limit {
+            Some(limit) => limit,
+            None => self.registry.limit(&request.feature, &tier).map_err(QuotaError::from)?,
+        };
+        let (allowed, duplicate, usage) = if asking {
+            let usage = context.usage;
             let allowed = match limit {
                 Limit::Unlimited => true,
                 Limit::Units(max) => usage.used < max,

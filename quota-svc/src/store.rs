@@ -59,6 +59,16 @@ pub struct Usage {
     pub oldest_us: Option<i64>,
 }
 
+/// What a check needs to know of a user, read at once.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CheckContext {
+    /// `None` for a user never given a tier.
+    pub tier: Option<String>,
+    pub override_limit: Option<Limit>,
+    /// Zero unless asked for.
+    pub usage: Usage,
+}
+
 /// What a consume did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consumed {
@@ -85,7 +95,6 @@ pub trait QuotaStore: Send + Sync + 'static {
     async fn clear_override(&self, user_id: &str, feature: &str) -> Result<bool, StoreError>;
     /// Every feature the user has counted units of, at `cutoff_us`.
     async fn usage(&self, user_id: &str, cutoff_us: i64) -> Result<HashMap<String, Usage>, StoreError>;
-    async fn feature_usage(&self, user_id: &str, feature: &str, cutoff_us: i64) -> Result<Usage, StoreError>;
     /// Atomically: count the window, and record `units` under `key` if they fit `limit`.
     #[allow(clippy::too_many_arguments)]
     async fn consume(
@@ -98,6 +107,9 @@ pub trait QuotaStore: Send + Sync + 'static {
         now_us: i64,
         cutoff_us: i64,
     ) -> Result<(Consumed, Usage), StoreError>;
+    /// The user's tier and override for `feature` and, with a cutoff, the feature's
+    /// live usage: everything a check needs, in one round trip.
+    async fn check_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError>;
     /// Gives back the units recorded under `key`; `None` if there is nothing to give back.
     async fn release(&self, user_id: &str, feature: &str, key: &str) -> Result<Option<i64>, StoreError>;
 }
@@ -154,21 +166,32 @@ fn limit_columns(limit: Limit) -> (bool, i64) {
     }
 }
 
-/// The live usage: the counter minus the expired rows not yet pruned, and the oldest
-/// live row. `$1` user, `$2` feature, `$3` cutoff.
-const FEATURE_USAGE_SQL: &str = "\
-SELECT CAST(c.used - COALESCE((SELECT SUM(q.units) FROM quota_consumptions q \
-        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us <= $3 AND NOT q.released), 0) AS BIGINT), \
-    (SELECT MIN(q.consumed_at_us) FROM quota_consumptions q \
-        WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us > $3 AND NOT q.released) \
-FROM quota_counters c WHERE c.user_id = $1 AND c.feature = $2";
-
+/// Every feature's live usage: the counter minus the expired rows not yet pruned, and
+/// the oldest live row. `$1` user, `$2` cutoff.
 const USAGE_SQL: &str = "\
 SELECT c.feature, CAST(c.used - COALESCE((SELECT SUM(q.units) FROM quota_consumptions q \
         WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us <= $2 AND NOT q.released), 0) AS BIGINT), \
     (SELECT MIN(q.consumed_at_us) FROM quota_consumptions q \
         WHERE q.user_id = c.user_id AND q.feature = c.feature AND q.consumed_at_us > $2 AND NOT q.released) \
 FROM quota_counters c WHERE c.user_id = $1";
+
+/// Tier and override of `$1` for feature `$2`.
+const CONTEXT_SQL: &str = "\
+SELECT (SELECT t.tier FROM quota_tiers t WHERE t.user_id = $1), \
+    (SELECT o.unlimited FROM quota_overrides o WHERE o.user_id = $1 AND o.feature = $2), \
+    (SELECT o.limit_units FROM quota_overrides o WHERE o.user_id = $1 AND o.feature = $2), \
+    CAST(NULL AS BIGINT), CAST(NULL AS BIGINT)";
+
+/// The same, with the live usage of the feature at cutoff `$3` (as [`USAGE_SQL`]).
+const CONTEXT_WITH_USAGE_SQL: &str = "\
+SELECT (SELECT t.tier FROM quota_tiers t WHERE t.user_id = $1), \
+    (SELECT o.unlimited FROM quota_overrides o WHERE o.user_id = $1 AND o.feature = $2), \
+    (SELECT o.limit_units FROM quota_overrides o WHERE o.user_id = $1 AND o.feature = $2), \
+    (SELECT CAST(c.used - COALESCE((SELECT SUM(q.units) FROM quota_consumptions q \
+        WHERE q.user_id = $1 AND q.feature = $2 AND q.consumed_at_us <= $3 AND NOT q.released), 0) AS BIGINT) \
+        FROM quota_counters c WHERE c.user_id = $1 AND c.feature = $2), \
+    (SELECT MIN(q.consumed_at_us) FROM quota_consumptions q \
+        WHERE q.user_id = $1 AND q.feature = $2 AND q.consumed_at_us > $3 AND NOT q.released)";
 
 /// Writes the store methods once for both databases; only how a transaction begins
 /// and how the counter row is locked differ.
@@ -256,16 +279,6 @@ macro_rules! quota_store_impl {
                 Ok(rows.into_iter().map(|(feature, used, oldest_us)| (feature, Usage { used, oldest_us })).collect())
             }
 
-            async fn feature_usage(&self, user_id: &str, feature: &str, cutoff_us: i64) -> Result<Usage, StoreError> {
-                let row: Option<(i64, Option<i64>)> = sqlx::query_as(FEATURE_USAGE_SQL)
-                    .bind(user_id)
-                    .bind(feature)
-                    .bind(cutoff_us)
-                    .fetch_optional(&self.pool)
-                    .await?;
-                Ok(row.map(|(used, oldest_us)| Usage { used, oldest_us }).unwrap_or_default())
-            }
-
             async fn consume(
                 &self,
                 user_id: &str,
@@ -276,88 +289,26 @@ macro_rules! quota_store_impl {
                 now_us: i64,
                 cutoff_us: i64,
             ) -> Result<(Consumed, Usage), StoreError> {
-                let mut tx = self.pool.begin_with($begin).await?;
-                sqlx::query(
-                    "INSERT INTO quota_counters (user_id, feature, used) VALUES ($1, $2, 0) \
-                     ON CONFLICT (user_id, feature) DO NOTHING",
-                )
-                .bind(user_id)
-                .bind(feature)
-                .execute(&mut *tx)
-                .await?;
-                let counted: i64 = sqlx::query_scalar(concat!(
-                    "SELECT used FROM quota_counters WHERE user_id = $1 AND feature = $2",
-                    $lock_suffix
-                ))
-                .bind(user_id)
-                .bind(feature)
-                .fetch_one(&mut *tx)
-                .await?;
-                let earlier: Option<i64> = sqlx::query_scalar(
-                    "SELECT units FROM quota_consumptions WHERE user_id = $1 AND feature = $2 AND idempotency_key = $3",
-                )
-                .bind(user_id)
-                .bind(feature)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
-                // Prune what left the window; its still-counted units leave the counter.
-                let expired: Vec<(i64, bool)> = sqlx::query_as(
-                    "DELETE FROM quota_consumptions WHERE user_id = $1 AND feature = $2 AND consumed_at_us <= $3 \
-                     RETURNING units, released",
-                )
-                .bind(user_id)
-                .bind(feature)
-                .bind(cutoff_us)
-                .fetch_all(&mut *tx)
-                .await?;
-                let expired_units: i64 = expired.iter().filter(|(_, released)| !released).map(|(units, _)| units).sum();
-                let mut used = counted - expired_units;
-                let outcome = match earlier {
-                    Some(recorded) if recorded == units => Consumed::Duplicate,
-                    Some(recorded) => Consumed::KeyReused { units: recorded },
-                    None => {
-                        let fits = match limit {
-                            Limit::Unlimited => true,
-                            Limit::Units(max) => used.checked_add(units).is_some_and(|after| after <= max),
-                        };
-                        if fits {
-                            sqlx::query(
-                                "INSERT INTO quota_consumptions (user_id, feature, idempotency_key, units, consumed_at_us, released) \
-                                 VALUES ($1, $2, $3, $4, $5, false)",
-                            )
-                            .bind(user_id)
-                            .bind(feature)
-                            .bind(key)
-                            .bind(units)
-                            .bind(now_us)
-                            .execute(&mut *tx)
-                            .await?;
-                            used += units;
-                            Consumed::Recorded
-                        } else {
-                            Consumed::Refused
-                        }
-                    }
-                };
-                if used != counted {
-                    sqlx::query("UPDATE quota_counters SET used = $3 WHERE user_id = $1 AND feature = $2")
+                self.consume_units(user_id, feature, key, units, limit, now_us, cutoff_us).await
+            }
+
+            async fn check_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError> {
+                let row: (Option<String>, Option<bool>, Option<i64>, Option<i64>, Option<i64>) = match cutoff_us {
+                    Some(cutoff_us) => sqlx::query_as(CONTEXT_WITH_USAGE_SQL)
                         .bind(user_id)
                         .bind(feature)
-                        .bind(used)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                let oldest_us: Option<i64> = sqlx::query_scalar(
-                    "SELECT MIN(consumed_at_us) FROM quota_consumptions \
-                     WHERE user_id = $1 AND feature = $2 AND NOT released",
-                )
-                .bind(user_id)
-                .bind(feature)
-                .fetch_one(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok((outcome, Usage { used, oldest_us }))
+                        .bind(cutoff_us)
+                        .fetch_one(&self.pool)
+                        .await?,
+                    None => sqlx::query_as(CONTEXT_SQL).bind(user_id).bind(feature).fetch_one(&self.pool).await?,
+                };
+                let (tier, unlimited, units, used, oldest_us) = row;
+                let override_limit = match (unlimited, units) {
+                    (Some(true), _) => Some(Limit::Unlimited),
+                    (Some(false), Some(units)) => Some(Limit::Units(units)),
+                    _ => None,
+                };
+                Ok(CheckContext { tier, override_limit, usage: Usage { used: used.unwrap_or(0), oldest_us } })
             }
 
             async fn release(&self, user_id: &str, feature: &str, key: &str) -> Result<Option<i64>, StoreError> {
@@ -399,3 +350,140 @@ macro_rules! quota_store_impl {
 
 quota_store_impl!(PgQuotaStore, "BEGIN", " FOR UPDATE");
 quota_store_impl!(SqliteQuotaStore, "BEGIN IMMEDIATE", "");
+
+impl PgQuotaStore {
+    /// One round trip: `quota_consume` (migration 2002) runs the same steps as the
+    /// SQLite version below inside the statement's own transaction, under the counter
+    /// row's lock.
+    #[allow(clippy::too_many_arguments)]
+    async fn consume_units(
+        &self,
+        user_id: &str,
+        feature: &str,
+        key: &str,
+        units: i64,
+        limit: Limit,
+        now_us: i64,
+        cutoff_us: i64,
+    ) -> Result<(Consumed, Usage), StoreError> {
+        let limit_units = match limit {
+            Limit::Unlimited => None,
+            Limit::Units(units) => Some(units),
+        };
+        let (outcome, recorded, used, oldest_us): (String, Option<i64>, i64, Option<i64>) =
+            sqlx::query_as("SELECT outcome, recorded_units, used, oldest_us FROM quota_consume($1, $2, $3, $4, $5, $6, $7)")
+                .bind(user_id)
+                .bind(feature)
+                .bind(key)
+                .bind(units)
+                .bind(limit_units)
+                .bind(now_us)
+                .bind(cutoff_us)
+                .fetch_one(&self.pool)
+                .await?;
+        let consumed = match (outcome.as_str(), recorded) {
+            ("recorded", _) => Consumed::Recorded,
+            ("duplicate", _) => Consumed::Duplicate,
+            ("refused", _) => Consumed::Refused,
+            ("key_reused", Some(units)) => Consumed::KeyReused { units },
+            (other, _) => return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(format!("quota_consume answered {other:?}"))))),
+        };
+        Ok((consumed, Usage { used, oldest_us }))
+    }
+}
+
+impl SqliteQuotaStore {
+    /// Lock the counter (the write lock of `BEGIN IMMEDIATE`), prune what left the
+    /// window, look the key up, record if it fits, move the counter.
+    #[allow(clippy::too_many_arguments)]
+    async fn consume_units(
+        &self,
+        user_id: &str,
+        feature: &str,
+        key: &str,
+        units: i64,
+        limit: Limit,
+        now_us: i64,
+        cutoff_us: i64,
+    ) -> Result<(Consumed, Usage), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO quota_counters (user_id, feature, used) VALUES ($1, $2, 0) \
+             ON CONFLICT (user_id, feature) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(feature)
+        .execute(&mut *tx)
+        .await?;
+        let counted: i64 = sqlx::query_scalar("SELECT used FROM quota_counters WHERE user_id = $1 AND feature = $2")
+        .bind(user_id)
+        .bind(feature)
+        .fetch_one(&mut *tx)
+        .await?;
+        let earlier: Option<i64> = sqlx::query_scalar(
+            "SELECT units FROM quota_consumptions WHERE user_id = $1 AND feature = $2 AND idempotency_key = $3",
+        )
+        .bind(user_id)
+        .bind(feature)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        // Prune what left the window; its still-counted units leave the counter.
+        let expired: Vec<(i64, bool)> = sqlx::query_as(
+            "DELETE FROM quota_consumptions WHERE user_id = $1 AND feature = $2 AND consumed_at_us <= $3 \
+             RETURNING units, released",
+        )
+        .bind(user_id)
+        .bind(feature)
+        .bind(cutoff_us)
+        .fetch_all(&mut *tx)
+        .await?;
+        let expired_units: i64 = expired.iter().filter(|(_, released)| !released).map(|(units, _)| units).sum();
+        let mut used = counted - expired_units;
+        let outcome = match earlier {
+            Some(recorded) if recorded == units => Consumed::Duplicate,
+            Some(recorded) => Consumed::KeyReused { units: recorded },
+            None => {
+                let fits = match limit {
+                    Limit::Unlimited => true,
+                    Limit::Units(max) => used.checked_add(units).is_some_and(|after| after <= max),
+                };
+                if fits {
+                    sqlx::query(
+                        "INSERT INTO quota_consumptions (user_id, feature, idempotency_key, units, consumed_at_us, released) \
+                         VALUES ($1, $2, $3, $4, $5, false)",
+                    )
+                    .bind(user_id)
+                    .bind(feature)
+                    .bind(key)
+                    .bind(units)
+                    .bind(now_us)
+                    .execute(&mut *tx)
+                    .await?;
+                    used += units;
+                    Consumed::Recorded
+                } else {
+                    Consumed::Refused
+                }
+            }
+        };
+        if used != counted {
+            sqlx::query("UPDATE quota_counters SET used = $3 WHERE user_id = $1 AND feature = $2")
+                .bind(user_id)
+                .bind(feature)
+                .bind(used)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let oldest_us: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(consumed_at_us) FROM quota_consumptions \
+             WHERE user_id = $1 AND feature = $2 AND NOT released",
+        )
+        .bind(user_id)
+        .bind(feature)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((outcome, Usage { used, oldest_us }))
+    }
+}
