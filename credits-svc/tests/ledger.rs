@@ -4,6 +4,8 @@
 
 mod common;
 
+use reeve_testkit::on_both_stores;
+
 use std::collections::{HashMap, HashSet};
 
 use common::{Backend, CREDIT, Client, TestDb, client};

@@ -13,9 +13,7 @@
 //! as a feature with 3. A key is remembered while its row is in the window.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -117,31 +115,13 @@ pub trait QuotaStore: Send + Sync + 'static {
 /// Opens the store named by `REEVE_DATABASE_URL` and brings its schema up to date.
 pub async fn open(url: &str) -> Result<Arc<dyn QuotaStore>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(sqlx::postgres::PgConnectOptions::from_str(url)?)
-            .await?;
+        let pool = reeve_runtime::db::postgres_pool(url, 16).await?;
         let mut migrator = sqlx::migrate!("./migrations/postgres");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
         Ok(Arc::new(PgQuotaStore { pool }))
     } else if url.starts_with("sqlite:") {
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10));
-        if let Some(parent) = options.get_filename().parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(Arc::new(e.into())))?;
-        }
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options)
-            .await?;
+        let pool = reeve_runtime::db::sqlite_pool(url).await?;
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;

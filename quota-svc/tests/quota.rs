@@ -4,6 +4,8 @@
 
 mod common;
 
+use reeve_testkit::on_both_stores;
+
 use common::{Backend, Client, SECOND, T0, TestDb, client};
 use futures::future::join_all;
 use quota_svc::window::WINDOW_US;

@@ -6,6 +6,8 @@
 
 mod common;
 
+use reeve_testkit::on_both_stores;
+
 use common::{Backend, JWT_SECRET, SERVICE_TOKEN, Stack, hs256_token, now};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;

@@ -5,6 +5,8 @@
 
 mod common;
 
+use reeve_testkit::on_both_stores;
+
 use common::{Backend, Stack, WEBHOOK_SECRET, event, fixture, now, payment_intent};
 use reqwest::StatusCode;
 use serde_json::json;

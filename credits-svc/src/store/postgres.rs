@@ -8,12 +8,10 @@
 //! transaction is then rolled back and replanned, never half applied.
 
 use std::collections::HashMap;
-use std::str::FromStr;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use reeve_runtime::Micros;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 
 use super::{BalanceAudit, ENTRY_COLUMNS, EntryRow, LedgerStore, StoreError, entries, entries_by_key};
 use crate::ledger::{self, LedgerEntry, WriteOutcome, WriteRequest};
@@ -28,12 +26,7 @@ pub struct PgLedger {
 
 impl PgLedger {
     pub async fn connect(url: &str) -> Result<PgLedger, StoreError> {
-        let options = PgConnectOptions::from_str(url)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
-            .await?;
+        let pool = reeve_runtime::db::postgres_pool(url, 16).await?;
         let mut migrator = sqlx::migrate!("./migrations/postgres");
         // Other services keep their own migrations in the same database.
         migrator.set_ignore_missing(true);

@@ -6,12 +6,10 @@
 //! microseconds, not network round trips.
 
 use std::collections::HashMap;
-use std::str::FromStr;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use reeve_runtime::Micros;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::SqlitePool;
 
 use super::{BalanceAudit, ENTRY_COLUMNS, EntryRow, LedgerStore, StoreError, entries, entries_by_key};
 use crate::ledger::{self, LedgerEntry, WriteOutcome, WriteRequest};
@@ -30,24 +28,7 @@ fn placeholders(count: usize) -> String {
 
 impl SqliteLedger {
     pub async fn connect(url: &str) -> Result<SqliteLedger, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        if let Some(parent) = options.get_filename().parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|e| StoreError::Unavailable(std::sync::Arc::new(e.into())))?;
-        }
-        // One connection: the file has one writer at a time anyway, and queueing here
-        // is cheaper than SQLite's busy-wait between connections of one process.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options)
-            .await?;
+        let pool = reeve_runtime::db::sqlite_pool(url).await?;
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use quota_svc::{Config, RunningServer};
 use reeve_proto::quota::v1::quota_service_client::QuotaServiceClient;
@@ -19,15 +19,8 @@ pub const TOKEN: &str = "quota-test-token";
 pub const T0: i64 = 1_767_225_600_000_000;
 pub const SECOND: i64 = 1_000_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
-
-pub fn postgres_base_url() -> String {
-    std::env::var("REEVE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
+pub use reeve_testkit::Backend;
+use reeve_testkit::ScratchDb;
 
 /// A clock the test sets.
 #[derive(Clone)]
@@ -42,34 +35,13 @@ impl TestClock {
 pub struct TestDb {
     pub url: String,
     pub clock: TestClock,
-    schema: Option<String>,
-    _dir: Option<tempfile::TempDir>,
+    _db: ScratchDb,
 }
-
-static NEXT: AtomicU64 = AtomicU64::new(0);
 
 impl TestDb {
     pub async fn new(backend: Backend) -> TestDb {
-        let clock = TestClock(Arc::new(AtomicI64::new(T0)));
-        match backend {
-            Backend::Postgres => {
-                let schema = format!(
-                    "quota_test_{}_{}_{}",
-                    std::process::id(),
-                    NEXT.fetch_add(1, Ordering::Relaxed),
-                    rand::random::<u32>()
-                );
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url()).await.unwrap();
-                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
-                let url = format!("{}?options[search_path]={schema}", postgres_base_url());
-                TestDb { url, clock, schema: Some(schema), _dir: None }
-            }
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let url = format!("sqlite://{}/quota.db", dir.path().display());
-                TestDb { url, clock, schema: None, _dir: Some(dir) }
-            }
-        }
+        let db = ScratchDb::new(backend, "quota").await;
+        TestDb { url: db.url.clone(), clock: TestClock(Arc::new(AtomicI64::new(T0))), _db: db }
     }
 
     pub fn config(&self) -> Config {
@@ -91,22 +63,6 @@ impl TestDb {
     }
 }
 
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Some(schema) = self.schema.take() {
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                runtime.block_on(async {
-                    if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url()).await {
-                        let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut conn).await;
-                    }
-                });
-            })
-            .join();
-        }
-    }
-}
-
 pub type Client = QuotaServiceClient<InterceptedService<Channel, BearerToken>>;
 
 pub async fn channel(addr: SocketAddr) -> Channel {
@@ -115,26 +71,4 @@ pub async fn channel(addr: SocketAddr) -> Channel {
 
 pub async fn client(addr: SocketAddr) -> Client {
     QuotaServiceClient::with_interceptor(channel(addr).await, BearerToken::new(TOKEN).unwrap())
-}
-
-#[macro_export]
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Postgres).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Sqlite).await;
-                }
-            )*
-        }
-    };
 }

@@ -4,11 +4,8 @@
 //! PostgreSQL in production, SQLite for the embedded default; the SQL is the same text
 //! for both (`$n` placeholders work in each), so one macro runs it on either pool.
 
-use std::str::FromStr;
-use std::time::Duration;
-
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventStoreError {
@@ -68,32 +65,14 @@ impl EventStore {
     /// Opens the store named by `REEVE_DATABASE_URL` and brings its table up to date.
     pub async fn open(url: &str) -> Result<EventStore, EventStoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let pool = PgPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_with(PgConnectOptions::from_str(url)?)
-                .await?;
+            let pool = reeve_runtime::db::postgres_pool(url, 8).await?;
             let mut migrator = sqlx::migrate!("./migrations/postgres");
             // credits-svc and quota-svc keep their own migrations in the same database.
             migrator.set_ignore_missing(true);
             migrator.run(&pool).await?;
             Ok(EventStore::Postgres(pool))
         } else if url.starts_with("sqlite:") {
-            let options = SqliteConnectOptions::from_str(url)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(10));
-            if let Some(parent) = options.get_filename().parent()
-                && !parent.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(parent).map_err(|e| EventStoreError::Database(e.into()))?;
-            }
-            let pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(30))
-                .connect_with(options)
-                .await?;
+            let pool = reeve_runtime::db::sqlite_pool(url).await?;
             let mut migrator = sqlx::migrate!("./migrations/sqlite");
             migrator.set_ignore_missing(true);
             migrator.run(&pool).await?;

@@ -5,7 +5,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use reeve_proto::credits::v1 as credits_pb;
 use reeve_proto::credits::v1::credit_service_client::CreditServiceClient;
@@ -20,63 +19,12 @@ pub const JWT_SECRET: &str = "test-jwt-secret-of-enough-bytes";
 pub const WEBHOOK_SECRET: &str = "whsec_test_bridge_secret";
 pub const STRIPE_KEY: &str = "sk_test_fake_key";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
-
-pub fn postgres_base_url() -> String {
-    std::env::var("REEVE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-static NEXT: AtomicU64 = AtomicU64::new(0);
-
-/// A database of its own for one test; the schema (or folder) goes with the value.
-pub struct TestDb {
-    pub url: String,
-    schema: Option<String>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl TestDb {
-    pub async fn new(backend: Backend) -> TestDb {
-        match backend {
-            Backend::Postgres => {
-                let schema = format!("bridge_test_{}_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed), rand::random::<u32>());
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url()).await.unwrap();
-                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
-                let url = format!("{}?options[search_path]={schema}", postgres_base_url());
-                TestDb { url, schema: Some(schema), _dir: None }
-            }
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let url = format!("sqlite://{}/reeve.db", dir.path().display());
-                TestDb { url, schema: None, _dir: Some(dir) }
-            }
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Some(schema) = self.schema.take() {
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                runtime.block_on(async {
-                    if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url()).await {
-                        let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut conn).await;
-                    }
-                });
-            })
-            .join();
-        }
-    }
-}
+pub use reeve_testkit::Backend;
+use reeve_testkit::ScratchDb;
 
 /// The whole system, started for one test.
 pub struct Stack {
-    pub db: TestDb,
+    pub db: ScratchDb,
     pub base: String,
     pub http: reqwest::Client,
     pub fake: fake_stripe::FakeStripe,
@@ -117,7 +65,7 @@ impl Stack {
     }
 
     pub async fn start_with_jwt(backend: Backend, jwt: JwtKey) -> Stack {
-        let db = TestDb::new(backend).await;
+        let db = ScratchDb::new(backend, "bridge").await;
         let shutdown = CancellationToken::new();
         let credits_shutdown = CancellationToken::new();
         let fake = fake_stripe::start(
@@ -301,27 +249,4 @@ pub fn payment_intent(id: &str, user_id: Option<&str>, amount_cents: i64, curren
         None => json!({}),
     };
     pi
-}
-
-/// Runs each named `async fn(Backend)` as a test on PostgreSQL and on SQLite.
-#[macro_export]
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Postgres).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name($crate::common::Backend::Sqlite).await;
-                }
-            )*
-        }
-    };
 }

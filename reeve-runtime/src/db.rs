@@ -1,0 +1,42 @@
+//! Opening a service's database pool the same way everywhere. Each service still
+//! runs its own migrations (they live beside the tables it owns).
+//!
+//! SQLite (the embedded default): one file, created with its folder if missing, WAL
+//! journal, `synchronous = FULL` (a committed write survives a crash), a 10 s busy
+//! timeout, and one connection per pool: the file has one writer at a time anyway, and
+//! queueing in the pool is cheaper than SQLite's busy-wait between connections.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+/// A PostgreSQL pool of at most `max_connections`.
+pub async fn postgres_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(PgConnectOptions::from_str(url)?)
+        .await
+}
+
+/// A SQLite pool on the file of `url`.
+pub async fn sqlite_pool(url: &str) -> Result<SqlitePool, sqlx::Error> {
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    if let Some(parent) = options.get_filename().parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)?;
+    }
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options)
+        .await
+}
