@@ -64,6 +64,9 @@ fn check_id(field: &'static str, value: &str) -> Result<(), QuotaError> {
     Ok(())
 }
 
+/// Most units one check may consume: far above any limit, far below an overflow.
+pub const MAX_CONSUME: i64 = 1_000_000_000;
+
 pub struct QuotaApi {
     store: Arc<dyn QuotaStore>,
     registry: Arc<Registry>,
@@ -121,8 +124,8 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
     async fn check_quota(&self, request: Request<pb::CheckQuotaRequest>) -> Result<Response<pb::CheckQuotaResponse>, Status> {
         let request = request.into_inner();
         check_id("user_id", &request.user_id)?;
-        if request.consume < 0 {
-            return Err(invalid("invalid_consume", "consume must not be negative").into());
+        if !(0..=MAX_CONSUME).contains(&request.consume) {
+            return Err(invalid("invalid_consume", format!("consume must be 0 to {MAX_CONSUME}")).into());
         }
         if request.consume > 0 {
             check_id("idempotency_key", &request.idempotency_key)?;
@@ -140,10 +143,9 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
             .await
             .map_err(QuotaError::from)?;
         let tier = context.tier.unwrap_or_else(|| DEFAULT_TIER.to_owned());
-        let limit = match context.override_limit {
-            Some(limit) => limit,
-            None => self.registry.limit(&request.feature, &tier).map_err(QuotaError::from)?,
-        };
+        // The tier is checked against the registry even when an override decides.
+        let tier_limit = self.registry.limit(&request.feature, &tier).map_err(QuotaError::from)?;
+        let limit = context.override_limit.unwrap_or(tier_limit);
         let (allowed, duplicate, usage) = if asking {
             let usage = context.usage;
             let allowed = match limit {

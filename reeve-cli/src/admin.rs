@@ -68,8 +68,12 @@ fn refused(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
+/// A fresh idempotency key, announced before the call: re-running with `--key` and it
+/// after a timeout cannot apply the write twice.
 fn new_key(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", rand::random::<u64>())
+    let key = format!("{prefix}-{:016x}", rand::random::<u64>());
+    eprintln!("idempotency key {key} (to retry safely, run again with --key {key})");
+    key
 }
 
 fn timestamp(at: Option<prost_types::Timestamp>) -> String {

@@ -56,11 +56,19 @@ pub fn install_layers(data_dir: &Path, for_up: bool) -> Result<Vec<&'static str>
 
     let mut defaults: HashMap<String, String> = HashMap::new();
     defaults.insert("REEVE_DATABASE_URL".to_owned(), format!("sqlite://{}/reeve.db", data_dir.display()));
-    if let Some(token) = secrets.get("REEVE_SERVICE_TOKEN") {
-        defaults.insert("REEVE_SERVICE_TOKEN".to_owned(), token.clone());
-        // The services accept the token the clients send, unless told otherwise.
-        let sent = std::env::var("REEVE_SERVICE_TOKEN").ok().or_else(|| file.get("REEVE_SERVICE_TOKEN").cloned()).unwrap_or(token.clone());
-        defaults.insert("REEVE_SERVICE_TOKENS".to_owned(), sent);
+    let configured = |name: &str| {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty()).or_else(|| file.get(name).cloned())
+    };
+    if let Some(generated) = secrets.get("REEVE_SERVICE_TOKEN") {
+        // Clients send REEVE_SERVICE_TOKEN; the services accept REEVE_SERVICE_TOKENS. Each
+        // defaults to what the other was given, so setting either one is enough.
+        let sent = configured("REEVE_SERVICE_TOKEN").or_else(|| {
+            configured("REEVE_SERVICE_TOKENS")
+                .and_then(|list| list.split(',').map(str::trim).find(|t| !t.is_empty()).map(str::to_owned))
+        });
+        let sent = sent.unwrap_or_else(|| generated.clone());
+        defaults.insert("REEVE_SERVICE_TOKENS".to_owned(), sent.clone());
+        defaults.insert("REEVE_SERVICE_TOKEN".to_owned(), sent);
     }
     if !set_outside_defaults("REEVE_JWT_RS256_PUBLIC_KEY_FILE", &file)
         && let Some(secret) = secrets.get("REEVE_JWT_HS256_SECRET")

@@ -120,6 +120,7 @@ pub async fn migrate() -> anyhow::Result<()> {
     credits_svc::store::open(&url).await?;
     quota_svc::store::open(&url).await?;
     webhook_bridge::stripe::events::EventStore::open(&url).await?;
-    println!("migrations applied (credits, quota, stripe events)");
+    let target = if url.starts_with("sqlite:") { url.clone() } else { "PostgreSQL (REEVE_DATABASE_URL)".to_owned() };
+    println!("migrations applied (credits, quota, stripe events) to {target}");
     Ok(())
 }

@@ -20,6 +20,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "REEVE_SERVICE_TOKEN",
     "REEVE_JWT_HS256_SECRET",
     "REEVE_JWT_RS256_PUBLIC_KEY_FILE",
+    "REEVE_JWT_AUDIENCE",
+    "REEVE_JWT_ISSUER",
     "REEVE_QUOTA_CONFIG",
     "STRIPE_SECRET_KEY",
     "STRIPE_WEBHOOK_SECRET",
@@ -61,8 +63,12 @@ pub fn install(defaults: HashMap<String, String>) -> Result<(), ConfigError> {
 pub fn read_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new("REEVE_CONFIG_FILE", format!("cannot read {path}: {e}")))?;
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| ConfigError::new("REEVE_CONFIG_FILE", format!("{path} is not valid TOML: {e}")))?;
+    // The error names the line but never quotes it: the line may hold a secret.
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+        ConfigError::new("REEVE_CONFIG_FILE", format!("{path} is not valid TOML{at}: {}", e.message()))
+    })?;
     let mut values = HashMap::new();
     for (key, value) in table {
         if !KNOWN_VARIABLES.contains(&key.as_str()) {
@@ -141,6 +147,12 @@ where
     }
 }
 
+/// Stripe's currencies whose smallest unit is not a hundredth.
+const NOT_TWO_DECIMAL_CURRENCIES: &[&str] = &[
+    "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf", "bhd",
+    "jod", "kwd", "omr", "tnd",
+];
+
 /// `REEVE_CURRENCY`: the one currency credits are sold and credited in, as a
 /// lower-case ISO code (default `usd`).
 pub fn currency() -> Result<String, ConfigError> {
@@ -148,5 +160,39 @@ pub fn currency() -> Result<String, ConfigError> {
     if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
         return Err(ConfigError::new("REEVE_CURRENCY", "must be a three-letter ISO currency code such as usd"));
     }
+    // Amounts are converted as hundredths (cents); Stripe's zero- and three-decimal
+    // currencies would be off by a factor of 100 or 10.
+    if NOT_TWO_DECIMAL_CURRENCIES.contains(&currency.as_str()) {
+        return Err(ConfigError::new("REEVE_CURRENCY", "must be a currency with two decimals (Stripe counts it in hundredths)"));
+    }
     Ok(currency)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_bad_config_file_is_named_by_line_without_its_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reeve.toml");
+        std::fs::write(&path, "REEVE_HTTP_ADDR = \"127.0.0.1:8080\"\nSTRIPE_SECRET_KEY = sk_live_do_not_print\n").unwrap();
+        let error = read_file(&path.to_string_lossy()).unwrap_err();
+        assert_eq!(error.variable, "REEVE_CONFIG_FILE");
+        assert!(error.message.contains("line 2"), "{error}");
+        assert!(!error.to_string().contains("sk_live_do_not_print"), "{error}");
+        std::fs::write(&path, "REEVE_UNKNOWN = 1\n").unwrap();
+        assert!(read_file(&path.to_string_lossy()).unwrap_err().message.contains("unknown variable REEVE_UNKNOWN"));
+        std::fs::write(&path, "REEVE_PURCHASE_MIN = 5\nREEVE_LOG_FORMAT = \"json\"\n").unwrap();
+        let values = read_file(&path.to_string_lossy()).unwrap();
+        assert_eq!(values["REEVE_PURCHASE_MIN"], "5");
+    }
+
+    #[test]
+    fn only_two_decimal_currencies() {
+        assert!(NOT_TWO_DECIMAL_CURRENCIES.contains(&"jpy"));
+        assert!(!NOT_TWO_DECIMAL_CURRENCIES.contains(&"usd"));
+        assert!(!NOT_TWO_DECIMAL_CURRENCIES.contains(&"eur"));
+    }
 }

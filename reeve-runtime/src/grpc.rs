@@ -151,9 +151,13 @@ where
                             .and_then(|v| v.parse::<i32>().ok())
                             .map(tonic::Code::from_i32)
                             .unwrap_or(tonic::Code::Ok);
-                        (format!("{code:?}"), code != tonic::Code::Unimplemented && response.status() != http::StatusCode::NOT_FOUND)
+                        // Authentication is checked before routing: an unauthenticated or
+                        // unrouted path may be anything a caller made up.
+                        let routed = !matches!(code, tonic::Code::Unimplemented | tonic::Code::Unauthenticated)
+                            && response.status() != http::StatusCode::NOT_FOUND;
+                        (format!("{code:?}"), routed)
                     }
-                    Err(_) => ("Unavailable".to_owned(), true),
+                    Err(_) => ("Unavailable".to_owned(), false),
                 };
                 // Paths nobody serves are one label, so callers cannot grow the metrics.
                 let method = if known { path } else { "unknown".to_owned() };

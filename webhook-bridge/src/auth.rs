@@ -52,7 +52,9 @@ struct Claims {
 }
 
 impl JwtVerifier {
-    pub fn new(key: &JwtKey) -> Result<JwtVerifier, ConfigError> {
+    /// `audience` / `issuer` (`REEVE_JWT_AUDIENCE`, `REEVE_JWT_ISSUER`), when set, must
+    /// match the token's `aud` / `iss`; when unset those claims are not checked.
+    pub fn new(key: &JwtKey, audience: Option<&str>, issuer: Option<&str>) -> Result<JwtVerifier, ConfigError> {
         let (key, algorithm) = match key {
             JwtKey::Hs256(secret) => {
                 if secret.len() < 16 {
@@ -68,8 +70,21 @@ impl JwtVerifier {
             ),
         };
         let mut validation = Validation::new(algorithm);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        match audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         validation.validate_exp = true;
+        validation.validate_nbf = true;
         validation.leeway = 0;
         Ok(JwtVerifier { key, validation })
     }
@@ -83,7 +98,10 @@ impl JwtVerifier {
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                     ("invalid_token", "the token's algorithm is not the one this server accepts")
                 }
-                ErrorKind::MissingRequiredClaim(_) => ("invalid_token", "the token lacks a required claim (exp, sub)"),
+                ErrorKind::MissingRequiredClaim(_) => ("invalid_token", "the token lacks a required claim (exp, sub, and aud/iss when configured)"),
+                ErrorKind::InvalidAudience => ("invalid_token", "the token is meant for another audience"),
+                ErrorKind::InvalidIssuer => ("invalid_token", "the token comes from another issuer"),
+                ErrorKind::ImmatureSignature => ("invalid_token", "the token is not valid yet (nbf)"),
                 ErrorKind::InvalidSignature => ("invalid_token", "the token's signature does not verify"),
                 _ => ("invalid_token", "the token is not a valid JWT for this server"),
             };

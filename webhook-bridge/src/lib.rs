@@ -56,6 +56,9 @@ pub struct Config {
     pub service_token: String,
     /// `REEVE_JWT_HS256_SECRET` or `REEVE_JWT_RS256_PUBLIC_KEY_FILE`.
     pub jwt: JwtKey,
+    /// `REEVE_JWT_AUDIENCE` / `REEVE_JWT_ISSUER`: checked against `aud` / `iss` when set.
+    pub jwt_audience: Option<String>,
+    pub jwt_issuer: Option<String>,
     /// `STRIPE_WEBHOOK_SECRET`.
     pub webhook_secret: String,
     /// `REEVE_DATABASE_URL`: where Stripe events are kept.
@@ -73,6 +76,8 @@ impl fmt::Debug for Config {
             .field("service_tokens", &self.service_tokens)
             .field("service_token", &"<redacted>")
             .field("jwt", &self.jwt)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_issuer", &self.jwt_issuer)
             .field("webhook_secret", &"<redacted>")
             .field("database_url", &"<redacted>")
             .field("currency", &self.currency)
@@ -103,6 +108,12 @@ impl Config {
             grpc_url("REEVE_QUOTA_ADDR", &config::var("REEVE_QUOTA_ADDR")?.unwrap_or_else(|| DEFAULT_QUOTA_ADDR.to_owned()))?;
         let tokens_text = config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default();
         let service_tokens = ServiceTokens::from_comma_separated(&tokens_text);
+        if service_tokens.is_empty() {
+            return Err(ConfigError::new(
+                "REEVE_SERVICE_TOKENS",
+                "is required: the bearer tokens the service routes (deduct) accept",
+            ));
+        }
         let service_token = match config::var("REEVE_SERVICE_TOKEN")? {
             Some(token) => token.trim().to_owned(),
             None => tokens_text.split(',').map(str::trim).find(|t| !t.is_empty()).map(str::to_owned).ok_or_else(|| {
@@ -128,7 +139,9 @@ impl Config {
                 ));
             }
         };
-        JwtVerifier::new(&jwt)?;
+        let jwt_audience = config::var("REEVE_JWT_AUDIENCE")?;
+        let jwt_issuer = config::var("REEVE_JWT_ISSUER")?;
+        JwtVerifier::new(&jwt, jwt_audience.as_deref(), jwt_issuer.as_deref())?;
         let webhook_secret = config::var("STRIPE_WEBHOOK_SECRET")?
             .ok_or_else(|| ConfigError::new("STRIPE_WEBHOOK_SECRET", "is required to verify Stripe webhooks"))?;
         let database_url = config::var("REEVE_DATABASE_URL")?.unwrap_or_else(|| "sqlite://reeve-data/reeve.db".to_owned());
@@ -136,7 +149,19 @@ impl Config {
             return Err(ConfigError::new("REEVE_DATABASE_URL", "must start with postgres://, postgresql:// or sqlite:"));
         }
         let currency = config::currency()?;
-        Ok(Config { http_addr, credits_url, quota_url, service_tokens, service_token, jwt, webhook_secret, database_url, currency })
+        Ok(Config {
+            http_addr,
+            credits_url,
+            quota_url,
+            service_tokens,
+            service_token,
+            jwt,
+            jwt_audience,
+            jwt_issuer,
+            webhook_secret,
+            database_url,
+            currency,
+        })
     }
 }
 
@@ -206,13 +231,22 @@ async fn http_telemetry(request: axum::extract::Request, next: axum::middleware:
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
+    // A fixed set of labels: a caller cannot grow the metrics with made-up methods.
+    let method = match *request.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
     let span = tracing::info_span!("http", http.method = %method, http.route = %route, user_id = tracing::field::Empty, otel.kind = "server");
     reeve_runtime::telemetry::adopt_trace_context(&span, request.headers());
     let started = std::time::Instant::now();
     let response = next.run(request).instrument(span).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("reeve_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status.clone())
+    metrics::counter!("reeve_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.clone())
         .increment(1);
     metrics::histogram!("reeve_http_request_duration_seconds", "method" => method, "route" => route, "status" => status)
         .record(started.elapsed().as_secs_f64());
@@ -243,7 +277,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let credits_channel = channel("REEVE_CREDITS_ADDR", &config.credits_url)?;
     let quota_channel = channel("REEVE_QUOTA_ADDR", &config.quota_url)?;
     let state = Arc::new(AppState {
-        jwt: JwtVerifier::new(&config.jwt)?,
+        jwt: JwtVerifier::new(&config.jwt, config.jwt_audience.as_deref(), config.jwt_issuer.as_deref())?,
         service_tokens: config.service_tokens.clone(),
         events: events.clone(),
         currency: config.currency.clone(),

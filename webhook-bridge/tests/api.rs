@@ -89,6 +89,29 @@ async fn rs256_tokens_refuse_algorithm_swaps() {
     }
 }
 
+/// Without a configured audience, identity-provider tokens carrying `aud` are accepted;
+/// with one, `aud` must be present and match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audience_is_checked_when_configured() {
+    let open = Stack::start(Backend::Sqlite).await;
+    let with_aud = hs256_token(json!({"sub": "alice", "exp": now() + 3600, "aud": "some-idp-client"}), JWT_SECRET);
+    assert_eq!(open.get("/api/credits/balance", &with_aud).await.0, StatusCode::OK);
+    let strict = Stack::start_with_jwt_audience(Backend::Sqlite, JwtKey::Hs256(JWT_SECRET.as_bytes().to_vec()), Some("reeve")).await;
+    let token = |aud: Option<&str>| {
+        let mut claims = json!({"sub": "alice", "exp": now() + 3600});
+        if let Some(aud) = aud {
+            claims["aud"] = json!(aud);
+        }
+        hs256_token(claims, JWT_SECRET)
+    };
+    assert_eq!(strict.get("/api/credits/balance", &token(Some("reeve"))).await.0, StatusCode::OK);
+    for (case, aud) in [("no aud", None), ("another aud", Some("someone-else"))] {
+        assert_unauthorized(&strict, &token(aud), case).await;
+    }
+    let not_yet = hs256_token(json!({"sub": "alice", "exp": now() + 3600, "nbf": now() + 600}), JWT_SECRET);
+    assert_unauthorized(&open, &not_yet, "nbf in the future").await;
+}
+
 /// A user's token only ever reads that user's data: no route takes a user id from the
 /// query or the body.
 async fn users_see_only_their_own(backend: Backend) {

@@ -21,4 +21,4 @@ CREATE TABLE stripe_events (
 
 CREATE INDEX stripe_events_by_payment_intent ON stripe_events (payment_intent_id) WHERE user_id IS NOT NULL;
 CREATE INDEX stripe_events_by_charge ON stripe_events (charge_id) WHERE user_id IS NOT NULL;
-CREATE INDEX stripe_events_needing_attention ON stripe_events (outcome) WHERE outcome IN ('needs_attention', 'failed');
+CREATE INDEX stripe_events_needing_attention ON stripe_events (outcome) WHERE outcome IN ('needs_attention', 'failed', 'ignored_currency');

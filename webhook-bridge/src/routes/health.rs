@@ -24,7 +24,10 @@ async fn serving(channel: tonic::transport::Channel) -> Result<(), String> {
     let mut client = HealthClient::new(channel);
     match tokio::time::timeout(PROBE_TIMEOUT, client.check(HealthCheckRequest { service: String::new() })).await {
         Err(_) => Err("timed out".to_owned()),
-        Ok(Err(status)) => Err(format!("{:?}", status.code())),
+        Ok(Err(status)) => {
+            tracing::warn!(code = ?status.code(), "readiness: a backend did not answer");
+            Err("unavailable".to_owned())
+        }
         Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
         Ok(Ok(_)) => Err("not serving".to_owned()),
     }
@@ -34,7 +37,13 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Val
     let (credits, quota, store) = tokio::join!(
         serving(state.credits_channel.clone()),
         serving(state.quota_channel.clone()),
-        async { tokio::time::timeout(PROBE_TIMEOUT, state.events.ping()).await.map_err(|_| "timed out".to_owned())?.map_err(|e| e.to_string()) },
+        async {
+            tokio::time::timeout(PROBE_TIMEOUT, state.events.ping()).await.map_err(|_| "timed out".to_owned())?.map_err(|error| {
+                // The details (host names, driver messages) go to the log, not to the caller.
+                tracing::warn!(%error, "readiness: the event store did not answer");
+                "unavailable".to_owned()
+            })
+        },
     );
     let show = |r: &Result<(), String>| match r {
         Ok(()) => "ok".to_owned(),

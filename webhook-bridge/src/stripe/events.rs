@@ -151,7 +151,8 @@ impl EventStore {
     pub async fn waiting_for_payment(&self, payment_intent_id: Option<&str>, charge_id: Option<&str>) -> Result<Vec<StoredEvent>, EventStoreError> {
         let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
                    FROM stripe_events WHERE outcome = 'needs_attention' \
-                   AND event_type IN ('charge.refunded', 'charge.dispute.created') \
+                   AND event_type IN ('charge.refunded', 'charge.dispute.created', 'charge.dispute.funds_withdrawn', \
+                   'charge.dispute.funds_reinstated') \
                    AND ((payment_intent_id IS NOT NULL AND payment_intent_id = $1) OR (charge_id IS NOT NULL AND charge_id = $2)) \
                    ORDER BY received_at_us";
         let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql)
@@ -185,10 +186,11 @@ impl EventStore {
         Ok(event)
     }
 
-    /// Events whose outcome is `needs_attention` or `failed`, oldest first.
+    /// Events a person should look at (`needs_attention`, `failed`, and payments in
+    /// another currency, which were paid but not credited), oldest first.
     pub async fn needing_attention(&self, limit: i64) -> Result<Vec<StoredEvent>, EventStoreError> {
         let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
-                   FROM stripe_events WHERE outcome IN ('needs_attention', 'failed') ORDER BY received_at_us LIMIT $1";
+                   FROM stripe_events WHERE outcome IN ('needs_attention', 'failed', 'ignored_currency') ORDER BY received_at_us LIMIT $1";
         let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql).bind(limit).fetch_all(pool).await)?;
         Ok(events)
     }

@@ -10,7 +10,8 @@
 //! |---|---|---|
 //! | `payment_intent.succeeded` | credit `amount_received` | the payment intent id |
 //! | `charge.refunded` | debit the newly refunded amount | `stripe:refund:{charge}:{before}:{after}` |
-//! | `charge.dispute.created` | debit the disputed amount | `stripe:dispute:{dispute}` |
+//! | `charge.dispute.created`, `…funds_withdrawn` | debit the disputed amount | `stripe:dispute:{dispute}` |
+//! | `charge.dispute.funds_reinstated` | credit it back | `stripe:dispute-reinstated:{dispute}` |
 //! | `checkout.session.completed` | none (the payment intent credits) | — |
 //!
 //! A refund is keyed by the step of the charge's `amount_refunded` it reports (from
@@ -119,7 +120,9 @@ pub fn received(event: &Verified) -> Received {
         // Kept so that a refund or dispute that arrives before its payment can be
         // applied once the payment is known (see `apply_waiting`).
         "charge.refunded" => (text(object, "payment_intent"), text(object, "id"), metadata_user(object)),
-        "charge.dispute.created" => (text(object, "payment_intent"), text(object, "charge"), metadata_user(object)),
+        "charge.dispute.created" | "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
+            (text(object, "payment_intent"), text(object, "charge"), metadata_user(object))
+        }
         _ => (None, None, None),
     };
     Received {
@@ -137,6 +140,8 @@ pub fn received(event: &Verified) -> Received {
 pub enum Action {
     Credit { user_id: String, amount: Micros, key: String, description: String },
     Debit { user_id: String, amount: Micros, key: String, reason: String },
+    /// Gives back what a debit took (a dispute won): an adjustment, not a purchase.
+    Restore { user_id: String, amount: Micros, key: String, reason: String },
     /// Stored, nothing to do; `outcome` is `ignored` or `ignored_currency`.
     Ignore { outcome: &'static str, detail: String },
     /// Stored, cannot be acted upon without a person (e.g. no user id).
@@ -148,7 +153,7 @@ pub fn payment_of(event: &Verified) -> Option<(Option<String>, Option<String>)> 
     let object = &event.object;
     match event.event_type.as_str() {
         "charge.refunded" => Some((text(object, "payment_intent").map(str::to_owned), text(object, "id").map(str::to_owned))),
-        "charge.dispute.created" => {
+        "charge.dispute.created" | "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
             Some((text(object, "payment_intent").map(str::to_owned), text(object, "charge").map(str::to_owned)))
         }
         _ => None,
@@ -200,7 +205,9 @@ pub fn plan(event: &Verified, currency: &str, known_user: Option<String>) -> Act
             if !currency_ok() {
                 return wrong_currency();
             }
-            let after = cents(object, "amount_refunded").unwrap_or(0);
+            let Some(after) = cents(object, "amount_refunded") else {
+                return Action::NeedsAttention(format!("refunded charge {charge} has no amount_refunded"));
+            };
             let before = event.previous.as_ref().and_then(|p| cents(p, "amount_refunded")).unwrap_or(0);
             let Some(amount) = after.checked_sub(before).and_then(micros) else {
                 return Action::Ignore { outcome: "ignored", detail: format!("no new refund on {charge} ({before} → {after})") };
@@ -215,7 +222,10 @@ pub fn plan(event: &Verified, currency: &str, known_user: Option<String>) -> Act
                 reason: format!("Stripe refund on {charge}"),
             }
         }
-        "charge.dispute.created" => {
+        // Created (the contract) or funds withdrawn: one debit per dispute, by
+        // the same key, whichever arrives first.
+        "charge.dispute.created" | "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
+            let reinstated = event.event_type == "charge.dispute.funds_reinstated";
             let Some(dispute) = text(object, "id") else {
                 return Action::NeedsAttention("dispute without an id".to_owned());
             };
@@ -228,6 +238,15 @@ pub fn plan(event: &Verified, currency: &str, known_user: Option<String>) -> Act
             let Some(user_id) = metadata_user(object).map(str::to_owned).or(known_user) else {
                 return Action::NeedsAttention(format!("no user known for disputed payment of {dispute}"));
             };
+            if reinstated {
+                // A dispute won: its funds come back, once.
+                return Action::Restore {
+                    user_id,
+                    amount,
+                    key: format!("stripe:dispute-reinstated:{dispute}"),
+                    reason: format!("Stripe dispute {dispute} won: funds reinstated"),
+                };
+            }
             Action::Debit {
                 user_id,
                 amount,
@@ -273,13 +292,17 @@ pub async fn handle(state: &AppState, event: Verified) -> Result<Handled, ApiErr
         // amount): retrying cannot help, a person must look.
         Err(error) => ("needs_attention", format!("{}: {}", error.code(), error)),
     };
-    if outcome == "needs_attention" {
+    if outcome == "needs_attention" || outcome == "ignored_currency" {
         tracing::warn!(event_id = %event.id, event_type = %event.event_type, %detail, "Stripe event needs attention");
     }
     state.events.record_outcome(&event.id, outcome, &detail, now).await.map_err(store_failed)?;
     tracing::info!(event_id = %event.id, event_type = %event.event_type, outcome, "Stripe event handled");
     metrics::counter!("reeve_webhook_events_total", "type" => event.event_type.clone(), "outcome" => outcome).increment(1);
-    if let Action::Credit { .. } = action {
+    // A payment may unblock refunds and disputes that came first; a refund or dispute
+    // left waiting looks once more, in case its payment was stored meanwhile (each side
+    // looks after storing itself, so one of the two always sees the other).
+    let waiting_may_move = matches!(action, Action::Credit { .. }) || (outcome == "needs_attention" && payment_of(&event).is_some());
+    if waiting_may_move {
         let stored = received(&event);
         apply_waiting(state, stored.payment_intent_id.as_deref(), stored.charge_id.as_deref()).await?;
     }
@@ -306,7 +329,16 @@ async fn apply_waiting(state: &AppState, payment_intent: Option<&str>, charge: O
         if let Action::NeedsAttention(_) = action {
             continue;
         }
-        let (outcome, detail) = apply(state, &action).await?;
+        let (outcome, detail) = match apply(state, &action).await {
+            Ok(done) => done,
+            // Not durable yet: this delivery fails and Stripe retries it (all keyed).
+            Err(error) if error.status().is_server_error() => return Err(error),
+            // Refused for good: it stays waiting for a person; the payment itself is fine.
+            Err(error) => {
+                tracing::warn!(event_id = %event.id, code = error.code(), "waiting Stripe event refused");
+                continue;
+            }
+        };
         let now = reeve_runtime::clock::now_us();
         state.events.resolve(&event.id, outcome, &detail, now).await.map_err(unavailable)?;
         tracing::info!(event_id = %event.id, event_type = %event.event_type, outcome, "waiting Stripe event applied");
@@ -331,20 +363,29 @@ async fn apply(state: &AppState, action: &Action) -> Result<(&'static str, Strin
             let note = if reply.duplicate { " (already applied)" } else { "" };
             Ok(("credited", format!("credited {amount} to {user_id}{note}")))
         }
-        Action::Debit { user_id, amount, key, reason } => {
-            let debit = amount.checked_neg().ok_or_else(|| ApiError::bad_request("invalid_amount", "amount overflows"))?;
+        Action::Debit { user_id, amount, key, reason } | Action::Restore { user_id, amount, key, reason } => {
+            let restore = matches!(action, Action::Restore { .. });
+            let signed = if restore {
+                *amount
+            } else {
+                amount.checked_neg().ok_or_else(|| ApiError::bad_request("invalid_amount", "amount overflows"))?
+            };
             let reply = state
                 .credits()
                 .adjust(credits::AdjustRequest {
                     user_id: user_id.clone(),
-                    amount_micros: debit.0,
+                    amount_micros: signed.0,
                     idempotency_key: key.clone(),
                     reason: reason.clone(),
                 })
                 .await?
                 .into_inner();
             let note = if reply.duplicate { " (already applied)" } else { "" };
-            Ok(("debited", format!("debited {amount} from {user_id}{note}")))
+            if restore {
+                Ok(("credited", format!("gave {amount} back to {user_id}{note}")))
+            } else {
+                Ok(("debited", format!("debited {amount} from {user_id}{note}")))
+            }
         }
         Action::Ignore { outcome, detail } => Ok((outcome, detail.clone())),
         Action::NeedsAttention(detail) => Ok(("needs_attention", detail.clone())),

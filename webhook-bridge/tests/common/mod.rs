@@ -65,6 +65,10 @@ impl Stack {
     }
 
     pub async fn start_with_jwt(backend: Backend, jwt: JwtKey) -> Stack {
+        Stack::start_with_jwt_audience(backend, jwt, None).await
+    }
+
+    pub async fn start_with_jwt_audience(backend: Backend, jwt: JwtKey, audience: Option<&str>) -> Stack {
         let db = ScratchDb::new(backend, "bridge").await;
         let shutdown = CancellationToken::new();
         let credits_shutdown = CancellationToken::new();
@@ -101,6 +105,8 @@ impl Stack {
                 service_tokens: ServiceTokens::new([SERVICE_TOKEN]),
                 service_token: SERVICE_TOKEN.to_owned(),
                 jwt,
+                jwt_audience: audience.map(str::to_owned),
+                jwt_issuer: None,
                 webhook_secret: WEBHOOK_SECRET.to_owned(),
                 database_url: db.url.clone(),
                 currency: "usd".to_owned(),
