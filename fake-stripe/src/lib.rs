@@ -1,8 +1,8 @@
 //! A Stripe stand-in on loopback, for tests and for `reeve up` without a Stripe key.
 //!
 //! It answers the one API call Reeve makes (`POST /v1/checkout/sessions`) with a
-//! Stripe-shaped session whose URL is a local pay page; "paying" it
-//! (`POST /checkout/{id}/pay`) sends correctly signed `checkout.session.completed` and
+//! Stripe-shaped session whose URL is local; "paying" it (any GET or POST on that URL)
+//! sends correctly signed `checkout.session.completed` and
 //! `payment_intent.succeeded` webhooks to the configured endpoint, retrying like Stripe
 //! while the endpoint answers non-2xx. `POST /v1/refunds` and
 //! `POST /v1/test_helpers/disputes` send `charge.refunded` and `charge.dispute.created`
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use serde_json::{Value, json};
@@ -108,8 +108,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let app = Router::new()
         .route("/v1/checkout/sessions", post(create_session))
         .route("/v1/checkout/sessions/{id}", get(retrieve_session))
-        .route("/checkout/{id}", get(pay_page))
-        .route("/checkout/{id}/pay", post(pay))
+        // "Paying" is any GET or POST on the checkout URL (or its /pay).
+        .route("/checkout/{id}", get(pay).post(pay))
+        .route("/checkout/{id}/pay", get(pay).post(pay))
         .route("/v1/refunds", post(refund))
         .route("/v1/test_helpers/disputes", post(dispute))
         .with_state(Arc::clone(&state));
@@ -210,48 +211,41 @@ async fn retrieve_session(State(state): State<Arc<FakeState>>, headers: HeaderMa
     }
 }
 
-async fn pay_page(State(state): State<Arc<FakeState>>, Path(id): Path<String>) -> Response {
-    let Some(session) = lock(&state.sessions).get(&id).cloned() else {
-        return (StatusCode::NOT_FOUND, "no such checkout session").into_response();
-    };
-    let amount = format!("{}.{:02} {}", session.amount_total / 100, session.amount_total % 100, session.currency.to_uppercase());
-    Html(format!(
-        "<!doctype html><title>Fake Stripe checkout</title><h1>Fake Stripe checkout</h1>\
-         <p>Test mode: no real money. Pay {amount} for session <code>{id}</code>.</p>\
-         <form method=post action=\"/checkout/{id}/pay\"><button type=submit>Pay {amount}</button></form>"
-    ))
-    .into_response()
-}
-
 /// Pays a session: the payment intent and charge come into being and both webhooks are
-/// delivered (in Stripe's usual order) before the answer. Paying a paid session sends
-/// nothing new. A form post (the pay page) is redirected to the success URL.
+/// delivered (in Stripe's usual order) before the answer. Paying a paid session again
+/// answers the same payment and sends nothing. A browser (`Accept: text/html`) gets a
+/// page linking to the success URL; anything else gets JSON.
 async fn pay(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let paid = {
+    let (session, newly_paid) = {
         let mut sessions = lock(&state.sessions);
         let Some(session) = sessions.get_mut(&id) else {
             return (StatusCode::NOT_FOUND, Json(json!({"error": "no such checkout session"}))).into_response();
         };
-        if session.payment_intent.is_some() {
-            None
-        } else {
-            session.payment_intent = Some(random_id("pi"));
-            Some(session.clone())
+        let newly_paid = session.payment_intent.is_none();
+        if newly_paid {
+            let payment_intent = random_id("pi");
+            lock(&state.payments).insert(
+                payment_intent.clone(),
+                Payment {
+                    charge_id: random_id("ch"),
+                    amount: session.amount_total,
+                    amount_refunded: 0,
+                    currency: session.currency.clone(),
+                },
+            );
+            session.payment_intent = Some(payment_intent);
         }
-    };
-    let from_form = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
-    let Some(session) = paid else {
-        return (StatusCode::CONFLICT, Json(json!({"error": "session already paid"}))).into_response();
+        (session.clone(), newly_paid)
     };
     let payment_intent = session.payment_intent.clone().unwrap_or_default();
-    let charge_id = random_id("ch");
-    lock(&state.payments).insert(
-        payment_intent.clone(),
-        Payment { charge_id: charge_id.clone(), amount: session.amount_total, amount_refunded: 0, currency: session.currency.clone() },
-    );
+    let charge_id = lock(&state.payments).get(&payment_intent).map(|p| p.charge_id.clone()).unwrap_or_default();
+    let browser = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"));
+    if !newly_paid {
+        return paid_answer(browser, &session, &payment_intent, &charge_id, true, Vec::new());
+    }
     let now = now_secs();
     let completed = objects::event(&random_id("evt"), "checkout.session.completed", session.to_json(), None, now);
     let intent = objects::payment_intent(
@@ -267,8 +261,18 @@ async fn pay(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): 
     for event in [completed, succeeded] {
         deliveries.push(deliver(&state, event).await);
     }
-    if from_form && let Some(success_url) = session.success_url {
-        return Redirect::to(&success_url).into_response();
+    paid_answer(browser, &session, &payment_intent, &charge_id, false, deliveries)
+}
+
+fn paid_answer(browser: bool, session: &Session, payment_intent: &str, charge_id: &str, already_paid: bool, deliveries: Vec<Value>) -> Response {
+    if browser {
+        let next = session.success_url.as_deref().unwrap_or("/");
+        return Html(format!(
+            "<!doctype html><title>Fake Stripe checkout</title><h1>Paid (test mode, no real money)</h1>\
+             <p>Session <code>{}</code>, payment <code>{payment_intent}</code>.</p><p><a href=\"{next}\">Continue</a></p>",
+            session.id
+        ))
+        .into_response();
     }
     Json(json!({
         "session_id": session.id,
@@ -276,6 +280,8 @@ async fn pay(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): 
         "charge": charge_id,
         "amount": session.amount_total,
         "currency": session.currency,
+        "already_paid": already_paid,
+        "success_url": session.success_url,
         "deliveries": deliveries,
     }))
     .into_response()

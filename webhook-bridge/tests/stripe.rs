@@ -25,7 +25,7 @@ async fn full_purchase_flow(backend: Backend) {
     assert_eq!(purchase["amount"], "25.000000");
     assert_eq!(stack.balance("alice").await, 0, "nothing is credited before payment");
 
-    let paid: serde_json::Value = stack.http.post(format!("{checkout_url}/pay")).send().await.unwrap().json().await.unwrap();
+    let paid: serde_json::Value = stack.http.post(checkout_url).send().await.unwrap().json().await.unwrap();
     for delivery in paid["deliveries"].as_array().unwrap() {
         assert_eq!(delivery["status"], 200, "{paid}");
     }
@@ -36,9 +36,12 @@ async fn full_purchase_flow(backend: Backend) {
     assert_eq!(history[0]["amount"], "25.000000");
     assert_eq!(history[0]["idempotency_key"], paid["payment_intent"]);
 
-    // Paying twice sends nothing new.
-    let again = stack.http.post(format!("{checkout_url}/pay")).send().await.unwrap();
-    assert_eq!(again.status(), StatusCode::CONFLICT);
+    // Paying again (here with a GET on the URL itself) answers the same payment and
+    // sends nothing new.
+    let again: serde_json::Value = stack.http.get(checkout_url).send().await.unwrap().json().await.unwrap();
+    assert_eq!((again["already_paid"].as_bool(), &again["payment_intent"]), (Some(true), &paid["payment_intent"]));
+    assert_eq!(again["deliveries"].as_array().map(Vec::len), Some(0));
+    assert_eq!(stack.balance("alice").await, 25 * CREDIT);
 
     // A partial refund of 10.00 and a dispute of the whole 25.00, through the fake.
     let pi = paid["payment_intent"].as_str().unwrap();
