@@ -10,7 +10,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::Clock;
 use crate::registry::{self, DEFAULT_TIER, Limit, Registry, RegistryError};
-use crate::store::{Consumed, QuotaStore, StoreError, Usage};
+use crate::store::{Consume, Consumed, QuotaStore, StoreError, Usage};
 use crate::window;
 
 pub const ERROR_DOMAIN: &str = "quota.reeve.v1";
@@ -156,7 +156,15 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         } else {
             let (consumed, usage) = self
                 .store
-                .consume(&request.user_id, &request.feature, &request.idempotency_key, request.consume, limit, now_us, cutoff_us)
+                .consume(&Consume {
+                    user_id: &request.user_id,
+                    feature: &request.feature,
+                    key: &request.idempotency_key,
+                    units: request.consume,
+                    limit,
+                    now_us,
+                    cutoff_us,
+                })
                 .await
                 .map_err(QuotaError::from)?;
             match consumed {

@@ -67,6 +67,19 @@ pub struct CheckContext {
     pub usage: Usage,
 }
 
+/// One check-and-consume: record `units` under `key` if they fit `limit` in the window
+/// that starts after `cutoff_us`.
+#[derive(Debug, Clone, Copy)]
+pub struct Consume<'a> {
+    pub user_id: &'a str,
+    pub feature: &'a str,
+    pub key: &'a str,
+    pub units: i64,
+    pub limit: Limit,
+    pub now_us: i64,
+    pub cutoff_us: i64,
+}
+
 /// What a consume did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consumed {
@@ -93,18 +106,8 @@ pub trait QuotaStore: Send + Sync + 'static {
     async fn clear_override(&self, user_id: &str, feature: &str) -> Result<bool, StoreError>;
     /// Every feature the user has counted units of, at `cutoff_us`.
     async fn usage(&self, user_id: &str, cutoff_us: i64) -> Result<HashMap<String, Usage>, StoreError>;
-    /// Atomically: count the window, and record `units` under `key` if they fit `limit`.
-    #[allow(clippy::too_many_arguments)]
-    async fn consume(
-        &self,
-        user_id: &str,
-        feature: &str,
-        key: &str,
-        units: i64,
-        limit: Limit,
-        now_us: i64,
-        cutoff_us: i64,
-    ) -> Result<(Consumed, Usage), StoreError>;
+    /// Atomically: count the window, and record the units under the key if they fit.
+    async fn consume(&self, request: &Consume<'_>) -> Result<(Consumed, Usage), StoreError>;
     /// The user's tier and override for `feature` and, with a cutoff, the feature's
     /// live usage: everything a check needs, in one round trip.
     async fn check_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError>;
@@ -259,17 +262,8 @@ macro_rules! quota_store_impl {
                 Ok(rows.into_iter().map(|(feature, used, oldest_us)| (feature, Usage { used, oldest_us })).collect())
             }
 
-            async fn consume(
-                &self,
-                user_id: &str,
-                feature: &str,
-                key: &str,
-                units: i64,
-                limit: Limit,
-                now_us: i64,
-                cutoff_us: i64,
-            ) -> Result<(Consumed, Usage), StoreError> {
-                self.consume_units(user_id, feature, key, units, limit, now_us, cutoff_us).await
+            async fn consume(&self, request: &Consume<'_>) -> Result<(Consumed, Usage), StoreError> {
+                self.consume_units(request).await
             }
 
             async fn check_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError> {
@@ -335,17 +329,8 @@ impl PgQuotaStore {
     /// One round trip: `quota_consume` (migration 2002) runs the same steps as the
     /// SQLite version below inside the statement's own transaction, under the counter
     /// row's lock.
-    #[allow(clippy::too_many_arguments)]
-    async fn consume_units(
-        &self,
-        user_id: &str,
-        feature: &str,
-        key: &str,
-        units: i64,
-        limit: Limit,
-        now_us: i64,
-        cutoff_us: i64,
-    ) -> Result<(Consumed, Usage), StoreError> {
+    async fn consume_units(&self, request: &Consume<'_>) -> Result<(Consumed, Usage), StoreError> {
+        let Consume { user_id, feature, key, units, limit, now_us, cutoff_us } = *request;
         let limit_units = match limit {
             Limit::Unlimited => None,
             Limit::Units(units) => Some(units),
@@ -375,17 +360,8 @@ impl PgQuotaStore {
 impl SqliteQuotaStore {
     /// Lock the counter (the write lock of `BEGIN IMMEDIATE`), prune what left the
     /// window, look the key up, record if it fits, move the counter.
-    #[allow(clippy::too_many_arguments)]
-    async fn consume_units(
-        &self,
-        user_id: &str,
-        feature: &str,
-        key: &str,
-        units: i64,
-        limit: Limit,
-        now_us: i64,
-        cutoff_us: i64,
-    ) -> Result<(Consumed, Usage), StoreError> {
+    async fn consume_units(&self, request: &Consume<'_>) -> Result<(Consumed, Usage), StoreError> {
+        let Consume { user_id, feature, key, units, limit, now_us, cutoff_us } = *request;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO quota_counters (user_id, feature, used) VALUES ($1, $2, 0) \
