@@ -20,6 +20,8 @@ use stripe_checkout::checkout_session::{
 pub const DEFAULT_API_BASE: &str = "https://api.stripe.com/";
 pub const DEFAULT_PURCHASE_MIN: i64 = 5;
 pub const DEFAULT_PURCHASE_MAX: i64 = 1_000;
+/// The largest purchase Stripe can take in one payment, in whole credits.
+pub const MAX_PURCHASE_CREDITS: i64 = 999_999;
 pub const DEFAULT_SUCCESS_URL: &str = "http://localhost:3000/credits?checkout=success";
 pub const DEFAULT_CANCEL_URL: &str = "http://localhost:3000/credits?checkout=cancel";
 
@@ -82,8 +84,9 @@ impl CheckoutConfig {
         if min_credits < 1 {
             return Err(ConfigError::new("REEVE_PURCHASE_MIN", "must be at least 1 (whole credits)"));
         }
-        if max_credits < min_credits || max_credits > 1_000_000 {
-            return Err(ConfigError::new("REEVE_PURCHASE_MAX", "must be between REEVE_PURCHASE_MIN and 1000000"));
+        // Stripe takes at most 99,999,999 minor units (cents) per payment.
+        if max_credits < min_credits || max_credits > MAX_PURCHASE_CREDITS {
+            return Err(ConfigError::new("REEVE_PURCHASE_MAX", format!("must be between REEVE_PURCHASE_MIN and {MAX_PURCHASE_CREDITS}")));
         }
         let success_url = config::var("REEVE_CHECKOUT_SUCCESS_URL")?.unwrap_or_else(|| DEFAULT_SUCCESS_URL.to_owned());
         check_url("REEVE_CHECKOUT_SUCCESS_URL", &success_url)?;
