@@ -122,7 +122,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn QuotaStore>, StoreError> {
         let mut migrator = sqlx::migrate!("./migrations/postgres");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
-        Ok(Arc::new(PgQuotaStore { pool }))
+        Ok(Arc::new(PgQuotaStore::new(pool)))
     } else if url.starts_with("sqlite:") {
         let pool = reeve_runtime::db::sqlite_pool(url).await?;
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
@@ -136,6 +136,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn QuotaStore>, StoreError> {
 
 pub struct PgQuotaStore {
     pool: sqlx::PgPool,
+    consumes: ConsumeCommit,
 }
 
 pub struct SqliteQuotaStore {
@@ -325,27 +326,84 @@ macro_rules! quota_store_impl {
 quota_store_impl!(PgQuotaStore, "BEGIN", " FOR UPDATE");
 quota_store_impl!(SqliteQuotaStore, "BEGIN IMMEDIATE", "");
 
+/// One check-and-consume waiting for its group commit (PostgreSQL).
+#[derive(Debug, Clone)]
+struct ConsumeItem {
+    user_id: String,
+    feature: String,
+    key: String,
+    units: i64,
+    limit: Limit,
+    now_us: i64,
+    cutoff_us: i64,
+}
+
+/// Concurrent consumes coalesced into one `quota_consume_batch` call.
+type ConsumeCommit = reeve_runtime::group_commit::GroupCommit<ConsumeItem, (Consumed, Usage), StoreError>;
+
+/// Workers and batch size of the consume group commit.
+const CONSUME_WORKERS: usize = 4;
+const CONSUME_MAX_BATCH: usize = 256;
+
 impl PgQuotaStore {
-    /// One round trip: `quota_consume` (migration 2002) runs the same steps as the
-    /// SQLite version below inside the statement's own transaction, under the counter
-    /// row's lock.
+    fn new(pool: sqlx::PgPool) -> PgQuotaStore {
+        let batch_pool = pool.clone();
+        let run: reeve_runtime::group_commit::BatchFn<ConsumeItem, (Consumed, Usage), StoreError> = Arc::new(move |items| {
+            let pool = batch_pool.clone();
+            Box::pin(async move { consume_batch(&pool, items).await })
+        });
+        let consumes = ConsumeCommit::start(CONSUME_WORKERS, CONSUME_MAX_BATCH, run);
+        PgQuotaStore { pool, consumes }
+    }
+
+    /// Group commit: this consume runs with whatever others are waiting, in one
+    /// round trip and one transaction (`quota_consume_batch`, migration 2003), each
+    /// item with the steps of the SQLite version below (`quota_consume`, migration 2002).
     async fn consume_units(&self, request: &Consume<'_>) -> Result<(Consumed, Usage), StoreError> {
-        let Consume { user_id, feature, key, units, limit, now_us, cutoff_us } = *request;
-        let limit_units = match limit {
+        let item = ConsumeItem {
+            user_id: request.user_id.to_owned(),
+            feature: request.feature.to_owned(),
+            key: request.key.to_owned(),
+            units: request.units,
+            limit: request.limit,
+            now_us: request.now_us,
+            cutoff_us: request.cutoff_us,
+        };
+        self.consumes
+            .submit(item)
+            .await
+            .map_err(|_| StoreError::Unavailable(Arc::new(sqlx::Error::PoolClosed)))?
+    }
+}
+
+/// One answer of `quota_consume_batch`: item index (1-based), outcome, units recorded
+/// earlier under the key, units used after, oldest counted unit.
+type BatchRow = (i32, String, Option<i64>, i64, Option<i64>);
+
+async fn consume_batch(pool: &sqlx::PgPool, items: Vec<ConsumeItem>) -> Result<Vec<(Consumed, Usage)>, StoreError> {
+    let column = |f: fn(&ConsumeItem) -> String| items.iter().map(f).collect::<Vec<String>>();
+    let numbers = |f: fn(&ConsumeItem) -> i64| items.iter().map(f).collect::<Vec<i64>>();
+    let limits: Vec<Option<i64>> = items
+        .iter()
+        .map(|item| match item.limit {
             Limit::Unlimited => None,
             Limit::Units(units) => Some(units),
-        };
-        let (outcome, recorded, used, oldest_us): (String, Option<i64>, i64, Option<i64>) =
-            sqlx::query_as("SELECT outcome, recorded_units, used, oldest_us FROM quota_consume($1, $2, $3, $4, $5, $6, $7)")
-                .bind(user_id)
-                .bind(feature)
-                .bind(key)
-                .bind(units)
-                .bind(limit_units)
-                .bind(now_us)
-                .bind(cutoff_us)
-                .fetch_one(&self.pool)
-                .await?;
+        })
+        .collect();
+    let rows: Vec<BatchRow> = sqlx::query_as(
+        "SELECT idx, outcome, recorded_units, used, oldest_us FROM quota_consume_batch($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(column(|i| i.user_id.clone()))
+    .bind(column(|i| i.feature.clone()))
+    .bind(column(|i| i.key.clone()))
+    .bind(numbers(|i| i.units))
+    .bind(limits)
+    .bind(numbers(|i| i.now_us))
+    .bind(numbers(|i| i.cutoff_us))
+    .fetch_all(pool)
+    .await?;
+    let mut results: Vec<Option<(Consumed, Usage)>> = vec![None; items.len()];
+    for (idx, outcome, recorded, used, oldest_us) in rows {
         let consumed = match (outcome.as_str(), recorded) {
             ("recorded", _) => Consumed::Recorded,
             ("duplicate", _) => Consumed::Duplicate,
@@ -353,8 +411,16 @@ impl PgQuotaStore {
             ("key_reused", Some(units)) => Consumed::KeyReused { units },
             (other, _) => return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(format!("quota_consume answered {other:?}"))))),
         };
-        Ok((consumed, Usage { used, oldest_us }))
+        let slot = usize::try_from(idx).ok().and_then(|i| i.checked_sub(1)).and_then(|i| results.get_mut(i));
+        match slot {
+            Some(slot) => *slot = Some((consumed, Usage { used, oldest_us })),
+            None => return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(format!("quota_consume_batch answered item {idx}"))))),
+        }
     }
+    results
+        .into_iter()
+        .map(|r| r.ok_or_else(|| StoreError::Database(Arc::new(sqlx::Error::Protocol("quota_consume_batch skipped an item".to_owned())))))
+        .collect()
 }
 
 impl SqliteQuotaStore {

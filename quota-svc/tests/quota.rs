@@ -21,6 +21,7 @@ on_both_stores!(
     unknown_features_and_tiers_are_refused,
     retried_consume_counts_once_and_release_gives_back_once,
     the_guard_maps_refusals_to_http_statuses,
+    mixed_concurrent_consumes_count_each_key_once_per_feature,
 );
 
 fn consume(user: &str, feature: &str, key: &str) -> pb::CheckQuotaRequest {
@@ -263,4 +264,35 @@ async fn a_registry_file_replaces_the_default_and_bad_files_refuse_start() {
     config.registry_path = Some(dir.path().join("missing.toml").display().to_string());
     let error = db.start_with(config).await.err().unwrap().to_string();
     assert!(error.contains("cannot read"), "{error}");
+}
+
+/// Many users and features at once, every key sent twice concurrently (so group commit
+/// puts duplicates and crossing users in the same and in concurrent batches): each
+/// feature counts each key once and never more than its limit.
+async fn mixed_concurrent_consumes_count_each_key_once_per_feature(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let addr = server.local_addr;
+    let mut calls = Vec::new();
+    for user in 0..8 {
+        for (feature, keys) in [("agent_creations", 5), ("ad_generations", 6)] {
+            for key in 0..keys {
+                for _ in 0..2 {
+                    let (user, key) = (format!("mixed-{user}"), format!("k-{key}"));
+                    calls.push(async move { client(addr).await.check_quota(consume(&user, feature, &key)).await.unwrap().into_inner() });
+                }
+            }
+        }
+    }
+    let replies = join_all(calls).await;
+    let duplicates = replies.iter().filter(|r| r.duplicate).count();
+    let mut admin = client(addr).await;
+    for user in 0..8 {
+        let user = format!("mixed-{user}");
+        // Free limits: agent_creations 3 (of 5 keys), ad_generations 10 (of 6 keys).
+        assert_eq!(feature_usage(&mut admin, &user, "agent_creations").await.used, 3, "{user}");
+        assert_eq!(feature_usage(&mut admin, &user, "ad_generations").await.used, 6, "{user}");
+    }
+    // Every applied key's twin came back as a duplicate: 8 users × (3 + 6) keys.
+    assert_eq!(duplicates, 8 * (3 + 6));
 }

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod grpc;
+pub mod group_commit;
 pub mod money;
 pub mod shutdown;
 pub mod telemetry;
