@@ -101,6 +101,11 @@ impl Registry {
         Ok(limits[tier_index(tier)?])
     }
 
+    /// The feature's limit in each tier, in [`TIERS`] order.
+    pub fn tier_limits(&self, feature: &str) -> Result<[Limit; 3], RegistryError> {
+        self.features.get(feature).copied().ok_or_else(|| RegistryError::UnknownFeature(feature.to_owned()))
+    }
+
     pub fn contains(&self, feature: &str) -> bool {
         self.features.contains_key(feature)
     }

@@ -10,7 +10,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::Clock;
 use crate::registry::{self, DEFAULT_TIER, Limit, Registry, RegistryError};
-use crate::store::{Consume, Consumed, QuotaStore, StoreError, Usage};
+use crate::store::{Checked, Consume, Consumed, QuotaStore, StoreError, Usage};
 use crate::window;
 
 pub const ERROR_DOMAIN: &str = "quota.reeve.v1";
@@ -131,46 +131,50 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
             check_id("idempotency_key", &request.idempotency_key)?;
         }
         // An unknown feature is refused before any database work.
-        self.registry.limit(&request.feature, DEFAULT_TIER).map_err(QuotaError::from)?;
+        let tier_limits = self.registry.tier_limits(&request.feature).map_err(QuotaError::from)?;
         let now_us = (self.clock)();
         let cutoff_us = window::cutoff_us(now_us);
-        // One round trip for what a check needs (tier, override and, when only asking,
-        // the usage); a consume then makes one more (its atomic step).
-        let asking = request.consume == 0;
-        let context = self
-            .store
-            .check_context(&request.user_id, &request.feature, asking.then_some(cutoff_us))
-            .await
-            .map_err(QuotaError::from)?;
-        let tier = context.tier.unwrap_or_else(|| DEFAULT_TIER.to_owned());
-        // The tier is checked against the registry even when an override decides.
-        let tier_limit = self.registry.limit(&request.feature, &tier).map_err(QuotaError::from)?;
-        let limit = context.override_limit.unwrap_or(tier_limit);
-        let (allowed, duplicate, usage) = if asking {
+        // Asking: one round trip for the tier, override and usage. Consuming: one
+        // step that resolves the limit and checks-and-records atomically (coalesced with
+        // concurrent consumes on PostgreSQL).
+        let (allowed, duplicate, usage, tier, limit) = if request.consume == 0 {
+            let context = self
+                .store
+                .check_context(&request.user_id, &request.feature, Some(cutoff_us))
+                .await
+                .map_err(QuotaError::from)?;
+            let tier = context.tier.unwrap_or_else(|| DEFAULT_TIER.to_owned());
+            // The tier is checked against the registry even when an override decides.
+            let tier_limit = self.registry.limit(&request.feature, &tier).map_err(QuotaError::from)?;
+            let limit = context.override_limit.unwrap_or(tier_limit);
             let usage = context.usage;
             let allowed = match limit {
                 Limit::Unlimited => true,
                 Limit::Units(max) => usage.used < max,
             };
-            (allowed, false, usage)
+            (allowed, false, usage, tier, limit)
         } else {
-            let (consumed, usage) = self
+            let checked = self
                 .store
                 .consume(&Consume {
                     user_id: &request.user_id,
                     feature: &request.feature,
                     key: &request.idempotency_key,
                     units: request.consume,
-                    limit,
+                    tier_limits,
                     now_us,
                     cutoff_us,
                 })
                 .await
                 .map_err(QuotaError::from)?;
+            let (consumed, usage, tier, limit) = match checked {
+                Checked::Done { consumed, usage, tier, limit } => (consumed, usage, tier, limit),
+                Checked::UnknownTier(tier) => return Err(QuotaError::from(RegistryError::UnknownTier(tier)).into()),
+            };
             match consumed {
-                Consumed::Recorded => (true, false, usage),
-                Consumed::Duplicate => (true, true, usage),
-                Consumed::Refused => (false, false, usage),
+                Consumed::Recorded => (true, false, usage, tier, limit),
+                Consumed::Duplicate => (true, true, usage, tier, limit),
+                Consumed::Refused => (false, false, usage, tier, limit),
                 Consumed::KeyReused { units } => {
                     return Err(QuotaError::KeyReused { key: request.idempotency_key, units }.into());
                 }

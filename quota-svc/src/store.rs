@@ -67,17 +67,33 @@ pub struct CheckContext {
     pub usage: Usage,
 }
 
-/// One check-and-consume: record `units` under `key` if they fit `limit` in the window
-/// that starts after `cutoff_us`.
+/// One check-and-consume: resolve the user's limit for the feature (their override, or
+/// their tier's entry of `tier_limits`), then record `units` under `key` if they fit in
+/// the window that starts after `cutoff_us`.
 #[derive(Debug, Clone, Copy)]
 pub struct Consume<'a> {
     pub user_id: &'a str,
     pub feature: &'a str,
     pub key: &'a str,
     pub units: i64,
-    pub limit: Limit,
+    /// The feature's limit in each tier, in [`crate::registry::TIERS`] order.
+    pub tier_limits: [Limit; 3],
     pub now_us: i64,
     pub cutoff_us: i64,
+}
+
+/// What a check-and-consume found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    Done { consumed: Consumed, usage: Usage, tier: String, limit: Limit },
+    /// The user's stored tier is not one the registry knows: nothing was recorded.
+    UnknownTier(String),
+}
+
+/// The limit a user has: their override, else their tier's; `None` for an unknown tier.
+fn resolve_limit(tier: &str, override_limit: Option<Limit>, tier_limits: &[Limit; 3]) -> Option<Limit> {
+    let index = crate::registry::tier_index(tier).ok()?;
+    Some(override_limit.unwrap_or(tier_limits[index]))
 }
 
 /// What a consume did.
@@ -106,8 +122,9 @@ pub trait QuotaStore: Send + Sync + 'static {
     async fn clear_override(&self, user_id: &str, feature: &str) -> Result<bool, StoreError>;
     /// Every feature the user has counted units of, at `cutoff_us`.
     async fn usage(&self, user_id: &str, cutoff_us: i64) -> Result<HashMap<String, Usage>, StoreError>;
-    /// Atomically: count the window, and record the units under the key if they fit.
-    async fn consume(&self, request: &Consume<'_>) -> Result<(Consumed, Usage), StoreError>;
+    /// Resolves the user's limit, then atomically counts the window and records the
+    /// units under the key if they fit.
+    async fn consume(&self, request: &Consume<'_>) -> Result<Checked, StoreError>;
     /// The user's tier and override for `feature` and, with a cutoff, the feature's
     /// live usage: everything a check needs, in one round trip.
     async fn check_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError>;
@@ -263,7 +280,7 @@ macro_rules! quota_store_impl {
                 Ok(rows.into_iter().map(|(feature, used, oldest_us)| (feature, Usage { used, oldest_us })).collect())
             }
 
-            async fn consume(&self, request: &Consume<'_>) -> Result<(Consumed, Usage), StoreError> {
+            async fn consume(&self, request: &Consume<'_>) -> Result<Checked, StoreError> {
                 self.consume_units(request).await
             }
 
@@ -333,13 +350,13 @@ struct ConsumeItem {
     feature: String,
     key: String,
     units: i64,
-    limit: Limit,
+    tier_limits: [Limit; 3],
     now_us: i64,
     cutoff_us: i64,
 }
 
 /// Concurrent consumes coalesced into one `quota_consume_batch` call.
-type ConsumeCommit = reeve_runtime::group_commit::GroupCommit<ConsumeItem, (Consumed, Usage), StoreError>;
+type ConsumeCommit = reeve_runtime::group_commit::GroupCommit<ConsumeItem, Checked, StoreError>;
 
 /// Workers and batch size of the consume group commit.
 const CONSUME_WORKERS: usize = 4;
@@ -348,7 +365,7 @@ const CONSUME_MAX_BATCH: usize = 256;
 impl PgQuotaStore {
     fn new(pool: sqlx::PgPool) -> PgQuotaStore {
         let batch_pool = pool.clone();
-        let run: reeve_runtime::group_commit::BatchFn<ConsumeItem, (Consumed, Usage), StoreError> = Arc::new(move |items| {
+        let run: reeve_runtime::group_commit::BatchFn<ConsumeItem, Checked, StoreError> = Arc::new(move |items| {
             let pool = batch_pool.clone();
             Box::pin(async move { consume_batch(&pool, items).await })
         });
@@ -358,14 +375,15 @@ impl PgQuotaStore {
 
     /// Group commit: this consume runs with whatever others are waiting, in one
     /// round trip and one transaction (`quota_consume_batch`, migration 2003), each
-    /// item with the steps of the SQLite version below (`quota_consume`, migration 2002).
-    async fn consume_units(&self, request: &Consume<'_>) -> Result<(Consumed, Usage), StoreError> {
+    /// item resolving its limit and then taking the steps of the SQLite version below
+    /// (`quota_consume`, migration 2002).
+    async fn consume_units(&self, request: &Consume<'_>) -> Result<Checked, StoreError> {
         let item = ConsumeItem {
             user_id: request.user_id.to_owned(),
             feature: request.feature.to_owned(),
             key: request.key.to_owned(),
             units: request.units,
-            limit: request.limit,
+            tier_limits: request.tier_limits,
             now_us: request.now_us,
             cutoff_us: request.cutoff_us,
         };
@@ -377,43 +395,56 @@ impl PgQuotaStore {
 }
 
 /// One answer of `quota_consume_batch`: item index (1-based), outcome, units recorded
-/// earlier under the key, units used after, oldest counted unit.
-type BatchRow = (i32, String, Option<i64>, i64, Option<i64>);
+/// earlier under the key, units used after, oldest counted unit, tier, limit (NULL:
+/// unlimited).
+type BatchRow = (i32, String, Option<i64>, i64, Option<i64>, String, Option<i64>);
 
-async fn consume_batch(pool: &sqlx::PgPool, items: Vec<ConsumeItem>) -> Result<Vec<(Consumed, Usage)>, StoreError> {
+async fn consume_batch(pool: &sqlx::PgPool, items: Vec<ConsumeItem>) -> Result<Vec<Checked>, StoreError> {
     let column = |f: fn(&ConsumeItem) -> String| items.iter().map(f).collect::<Vec<String>>();
     let numbers = |f: fn(&ConsumeItem) -> i64| items.iter().map(f).collect::<Vec<i64>>();
-    let limits: Vec<Option<i64>> = items
-        .iter()
-        .map(|item| match item.limit {
-            Limit::Unlimited => None,
-            Limit::Units(units) => Some(units),
-        })
-        .collect();
+    let limits = |tier: usize| -> Vec<Option<i64>> {
+        items
+            .iter()
+            .map(|item| match item.tier_limits[tier] {
+                Limit::Unlimited => None,
+                Limit::Units(units) => Some(units),
+            })
+            .collect()
+    };
     let rows: Vec<BatchRow> = sqlx::query_as(
-        "SELECT idx, outcome, recorded_units, used, oldest_us FROM quota_consume_batch($1, $2, $3, $4, $5, $6, $7)",
+        "SELECT idx, outcome, recorded_units, used, oldest_us, tier, limit_units \
+         FROM quota_consume_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(column(|i| i.user_id.clone()))
     .bind(column(|i| i.feature.clone()))
     .bind(column(|i| i.key.clone()))
     .bind(numbers(|i| i.units))
-    .bind(limits)
+    .bind(limits(0))
+    .bind(limits(1))
+    .bind(limits(2))
     .bind(numbers(|i| i.now_us))
     .bind(numbers(|i| i.cutoff_us))
     .fetch_all(pool)
     .await?;
-    let mut results: Vec<Option<(Consumed, Usage)>> = vec![None; items.len()];
-    for (idx, outcome, recorded, used, oldest_us) in rows {
+    let mut results: Vec<Option<Checked>> = vec![None; items.len()];
+    for (idx, outcome, recorded, used, oldest_us, tier, limit_units) in rows {
         let consumed = match (outcome.as_str(), recorded) {
             ("recorded", _) => Consumed::Recorded,
             ("duplicate", _) => Consumed::Duplicate,
             ("refused", _) => Consumed::Refused,
             ("key_reused", Some(units)) => Consumed::KeyReused { units },
+            ("unknown_tier", _) => Consumed::Refused,
             (other, _) => return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(format!("quota_consume answered {other:?}"))))),
+        };
+        let checked = if outcome == "unknown_tier" {
+            Checked::UnknownTier(tier)
+        } else {
+            let limit = limit_units.map_or(Limit::Unlimited, Limit::Units);
+            Checked::Done { consumed, usage: Usage { used, oldest_us }, tier, limit }
         };
         let slot = usize::try_from(idx).ok().and_then(|i| i.checked_sub(1)).and_then(|i| results.get_mut(i));
         match slot {
-            Some(slot) => *slot = Some((consumed, Usage { used, oldest_us })),
+            Some(slot) => *slot = Some(checked),
             None => return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(format!("quota_consume_batch answered item {idx}"))))),
         }
     }
@@ -424,10 +455,16 @@ async fn consume_batch(pool: &sqlx::PgPool, items: Vec<ConsumeItem>) -> Result<V
 }
 
 impl SqliteQuotaStore {
-    /// Lock the counter (the write lock of `BEGIN IMMEDIATE`), prune what left the
-    /// window, look the key up, record if it fits, move the counter.
-    async fn consume_units(&self, request: &Consume<'_>) -> Result<(Consumed, Usage), StoreError> {
-        let Consume { user_id, feature, key, units, limit, now_us, cutoff_us } = *request;
+    /// Resolve the limit (tier, override), then: lock the counter (the write lock of
+    /// `BEGIN IMMEDIATE`), prune what left the window, look the key up, record if it
+    /// fits, move the counter.
+    async fn consume_units(&self, request: &Consume<'_>) -> Result<Checked, StoreError> {
+        let Consume { user_id, feature, key, units, tier_limits, now_us, cutoff_us } = *request;
+        let context = self.check_context(user_id, feature, None).await?;
+        let tier = context.tier.unwrap_or_else(|| crate::registry::DEFAULT_TIER.to_owned());
+        let Some(limit) = resolve_limit(&tier, context.override_limit, &tier_limits) else {
+            return Ok(Checked::UnknownTier(tier));
+        };
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO quota_counters (user_id, feature, used) VALUES ($1, $2, 0) \
@@ -506,6 +543,6 @@ impl SqliteQuotaStore {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok((outcome, Usage { used, oldest_us }))
+        Ok(Checked::Done { consumed: outcome, usage: Usage { used, oldest_us }, tier, limit })
     }
 }
