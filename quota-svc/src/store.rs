@@ -154,6 +154,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn QuotaStore>, StoreError> {
 pub struct PgQuotaStore {
     pool: sqlx::PgPool,
     consumes: ConsumeCommit,
+    reads: ReadCommit,
 }
 
 pub struct SqliteQuotaStore {
@@ -193,6 +194,32 @@ SELECT (SELECT t.tier FROM quota_tiers t WHERE t.user_id = $1), \
         FROM quota_counters c WHERE c.user_id = $1 AND c.feature = $2), \
     (SELECT MIN(q.consumed_at_us) FROM quota_consumptions q \
         WHERE q.user_id = $1 AND q.feature = $2 AND q.consumed_at_us > $3 AND NOT q.released)";
+
+/// Tier, override unlimited, override units, used, oldest unit.
+type ContextRow = (Option<String>, Option<bool>, Option<i64>, Option<i64>, Option<i64>);
+
+fn context_from_row((tier, unlimited, units, used, oldest_us): ContextRow) -> CheckContext {
+    let override_limit = match (unlimited, units) {
+        (Some(true), _) => Some(Limit::Unlimited),
+        (Some(false), Some(units)) => Some(Limit::Units(units)),
+        _ => None,
+    };
+    CheckContext { tier, override_limit, usage: Usage { used: used.unwrap_or(0), oldest_us } }
+}
+
+/// [`CONTEXT_WITH_USAGE_SQL`] for many (user, feature, cutoff) at once: `$1`, `$2`,
+/// `$3` are arrays; one row per item with its 1-based position first.
+const CONTEXT_BATCH_SQL: &str = "\
+SELECT q.ord, \
+    (SELECT t.tier FROM quota_tiers t WHERE t.user_id = q.user_id), \
+    (SELECT o.unlimited FROM quota_overrides o WHERE o.user_id = q.user_id AND o.feature = q.feature), \
+    (SELECT o.limit_units FROM quota_overrides o WHERE o.user_id = q.user_id AND o.feature = q.feature), \
+    (SELECT CAST(c.used - COALESCE((SELECT SUM(x.units) FROM quota_consumptions x \
+        WHERE x.user_id = q.user_id AND x.feature = q.feature AND x.consumed_at_us <= q.cutoff AND NOT x.released), 0) AS BIGINT) \
+        FROM quota_counters c WHERE c.user_id = q.user_id AND c.feature = q.feature), \
+    (SELECT MIN(x.consumed_at_us) FROM quota_consumptions x \
+        WHERE x.user_id = q.user_id AND x.feature = q.feature AND x.consumed_at_us > q.cutoff AND NOT x.released) \
+FROM unnest($1::TEXT[], $2::TEXT[], $3::INT8[]) WITH ORDINALITY AS q(user_id, feature, cutoff, ord)";
 
 /// Writes the store methods once for both databases; only how a transaction begins
 /// and how the counter row is locked differ.
@@ -285,22 +312,7 @@ macro_rules! quota_store_impl {
             }
 
             async fn check_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError> {
-                let row: (Option<String>, Option<bool>, Option<i64>, Option<i64>, Option<i64>) = match cutoff_us {
-                    Some(cutoff_us) => sqlx::query_as(CONTEXT_WITH_USAGE_SQL)
-                        .bind(user_id)
-                        .bind(feature)
-                        .bind(cutoff_us)
-                        .fetch_one(&self.pool)
-                        .await?,
-                    None => sqlx::query_as(CONTEXT_SQL).bind(user_id).bind(feature).fetch_one(&self.pool).await?,
-                };
-                let (tier, unlimited, units, used, oldest_us) = row;
-                let override_limit = match (unlimited, units) {
-                    (Some(true), _) => Some(Limit::Unlimited),
-                    (Some(false), Some(units)) => Some(Limit::Units(units)),
-                    _ => None,
-                };
-                Ok(CheckContext { tier, override_limit, usage: Usage { used: used.unwrap_or(0), oldest_us } })
+                self.read_context(user_id, feature, cutoff_us).await
             }
 
             async fn release(&self, user_id: &str, feature: &str, key: &str) -> Result<Option<i64>, StoreError> {
@@ -337,6 +349,22 @@ macro_rules! quota_store_impl {
                 Ok(units)
             }
         }
+
+        impl $store {
+            /// Tier, override and (with a cutoff) usage of one user and feature, in one query.
+            async fn context_single(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError> {
+                let row: ContextRow = match cutoff_us {
+                    Some(cutoff_us) => sqlx::query_as(CONTEXT_WITH_USAGE_SQL)
+                        .bind(user_id)
+                        .bind(feature)
+                        .bind(cutoff_us)
+                        .fetch_one(&self.pool)
+                        .await?,
+                    None => sqlx::query_as(CONTEXT_SQL).bind(user_id).bind(feature).fetch_one(&self.pool).await?,
+                };
+                Ok(context_from_row(row))
+            }
+        }
     };
 }
 
@@ -358,7 +386,36 @@ struct ConsumeItem {
 /// Concurrent consumes coalesced into one `quota_consume_batch` call.
 type ConsumeCommit = reeve_runtime::group_commit::GroupCommit<ConsumeItem, Checked, StoreError>;
 
-/// Workers and batch size of the consume group commit.
+/// One read-only check waiting for its batch (PostgreSQL).
+#[derive(Debug, Clone)]
+struct ReadItem {
+    user_id: String,
+    feature: String,
+    cutoff_us: i64,
+}
+
+type ReadCommit = reeve_runtime::group_commit::GroupCommit<ReadItem, CheckContext, StoreError>;
+
+async fn read_batch(pool: &sqlx::PgPool, items: Vec<ReadItem>) -> Result<Vec<CheckContext>, StoreError> {
+    let users: Vec<&str> = items.iter().map(|i| i.user_id.as_str()).collect();
+    let features: Vec<&str> = items.iter().map(|i| i.feature.as_str()).collect();
+    let cutoffs: Vec<i64> = items.iter().map(|i| i.cutoff_us).collect();
+    // The item's 1-based position, then a [`ContextRow`].
+    type ReadRow = (i64, Option<String>, Option<bool>, Option<i64>, Option<i64>, Option<i64>);
+    let rows: Vec<ReadRow> = sqlx::query_as(CONTEXT_BATCH_SQL).bind(users).bind(features).bind(cutoffs).fetch_all(pool).await?;
+    let mut results: Vec<Option<CheckContext>> = vec![None; items.len()];
+    for (ord, tier, unlimited, units, used, oldest_us) in rows {
+        if let Some(slot) = usize::try_from(ord).ok().and_then(|i| i.checked_sub(1)).and_then(|i| results.get_mut(i)) {
+            *slot = Some(context_from_row((tier, unlimited, units, used, oldest_us)));
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.ok_or_else(|| StoreError::Database(Arc::new(sqlx::Error::Protocol("a batched read lost an item".to_owned())))))
+        .collect()
+}
+
+/// Workers and batch size of the consume (and read) group commits.
 const CONSUME_WORKERS: usize = 4;
 const CONSUME_MAX_BATCH: usize = 256;
 
@@ -370,7 +427,23 @@ impl PgQuotaStore {
             Box::pin(async move { consume_batch(&pool, items).await })
         });
         let consumes = ConsumeCommit::start(CONSUME_WORKERS, CONSUME_MAX_BATCH, run);
-        PgQuotaStore { pool, consumes }
+        let read_pool = pool.clone();
+        let read: reeve_runtime::group_commit::BatchFn<ReadItem, CheckContext, StoreError> = Arc::new(move |items| {
+            let pool = read_pool.clone();
+            Box::pin(async move { read_batch(&pool, items).await })
+        });
+        let reads = ReadCommit::start(CONSUME_WORKERS, CONSUME_MAX_BATCH, read);
+        PgQuotaStore { pool, consumes, reads }
+    }
+
+    /// A question's reads are coalesced too: one query answers every check waiting
+    /// (each sees data at least as fresh as when it arrived).
+    async fn read_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError> {
+        let Some(cutoff_us) = cutoff_us else {
+            return self.context_single(user_id, feature, None).await;
+        };
+        let item = ReadItem { user_id: user_id.to_owned(), feature: feature.to_owned(), cutoff_us };
+        self.reads.submit(item).await.map_err(|_| StoreError::Unavailable(Arc::new(sqlx::Error::PoolClosed)))?
     }
 
     /// Group commit: this consume runs with whatever others are waiting, in one
@@ -455,6 +528,11 @@ async fn consume_batch(pool: &sqlx::PgPool, items: Vec<ConsumeItem>) -> Result<V
 }
 
 impl SqliteQuotaStore {
+    /// In-process: nothing to coalesce.
+    async fn read_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError> {
+        self.context_single(user_id, feature, cutoff_us).await
+    }
+
     /// Resolve the limit (tier, override), then: lock the counter (the write lock of
     /// `BEGIN IMMEDIATE`), prune what left the window, look the key up, record if it
     /// fits, move the counter.

@@ -25,6 +25,7 @@ struct Up {
     env: Vec<(String, String)>,
     http: String,
     credits: String,
+    quota: String,
     stripe: String,
     output: Arc<Mutex<String>>,
 }
@@ -80,6 +81,7 @@ impl Up {
         Up {
             http: format!("http://{}", fields["http"]),
             credits: fields["credits"].to_owned(),
+            quota: fields["quota"].to_owned(),
             stripe: format!("http://{}", fields["stripe"]),
             child,
             dir: dir.to_owned(),
@@ -96,17 +98,11 @@ impl Up {
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("REEVE_CREDITS_ADDR", &self.credits)
-            .env("REEVE_QUOTA_ADDR", self.quota_addr())
+            .env("REEVE_QUOTA_ADDR", &self.quota)
             .output()
             .unwrap();
         assert!(output.status.success(), "reeve {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout).unwrap()
-    }
-
-    fn quota_addr(&self) -> String {
-        let output = self.output.lock().unwrap();
-        let line = output.lines().find(|l| l.starts_with("listening ")).unwrap();
-        line.split_whitespace().find_map(|f| f.strip_prefix("quota=")).unwrap().to_owned()
     }
 
     fn secret(&self, name: &str) -> String {
