@@ -49,6 +49,9 @@ struct Args {
     /// Users of the quota suite (each with usage rows in all 23 features).
     #[arg(long, default_value_t = 20_000)]
     quota_users: usize,
+    /// quota-svc's concurrent group-commit batches (`REEVE_QUOTA_BATCH_WORKERS`).
+    #[arg(long, default_value_t = quota_svc::store::DEFAULT_BATCH_WORKERS)]
+    quota_batch_workers: usize,
 }
 
 #[derive(Debug)]

@@ -29,6 +29,7 @@ pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         listen_addr: "127.0.0.1:0".parse()?,
         service_tokens: ServiceTokens::new([TOKEN]),
         registry_path: None,
+        batch_workers: args.quota_batch_workers,
     };
     let server = quota_svc::start(config, shutdown.clone()).await?;
     let pool = PgPoolOptions::new().max_connections(64).connect(url).await?;

@@ -36,6 +36,8 @@ pub struct Config {
     pub service_tokens: ServiceTokens,
     /// `REEVE_QUOTA_CONFIG`: a registry file replacing the built-in table.
     pub registry_path: Option<String>,
+    /// `REEVE_QUOTA_BATCH_WORKERS`: concurrent group-commit batches (PostgreSQL).
+    pub batch_workers: usize,
 }
 
 impl Config {
@@ -59,7 +61,11 @@ impl Config {
             ));
         }
         let registry_path = config::var("REEVE_QUOTA_CONFIG")?;
-        Ok(Config { database_url, listen_addr, service_tokens, registry_path })
+        let batch_workers = config::parse_or("REEVE_QUOTA_BATCH_WORKERS", store::DEFAULT_BATCH_WORKERS)?;
+        if !(1..=64).contains(&batch_workers) {
+            return Err(ConfigError::new("REEVE_QUOTA_BATCH_WORKERS", "must be 1 to 64"));
+        }
+        Ok(Config { database_url, listen_addr, service_tokens, registry_path, batch_workers })
     }
 
     /// The registry in force: the file's if one is configured, else the built-in table.
@@ -87,7 +93,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 /// migrations) and serves until `shutdown` is cancelled.
 pub async fn start_with_clock(config: Config, clock: Clock, shutdown: CancellationToken) -> anyhow::Result<RunningServer> {
     let registry = Arc::new(config.registry()?);
-    let store = store::open(&config.database_url).await?;
+    let store = store::open(&config.database_url, config.batch_workers).await?;
     let api = QuotaApi::new(Arc::clone(&store), registry, clock);
     let quota = tonic::service::interceptor::InterceptedService::new(
         QuotaServiceServer::new(api),

@@ -133,13 +133,15 @@ pub trait QuotaStore: Send + Sync + 'static {
 }
 
 /// Opens the store named by `REEVE_DATABASE_URL` and brings its schema up to date.
-pub async fn open(url: &str) -> Result<Arc<dyn QuotaStore>, StoreError> {
+/// `batch_workers` is the number of concurrent batches of the PostgreSQL group commits
+/// (consumes, and questions); SQLite has none.
+pub async fn open(url: &str, batch_workers: usize) -> Result<Arc<dyn QuotaStore>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let pool = reeve_runtime::db::postgres_pool(url, 16).await?;
         let mut migrator = sqlx::migrate!("./migrations/postgres");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
-        Ok(Arc::new(PgQuotaStore::new(pool)))
+        Ok(Arc::new(PgQuotaStore::new(pool, batch_workers)))
     } else if url.starts_with("sqlite:") {
         let pool = reeve_runtime::db::sqlite_pool(url).await?;
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
@@ -415,24 +417,26 @@ async fn read_batch(pool: &sqlx::PgPool, items: Vec<ReadItem>) -> Result<Vec<Che
         .collect()
 }
 
-/// Workers and batch size of the consume (and read) group commits.
-const CONSUME_WORKERS: usize = 4;
-const CONSUME_MAX_BATCH: usize = 256;
+/// Most checks one batch carries.
+const MAX_BATCH: usize = 256;
+/// Concurrent batches per group commit, unless configured (`REEVE_QUOTA_BATCH_WORKERS`).
+/// On a 2-core box fewer, larger batches win (see BENCHMARKS.md); more cores want more.
+pub const DEFAULT_BATCH_WORKERS: usize = 2;
 
 impl PgQuotaStore {
-    fn new(pool: sqlx::PgPool) -> PgQuotaStore {
+    fn new(pool: sqlx::PgPool, workers: usize) -> PgQuotaStore {
         let batch_pool = pool.clone();
         let run: reeve_runtime::group_commit::BatchFn<ConsumeItem, Checked, StoreError> = Arc::new(move |items| {
             let pool = batch_pool.clone();
             Box::pin(async move { consume_batch(&pool, items).await })
         });
-        let consumes = ConsumeCommit::start(CONSUME_WORKERS, CONSUME_MAX_BATCH, run);
+        let consumes = ConsumeCommit::start(workers, MAX_BATCH, run);
         let read_pool = pool.clone();
         let read: reeve_runtime::group_commit::BatchFn<ReadItem, CheckContext, StoreError> = Arc::new(move |items| {
             let pool = read_pool.clone();
             Box::pin(async move { read_batch(&pool, items).await })
         });
-        let reads = ReadCommit::start(CONSUME_WORKERS, CONSUME_MAX_BATCH, read);
+        let reads = ReadCommit::start(workers, MAX_BATCH, read);
         PgQuotaStore { pool, consumes, reads }
     }
 

@@ -118,7 +118,7 @@ pub async fn migrate() -> anyhow::Result<()> {
     let url = config::var("REEVE_DATABASE_URL")?
         .ok_or_else(|| ConfigError::new("REEVE_DATABASE_URL", "is required"))?;
     credits_svc::store::open(&url).await?;
-    quota_svc::store::open(&url).await?;
+    quota_svc::store::open(&url, 1).await?;
     webhook_bridge::stripe::events::EventStore::open(&url).await?;
     let target = if url.starts_with("sqlite:") { url.clone() } else { "PostgreSQL (REEVE_DATABASE_URL)".to_owned() };
     println!("migrations applied (credits, quota, stripe events) to {target}");

@@ -50,6 +50,7 @@ impl TestDb {
             listen_addr: "127.0.0.1:0".parse().unwrap(),
             service_tokens: ServiceTokens::new([TOKEN]),
             registry_path: None,
+                batch_workers: quota_svc::store::DEFAULT_BATCH_WORKERS,
         }
     }
 

@@ -91,6 +91,7 @@ impl Stack {
                 listen_addr: "127.0.0.1:0".parse().unwrap(),
                 service_tokens: ServiceTokens::new([SERVICE_TOKEN]),
                 registry_path: None,
+                batch_workers: quota_svc::store::DEFAULT_BATCH_WORKERS,
             },
             shutdown.clone(),
         )
