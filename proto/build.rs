@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["reeve/credits/v1/credits.proto", "reeve/quota/v1/quota.proto"];
+const PROTOS: &[&str] = &[
+    "reeve/credits/v1/credits.proto",
+    "reeve/quota/v1/quota.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = protox::compile(PROTOS, ["."])?;

@@ -63,7 +63,10 @@ pub fn check_url(variable: &'static str, url: &str) -> Result<(), ConfigError> {
         .or_else(|| url.strip_prefix("http://"))
         .ok_or_else(|| ConfigError::new(variable, "must be an absolute http:// or https:// URL"))?;
     if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
-        return Err(ConfigError::new(variable, "must be an absolute http:// or https:// URL with a host"));
+        return Err(ConfigError::new(
+            variable,
+            "must be an absolute http:// or https:// URL with a host",
+        ));
     }
     Ok(())
 }
@@ -74,7 +77,8 @@ impl CheckoutConfig {
         let Some(secret_key) = config::var("STRIPE_SECRET_KEY")? else {
             return Ok(None);
         };
-        let mut api_base = config::var("STRIPE_API_BASE")?.unwrap_or_else(|| DEFAULT_API_BASE.to_owned());
+        let mut api_base =
+            config::var("STRIPE_API_BASE")?.unwrap_or_else(|| DEFAULT_API_BASE.to_owned());
         check_url("STRIPE_API_BASE", &api_base)?;
         if !api_base.ends_with('/') {
             api_base.push('/');
@@ -82,18 +86,34 @@ impl CheckoutConfig {
         let min_credits = config::parse_or("REEVE_PURCHASE_MIN", DEFAULT_PURCHASE_MIN)?;
         let max_credits = config::parse_or("REEVE_PURCHASE_MAX", DEFAULT_PURCHASE_MAX)?;
         if min_credits < 1 {
-            return Err(ConfigError::new("REEVE_PURCHASE_MIN", "must be at least 1 (whole credits)"));
+            return Err(ConfigError::new(
+                "REEVE_PURCHASE_MIN",
+                "must be at least 1 (whole credits)",
+            ));
         }
         // Stripe takes at most 99,999,999 minor units (cents) per payment.
         if max_credits < min_credits || max_credits > MAX_PURCHASE_CREDITS {
-            return Err(ConfigError::new("REEVE_PURCHASE_MAX", format!("must be between REEVE_PURCHASE_MIN and {MAX_PURCHASE_CREDITS}")));
+            return Err(ConfigError::new(
+                "REEVE_PURCHASE_MAX",
+                format!("must be between REEVE_PURCHASE_MIN and {MAX_PURCHASE_CREDITS}"),
+            ));
         }
-        let success_url = config::var("REEVE_CHECKOUT_SUCCESS_URL")?.unwrap_or_else(|| DEFAULT_SUCCESS_URL.to_owned());
+        let success_url = config::var("REEVE_CHECKOUT_SUCCESS_URL")?
+            .unwrap_or_else(|| DEFAULT_SUCCESS_URL.to_owned());
         check_url("REEVE_CHECKOUT_SUCCESS_URL", &success_url)?;
-        let cancel_url = config::var("REEVE_CHECKOUT_CANCEL_URL")?.unwrap_or_else(|| DEFAULT_CANCEL_URL.to_owned());
+        let cancel_url = config::var("REEVE_CHECKOUT_CANCEL_URL")?
+            .unwrap_or_else(|| DEFAULT_CANCEL_URL.to_owned());
         check_url("REEVE_CHECKOUT_CANCEL_URL", &cancel_url)?;
         let currency = config::currency()?;
-        Ok(Some(CheckoutConfig { secret_key, api_base, min_credits, max_credits, success_url, cancel_url, currency }))
+        Ok(Some(CheckoutConfig {
+            secret_key,
+            api_base,
+            min_credits,
+            max_credits,
+            success_url,
+            cancel_url,
+            currency,
+        }))
     }
 }
 
@@ -139,18 +159,32 @@ impl Checkout {
         Ok(Checkout { config, client })
     }
 
-    pub async fn start(&self, user_id: &str, amount_credits: i64) -> Result<Started, CheckoutError> {
+    pub async fn start(
+        &self,
+        user_id: &str,
+        amount_credits: i64,
+    ) -> Result<Started, CheckoutError> {
         let (Some(config), Some(client)) = (&self.config, &self.client) else {
             return Err(CheckoutError::Disabled);
         };
         if !(config.min_credits..=config.max_credits).contains(&amount_credits) {
-            return Err(CheckoutError::OutOfRange { min: config.min_credits, max: config.max_credits, got: amount_credits });
+            return Err(CheckoutError::OutOfRange {
+                min: config.min_credits,
+                max: config.max_credits,
+                got: amount_credits,
+            });
         }
-        let amount = Micros::from_credits(amount_credits)
-            .ok_or(CheckoutError::OutOfRange { min: config.min_credits, max: config.max_credits, got: amount_credits })?;
+        let amount = Micros::from_credits(amount_credits).ok_or(CheckoutError::OutOfRange {
+            min: config.min_credits,
+            max: config.max_credits,
+            got: amount_credits,
+        })?;
         // Credits are sold one per USD: amount × 100 cents, as one line item.
         let unit_amount_cents = amount_credits * 100;
-        let currency: stripe_types::Currency = config.currency.parse().unwrap_or(stripe_types::Currency::USD);
+        let currency: stripe_types::Currency = config
+            .currency
+            .parse()
+            .unwrap_or(stripe_types::Currency::USD);
         let mut price = CreateCheckoutSessionLineItemsPriceData::new(currency);
         price.unit_amount = Some(unit_amount_cents);
         price.product_data = Some(ProductData::new(format!("{amount_credits} Reeve credits")));
@@ -169,14 +203,19 @@ impl Checkout {
             .success_url(config.success_url.clone())
             .cancel_url(config.cancel_url.clone());
         let session = request.send(client).await.map_err(|error| match error {
-            stripe::StripeError::Stripe(errors, status) => {
-                CheckoutError::Refused(format!("HTTP {status}: {}", errors.message.unwrap_or_default()))
-            }
+            stripe::StripeError::Stripe(errors, status) => CheckoutError::Refused(format!(
+                "HTTP {status}: {}",
+                errors.message.unwrap_or_default()
+            )),
             other => CheckoutError::Unavailable(other.to_string()),
         })?;
         let checkout_url = session
             .url
             .ok_or_else(|| CheckoutError::Refused("the session has no checkout URL".to_owned()))?;
-        Ok(Started { session_id: session.id.to_string(), checkout_url, amount })
+        Ok(Started {
+            session_id: session.id.to_string(),
+            checkout_url,
+            amount,
+        })
     }
 }

@@ -19,8 +19,13 @@ pub const ERROR_DOMAIN: &str = "credits.reeve.v1";
 pub enum CreditsError {
     #[error("{}", .0.message)]
     Invalid(InvalidWrite),
-    #[error("insufficient credits: balance {balance_micros} micros, required {required_micros} micros")]
-    Insufficient { balance_micros: i64, required_micros: i64 },
+    #[error(
+        "insufficient credits: balance {balance_micros} micros, required {required_micros} micros"
+    )]
+    Insufficient {
+        balance_micros: i64,
+        required_micros: i64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -29,11 +34,17 @@ pub enum CreditsError {
 
 impl CreditsError {
     pub fn invalid(code: &'static str, message: impl Into<String>) -> CreditsError {
-        CreditsError::Invalid(InvalidWrite { code, message: message.into() })
+        CreditsError::Invalid(InvalidWrite {
+            code,
+            message: message.into(),
+        })
     }
 
     pub fn insufficient(balance: Micros, required: Micros) -> CreditsError {
-        CreditsError::Insufficient { balance_micros: balance.0, required_micros: required.0 }
+        CreditsError::Insufficient {
+            balance_micros: balance.0,
+            required_micros: required.0,
+        }
     }
 }
 
@@ -46,16 +57,28 @@ impl From<CreditsError> for Status {
         let message = error.to_string();
         match error {
             CreditsError::Invalid(invalid) => {
-                let code = if invalid.code == IDEMPOTENCY_KEY_REUSED { Code::AlreadyExists } else { Code::InvalidArgument };
-                let details = ErrorDetails::with_error_info(reason_of(invalid.code), ERROR_DOMAIN, HashMap::new());
+                let code = if invalid.code == IDEMPOTENCY_KEY_REUSED {
+                    Code::AlreadyExists
+                } else {
+                    Code::InvalidArgument
+                };
+                let details = ErrorDetails::with_error_info(
+                    reason_of(invalid.code),
+                    ERROR_DOMAIN,
+                    HashMap::new(),
+                );
                 Status::with_error_details(code, message, details)
             }
-            CreditsError::Insufficient { balance_micros, required_micros } => {
+            CreditsError::Insufficient {
+                balance_micros,
+                required_micros,
+            } => {
                 let metadata = HashMap::from([
                     ("balance_micros".to_owned(), balance_micros.to_string()),
                     ("required_micros".to_owned(), required_micros.to_string()),
                 ]);
-                let mut details = ErrorDetails::with_error_info("INSUFFICIENT_CREDITS", ERROR_DOMAIN, metadata);
+                let mut details =
+                    ErrorDetails::with_error_info("INSUFFICIENT_CREDITS", ERROR_DOMAIN, metadata);
                 details.add_precondition_failure_violation(
                     "INSUFFICIENT_CREDITS",
                     "balance",
@@ -66,7 +89,9 @@ impl From<CreditsError> for Status {
             CreditsError::Checkout(checkout) => {
                 let (code, reason) = match &checkout {
                     CheckoutError::Disabled => (Code::FailedPrecondition, "PURCHASES_DISABLED"),
-                    CheckoutError::OutOfRange { .. } => (Code::InvalidArgument, "AMOUNT_OUT_OF_RANGE"),
+                    CheckoutError::OutOfRange { .. } => {
+                        (Code::InvalidArgument, "AMOUNT_OUT_OF_RANGE")
+                    }
                     CheckoutError::Unavailable(_) => (Code::Unavailable, "STRIPE_UNAVAILABLE"),
                     CheckoutError::Refused(_) => (Code::Internal, "STRIPE_REFUSED"),
                 };
@@ -78,7 +103,11 @@ impl From<CreditsError> for Status {
                 if code != Code::InvalidArgument {
                     tracing::error!(error = %message, "checkout failed");
                 }
-                Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
+                Status::with_error_details(
+                    code,
+                    message,
+                    ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+                )
             }
             CreditsError::Store(store) => {
                 let code = match store {

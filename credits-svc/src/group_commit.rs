@@ -14,16 +14,27 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn start(store: Arc<dyn LedgerStore>, workers: usize, max_batch: usize, clock: fn() -> i64) -> GroupCommit {
-        let run: reeve_runtime::group_commit::BatchFn<WriteRequest, WriteOutcome, StoreError> = Arc::new(move |writes| {
-            let store = Arc::clone(&store);
-            Box::pin(async move { store.apply(&writes, clock()).await })
-        });
-        GroupCommit { inner: reeve_runtime::group_commit::GroupCommit::start(workers, max_batch, run) }
+    pub fn start(
+        store: Arc<dyn LedgerStore>,
+        workers: usize,
+        max_batch: usize,
+        clock: fn() -> i64,
+    ) -> GroupCommit {
+        let run: reeve_runtime::group_commit::BatchFn<WriteRequest, WriteOutcome, StoreError> =
+            Arc::new(move |writes| {
+                let store = Arc::clone(&store);
+                Box::pin(async move { store.apply(&writes, clock()).await })
+            });
+        GroupCommit {
+            inner: reeve_runtime::group_commit::GroupCommit::start(workers, max_batch, run),
+        }
     }
 
     /// Applies one write with whatever other writes are waiting.
     pub async fn submit(&self, write: WriteRequest) -> Result<WriteOutcome, StoreError> {
-        self.inner.submit(write).await.map_err(|_| StoreError::ShuttingDown)?
+        self.inner
+            .submit(write)
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?
     }
 }

@@ -84,7 +84,10 @@ pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";
 
 impl InvalidWrite {
     fn new(code: &'static str, message: impl Into<String>) -> InvalidWrite {
-        InvalidWrite { code, message: message.into() }
+        InvalidWrite {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -94,7 +97,10 @@ pub enum WriteOutcome {
     Applied(LedgerEntry),
     /// The key was applied before (possibly earlier in the same batch): the original entry.
     Duplicate(LedgerEntry),
-    Insufficient { balance: Micros, required: Micros },
+    Insufficient {
+        balance: Micros,
+        required: Micros,
+    },
     Invalid(InvalidWrite),
 }
 
@@ -108,9 +114,13 @@ impl WriteRequest {
             ));
         }
         if self.user_id.chars().any(char::is_control) {
-            return Err(InvalidWrite::new("invalid_user_id", "user_id must not contain control characters"));
+            return Err(InvalidWrite::new(
+                "invalid_user_id",
+                "user_id must not contain control characters",
+            ));
         }
-        if self.idempotency_key.is_empty() || self.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        if self.idempotency_key.is_empty() || self.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES
+        {
             return Err(InvalidWrite::new(
                 "invalid_idempotency_key",
                 format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
@@ -144,7 +154,10 @@ impl WriteRequest {
             ));
         }
         if self.kind == EntryKind::Adjustment && self.description.trim().is_empty() {
-            return Err(InvalidWrite::new("missing_reason", "an adjustment needs a reason"));
+            return Err(InvalidWrite::new(
+                "missing_reason",
+                "an adjustment needs a reason",
+            ));
         }
         Ok(())
     }
@@ -267,9 +280,12 @@ pub fn plan(
             // The earlier identical write was not applied: nothing was recorded, so this
             // one is judged afresh.
         }
-        let balance = *current
-            .entry(write.user_id.as_str())
-            .or_insert_with(|| balances.get(&write.user_id).copied().unwrap_or(Micros::ZERO));
+        let balance = *current.entry(write.user_id.as_str()).or_insert_with(|| {
+            balances
+                .get(&write.user_id)
+                .copied()
+                .unwrap_or(Micros::ZERO)
+        });
         let Some(balance_after) = balance.checked_add(write.amount) else {
             outcomes.push(Planned::Done(WriteOutcome::Invalid(InvalidWrite::new(
                 "balance_overflow",
@@ -298,7 +314,11 @@ pub fn plan(
             description: write.description.clone(),
         });
     }
-    Plan { inserts, outcomes, created_at_us }
+    Plan {
+        inserts,
+        outcomes,
+        created_at_us,
+    }
 }
 
 fn key_reused(key: &str) -> InvalidWrite {
@@ -353,29 +373,55 @@ mod tests {
     }
 
     fn balances(pairs: &[(&str, i64)]) -> HashMap<String, Micros> {
-        pairs.iter().map(|(u, b)| ((*u).to_owned(), Micros(*b))).collect()
+        pairs
+            .iter()
+            .map(|(u, b)| ((*u).to_owned(), Micros(*b)))
+            .collect()
     }
 
     #[test]
     fn applies_in_order_and_stops_at_zero() {
-        let writes = vec![deduct("a", 60, "k1"), deduct("a", 60, "k2"), deduct("a", 40, "k3")];
+        let writes = vec![
+            deduct("a", 60, "k1"),
+            deduct("a", 60, "k2"),
+            deduct("a", 40, "k3"),
+        ];
         let plan = plan(&writes, &balances(&[("a", 100)]), &HashMap::new(), 0);
         assert_eq!(plan.inserts.len(), 2);
         let outcomes = plan.finish(&[1, 2]);
         assert!(matches!(&outcomes[0], WriteOutcome::Applied(e) if e.balance_after == Micros(40)));
-        assert_eq!(outcomes[1], WriteOutcome::Insufficient { balance: Micros(40), required: Micros(60) });
-        assert!(matches!(&outcomes[2], WriteOutcome::Applied(e) if e.balance_after == Micros(0) && e.id == 2));
+        assert_eq!(
+            outcomes[1],
+            WriteOutcome::Insufficient {
+                balance: Micros(40),
+                required: Micros(60)
+            }
+        );
+        assert!(
+            matches!(&outcomes[2], WriteOutcome::Applied(e) if e.balance_after == Micros(0) && e.id == 2)
+        );
     }
 
     #[test]
     fn duplicate_keys_inside_a_batch_apply_once() {
-        let writes = vec![deduct("a", 10, "k"), deduct("a", 10, "k"), deduct("b", 10, "k")];
-        let plan = plan(&writes, &balances(&[("a", 100), ("b", 100)]), &HashMap::new(), 0);
+        let writes = vec![
+            deduct("a", 10, "k"),
+            deduct("a", 10, "k"),
+            deduct("b", 10, "k"),
+        ];
+        let plan = plan(
+            &writes,
+            &balances(&[("a", 100), ("b", 100)]),
+            &HashMap::new(),
+            0,
+        );
         assert_eq!(plan.inserts.len(), 1);
         let outcomes = plan.finish(&[7]);
         assert!(matches!(&outcomes[0], WriteOutcome::Applied(e) if e.id == 7));
         assert!(matches!(&outcomes[1], WriteOutcome::Duplicate(e) if e.id == 7));
-        assert!(matches!(&outcomes[2], WriteOutcome::Invalid(i) if i.code == IDEMPOTENCY_KEY_REUSED));
+        assert!(
+            matches!(&outcomes[2], WriteOutcome::Invalid(i) if i.code == IDEMPOTENCY_KEY_REUSED)
+        );
     }
 
     #[test]
@@ -392,11 +438,18 @@ mod tests {
 
     #[test]
     fn invalid_items_do_not_sink_the_rest() {
-        let writes = vec![deduct("a", 0, "k0"), deduct("", 5, "k1"), deduct("a", 5, ""), deduct("a", 5, "k3")];
+        let writes = vec![
+            deduct("a", 0, "k0"),
+            deduct("", 5, "k1"),
+            deduct("a", 5, ""),
+            deduct("a", 5, "k3"),
+        ];
         let outcomes = plan(&writes, &balances(&[("a", 5)]), &HashMap::new(), 0).finish(&[9]);
         assert!(matches!(&outcomes[0], WriteOutcome::Invalid(i) if i.code == "invalid_amount"));
         assert!(matches!(&outcomes[1], WriteOutcome::Invalid(i) if i.code == "invalid_user_id"));
-        assert!(matches!(&outcomes[2], WriteOutcome::Invalid(i) if i.code == "invalid_idempotency_key"));
+        assert!(
+            matches!(&outcomes[2], WriteOutcome::Invalid(i) if i.code == "invalid_idempotency_key")
+        );
         assert!(matches!(&outcomes[3], WriteOutcome::Applied(_)));
     }
 
@@ -405,7 +458,13 @@ mod tests {
         let mut grant = deduct("a", 0, "g");
         grant.kind = EntryKind::Grant;
         grant.amount = Micros(MAX_WRITE_MICROS);
-        let outcomes = plan(&[grant], &balances(&[("a", i64::MAX - 1)]), &HashMap::new(), 0).finish(&[]);
+        let outcomes = plan(
+            &[grant],
+            &balances(&[("a", i64::MAX - 1)]),
+            &HashMap::new(),
+            0,
+        )
+        .finish(&[]);
         assert!(matches!(&outcomes[0], WriteOutcome::Invalid(i) if i.code == "balance_overflow"));
     }
 }

@@ -46,17 +46,26 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
-        let database_url = config::var("REEVE_DATABASE_URL")?.unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let database_url =
+            config::var("REEVE_DATABASE_URL")?.unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
         if !(database_url.starts_with("postgres://")
             || database_url.starts_with("postgresql://")
             || database_url.starts_with("sqlite:"))
         {
-            return Err(ConfigError::new("REEVE_DATABASE_URL", "must start with postgres://, postgresql:// or sqlite:"));
+            return Err(ConfigError::new(
+                "REEVE_DATABASE_URL",
+                "must start with postgres://, postgresql:// or sqlite:",
+            ));
         }
-        let listen_addr = config::parse_or("REEVE_CREDITS_ADDR", DEFAULT_CREDITS_ADDR.parse().map_err(|_| {
-            ConfigError::new("REEVE_CREDITS_ADDR", "default address is invalid")
-        })?)?;
-        let service_tokens = ServiceTokens::from_comma_separated(&config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default());
+        let listen_addr = config::parse_or(
+            "REEVE_CREDITS_ADDR",
+            DEFAULT_CREDITS_ADDR.parse().map_err(|_| {
+                ConfigError::new("REEVE_CREDITS_ADDR", "default address is invalid")
+            })?,
+        )?;
+        let service_tokens = ServiceTokens::from_comma_separated(
+            &config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default(),
+        );
         if service_tokens.is_empty() {
             return Err(ConfigError::new(
                 "REEVE_SERVICE_TOKENS",
@@ -71,7 +80,13 @@ impl Config {
                 .ok_or_else(|| ConfigError::new("REEVE_DEDUCT_WORKERS", "must be 1 to 64"))?,
         };
         let checkout = checkout::CheckoutConfig::from_env()?;
-        Ok(Config { database_url, listen_addr, service_tokens, deduct_workers, checkout })
+        Ok(Config {
+            database_url,
+            listen_addr,
+            service_tokens,
+            deduct_workers,
+            checkout,
+        })
     }
 }
 
@@ -88,14 +103,19 @@ pub type RunningServer = reeve_runtime::grpc::GrpcServer;
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningServer> {
     let store = store::open(&config.database_url).await?;
     let is_sqlite = config.database_url.starts_with("sqlite:");
-    let workers = config.deduct_workers.unwrap_or(if is_sqlite { 1 } else { 4 });
+    let workers = config
+        .deduct_workers
+        .unwrap_or(if is_sqlite { 1 } else { 4 });
     let deductions = GroupCommit::start(Arc::clone(&store), workers, 1_000, system_clock_us);
     let checkout = checkout::Checkout::new(config.checkout.clone())?;
     let api = CreditsApi::new(Arc::clone(&store), deductions, checkout, system_clock_us);
     let credits = CreditServiceServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let credits = tonic::service::interceptor::InterceptedService::new(credits, config.service_tokens.interceptor());
+    let credits = tonic::service::interceptor::InterceptedService::new(
+        credits,
+        config.service_tokens.interceptor(),
+    );
     let server = reeve_runtime::grpc::serve(
         config.listen_addr,
         SERVICE_NAME,
@@ -106,7 +126,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     .await?;
     store.ping().await?;
     let sampled = Arc::clone(&store);
-    reeve_runtime::telemetry::sample_pool("credits-svc", shutdown.clone(), move || sampled.pool_stats());
+    reeve_runtime::telemetry::sample_pool("credits-svc", shutdown.clone(), move || {
+        sampled.pool_stats()
+    });
     server.set_serving().await;
     tracing::info!(local_addr = %server.local_addr, store = if is_sqlite { "sqlite" } else { "postgres" }, "credits-svc serving");
     Ok(server)

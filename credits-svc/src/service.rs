@@ -26,8 +26,18 @@ pub struct CreditsApi {
 }
 
 impl CreditsApi {
-    pub fn new(store: Arc<dyn LedgerStore>, deductions: GroupCommit, checkout: Checkout, clock: fn() -> i64) -> CreditsApi {
-        CreditsApi { store, deductions, checkout, clock }
+    pub fn new(
+        store: Arc<dyn LedgerStore>,
+        deductions: GroupCommit,
+        checkout: Checkout,
+        clock: fn() -> i64,
+    ) -> CreditsApi {
+        CreditsApi {
+            store,
+            deductions,
+            checkout,
+            clock,
+        }
     }
 
     async fn apply_one(&self, write: WriteRequest) -> Result<(LedgerEntry, bool), CreditsError> {
@@ -54,8 +64,12 @@ fn record(kind: EntryKind, outcome: &WriteOutcome) {
     let kind = kind.as_str();
     metrics::counter!("reeve_ledger_writes_total", "kind" => kind, "outcome" => label).increment(1);
     match moved {
-        Some(amount) if amount > 0 => metrics::counter!("reeve_credits_added_micros_total", "kind" => kind).increment(amount.unsigned_abs()),
-        Some(amount) => metrics::counter!("reeve_credits_removed_micros_total", "kind" => kind).increment(amount.unsigned_abs()),
+        Some(amount) if amount > 0 => {
+            metrics::counter!("reeve_credits_added_micros_total", "kind" => kind)
+                .increment(amount.unsigned_abs())
+        }
+        Some(amount) => metrics::counter!("reeve_credits_removed_micros_total", "kind" => kind)
+            .increment(amount.unsigned_abs()),
         None => {}
     }
 }
@@ -65,7 +79,9 @@ fn single_result(outcome: WriteOutcome) -> Result<(LedgerEntry, bool), CreditsEr
     match outcome {
         WriteOutcome::Applied(entry) => Ok((entry, false)),
         WriteOutcome::Duplicate(entry) => Ok((entry, true)),
-        WriteOutcome::Insufficient { balance, required } => Err(CreditsError::insufficient(balance, required)),
+        WriteOutcome::Insufficient { balance, required } => {
+            Err(CreditsError::insufficient(balance, required))
+        }
         WriteOutcome::Invalid(invalid) => Err(CreditsError::Invalid(invalid)),
     }
 }
@@ -106,21 +122,36 @@ pub fn entry_to_proto(entry: LedgerEntry) -> pb::LedgerEntry {
 
 fn outcome_to_proto(key: String, outcome: WriteOutcome) -> pb::DeductOutcome {
     use pb::deduct_outcome::Result as R;
-    let applied = |entry: &LedgerEntry| pb::Applied { entry_id: entry.id, balance_after_micros: entry.balance_after.0 };
+    let applied = |entry: &LedgerEntry| pb::Applied {
+        entry_id: entry.id,
+        balance_after_micros: entry.balance_after.0,
+    };
     let result = match outcome {
         WriteOutcome::Applied(entry) => R::Applied(applied(&entry)),
         WriteOutcome::Duplicate(entry) => R::Duplicate(applied(&entry)),
         WriteOutcome::Insufficient { balance, required } => {
-            R::Insufficient(pb::InsufficientCredits { balance_micros: balance.0, required_micros: required.0 })
+            R::Insufficient(pb::InsufficientCredits {
+                balance_micros: balance.0,
+                required_micros: required.0,
+            })
         }
-        WriteOutcome::Invalid(invalid) => R::Invalid(pb::Invalid { code: invalid.code.to_owned(), message: invalid.message }),
+        WriteOutcome::Invalid(invalid) => R::Invalid(pb::Invalid {
+            code: invalid.code.to_owned(),
+            message: invalid.message,
+        }),
     };
-    pb::DeductOutcome { idempotency_key: key, result: Some(result) }
+    pb::DeductOutcome {
+        idempotency_key: key,
+        result: Some(result),
+    }
 }
 
 fn check_user_id(user_id: &str) -> Result<(), CreditsError> {
     if user_id.is_empty() || user_id.len() > crate::ledger::MAX_USER_ID_BYTES {
-        return Err(CreditsError::invalid("invalid_user_id", "user_id must be 1 to 128 bytes"));
+        return Err(CreditsError::invalid(
+            "invalid_user_id",
+            "user_id must be 1 to 128 bytes",
+        ));
     }
     Ok(())
 }
@@ -128,21 +159,41 @@ fn check_user_id(user_id: &str) -> Result<(), CreditsError> {
 #[tonic::async_trait]
 impl pb::credit_service_server::CreditService for CreditsApi {
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
-    async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::GetBalanceResponse>, Status> {
+    async fn get_balance(
+        &self,
+        request: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::GetBalanceResponse>, Status> {
         let user_id = request.into_inner().user_id;
         check_user_id(&user_id)?;
-        let balance = self.store.balance(&user_id).await.map_err(CreditsError::from)?;
-        Ok(Response::new(pb::GetBalanceResponse { user_id, balance_micros: balance.0 }))
+        let balance = self
+            .store
+            .balance(&user_id)
+            .await
+            .map_err(CreditsError::from)?;
+        Ok(Response::new(pb::GetBalanceResponse {
+            user_id,
+            balance_micros: balance.0,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, idempotency_key = %request.get_ref().idempotency_key))]
-    async fn deduct(&self, request: Request<pb::DeductRequest>) -> Result<Response<pb::DeductResponse>, Status> {
+    async fn deduct(
+        &self,
+        request: Request<pb::DeductRequest>,
+    ) -> Result<Response<pb::DeductResponse>, Status> {
         let write = deduction(request.into_inner());
         write.validate().map_err(CreditsError::Invalid)?;
-        let outcome = self.deductions.submit(write).await.map_err(CreditsError::from)?;
+        let outcome = self
+            .deductions
+            .submit(write)
+            .await
+            .map_err(CreditsError::from)?;
         record(EntryKind::Deduction, &outcome);
         let (entry, duplicate) = single_result(outcome)?;
-        Ok(Response::new(pb::DeductResponse { entry: Some(entry_to_proto(entry)), duplicate }))
+        Ok(Response::new(pb::DeductResponse {
+            entry: Some(entry_to_proto(entry)),
+            duplicate,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(items = request.get_ref().items.len()))]
@@ -154,12 +205,19 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         if items.len() > MAX_BATCH_ITEMS {
             return Err(CreditsError::invalid(
                 "batch_too_large",
-                format!("a batch holds at most {MAX_BATCH_ITEMS} items, got {}", items.len()),
+                format!(
+                    "a batch holds at most {MAX_BATCH_ITEMS} items, got {}",
+                    items.len()
+                ),
             )
             .into());
         }
         let writes: Vec<WriteRequest> = items.into_iter().map(deduction).collect();
-        let outcomes = self.store.apply(&writes, (self.clock)()).await.map_err(CreditsError::from)?;
+        let outcomes = self
+            .store
+            .apply(&writes, (self.clock)())
+            .await
+            .map_err(CreditsError::from)?;
         let outcomes = writes
             .into_iter()
             .zip(outcomes)
@@ -172,12 +230,21 @@ impl pb::credit_service_server::CreditService for CreditsApi {
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, idempotency_key = %request.get_ref().idempotency_key))]
-    async fn add_credits(&self, request: Request<pb::AddCreditsRequest>) -> Result<Response<pb::AddCreditsResponse>, Status> {
+    async fn add_credits(
+        &self,
+        request: Request<pb::AddCreditsRequest>,
+    ) -> Result<Response<pb::AddCreditsResponse>, Status> {
         let request = request.into_inner();
         let kind = match pb::CreditKind::try_from(request.kind) {
             Ok(pb::CreditKind::Purchase) => EntryKind::Purchase,
             Ok(pb::CreditKind::Grant) => EntryKind::Grant,
-            _ => return Err(CreditsError::invalid("invalid_kind", "kind must be CREDIT_KIND_PURCHASE or CREDIT_KIND_GRANT").into()),
+            _ => {
+                return Err(CreditsError::invalid(
+                    "invalid_kind",
+                    "kind must be CREDIT_KIND_PURCHASE or CREDIT_KIND_GRANT",
+                )
+                .into());
+            }
         };
         let write = WriteRequest {
             user_id: request.user_id,
@@ -187,11 +254,17 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             description: request.description,
         };
         let (entry, duplicate) = self.apply_one(write).await?;
-        Ok(Response::new(pb::AddCreditsResponse { entry: Some(entry_to_proto(entry)), duplicate }))
+        Ok(Response::new(pb::AddCreditsResponse {
+            entry: Some(entry_to_proto(entry)),
+            duplicate,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, idempotency_key = %request.get_ref().idempotency_key))]
-    async fn adjust(&self, request: Request<pb::AdjustRequest>) -> Result<Response<pb::AdjustResponse>, Status> {
+    async fn adjust(
+        &self,
+        request: Request<pb::AdjustRequest>,
+    ) -> Result<Response<pb::AdjustResponse>, Status> {
         let request = request.into_inner();
         let write = WriteRequest {
             user_id: request.user_id,
@@ -201,18 +274,28 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             description: request.reason,
         };
         let (entry, duplicate) = self.apply_one(write).await?;
-        Ok(Response::new(pb::AdjustResponse { entry: Some(entry_to_proto(entry)), duplicate }))
+        Ok(Response::new(pb::AdjustResponse {
+            entry: Some(entry_to_proto(entry)),
+            duplicate,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
-    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
         let request = request.into_inner();
         check_user_id(&request.user_id)?;
         let page_size = match u32::try_from(request.page_size) {
             Ok(0) => DEFAULT_PAGE_SIZE,
             Ok(size) if size <= MAX_PAGE_SIZE => size,
             _ => {
-                return Err(CreditsError::invalid("invalid_page_size", format!("page_size must be 0 to {MAX_PAGE_SIZE}")).into());
+                return Err(CreditsError::invalid(
+                    "invalid_page_size",
+                    format!("page_size must be 0 to {MAX_PAGE_SIZE}"),
+                )
+                .into());
             }
         };
         let before_id = match request.page_token.as_str() {
@@ -222,7 +305,12 @@ impl pb::credit_service_server::CreditService for CreditsApi {
                     .parse::<i64>()
                     .ok()
                     .filter(|id| *id > 0)
-                    .ok_or_else(|| CreditsError::invalid("invalid_page_token", "page_token is not one this service issued"))?,
+                    .ok_or_else(|| {
+                        CreditsError::invalid(
+                            "invalid_page_token",
+                            "page_token is not one this service issued",
+                        )
+                    })?,
             ),
         };
         let mut entries = self
@@ -243,10 +331,17 @@ impl pb::credit_service_server::CreditService for CreditsApi {
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, amount_credits = request.get_ref().amount_credits))]
-    async fn purchase(&self, request: Request<pb::PurchaseRequest>) -> Result<Response<pb::PurchaseResponse>, Status> {
+    async fn purchase(
+        &self,
+        request: Request<pb::PurchaseRequest>,
+    ) -> Result<Response<pb::PurchaseResponse>, Status> {
         let request = request.into_inner();
         check_user_id(&request.user_id)?;
-        let started = self.checkout.start(&request.user_id, request.amount_credits).await.map_err(CreditsError::from)?;
+        let started = self
+            .checkout
+            .start(&request.user_id, request.amount_credits)
+            .await
+            .map_err(CreditsError::from)?;
         tracing::info!(session_id = %started.session_id, "checkout session created");
         Ok(Response::new(pb::PurchaseResponse {
             checkout_url: started.checkout_url,

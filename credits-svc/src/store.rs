@@ -38,9 +38,10 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> StoreError {
         match error {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
-                StoreError::Unavailable(Arc::new(error))
-            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => StoreError::Unavailable(Arc::new(error)),
             other => StoreError::Database(Arc::new(other)),
         }
     }
@@ -69,9 +70,18 @@ pub trait LedgerStore: Send + Sync + 'static {
     async fn balance(&self, user_id: &str) -> Result<Micros, StoreError>;
     /// Applies `writes` in order, atomically, in a constant number of round trips:
     /// one outcome per write.
-    async fn apply(&self, writes: &[WriteRequest], now_us: i64) -> Result<Vec<WriteOutcome>, StoreError>;
+    async fn apply(
+        &self,
+        writes: &[WriteRequest],
+        now_us: i64,
+    ) -> Result<Vec<WriteOutcome>, StoreError>;
     /// Up to `limit` of the user's entries with an id below `before_id`, newest first.
-    async fn history(&self, user_id: &str, before_id: Option<i64>, limit: u32) -> Result<Vec<LedgerEntry>, StoreError>;
+    async fn history(
+        &self,
+        user_id: &str,
+        before_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError>;
     /// The cached balance beside the sum of the user's entries.
     async fn audit(&self, user_id: &str) -> Result<BalanceAudit, StoreError>;
     /// Connections of the pool, for metrics.
@@ -103,15 +113,18 @@ struct EntryRow {
 }
 
 /// The column list matching [`EntryRow`].
-const ENTRY_COLUMNS: &str =
-    "id, user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us";
+const ENTRY_COLUMNS: &str = "id, user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us";
 
 impl TryFrom<EntryRow> for LedgerEntry {
     type Error = StoreError;
 
     fn try_from(row: EntryRow) -> Result<LedgerEntry, StoreError> {
-        let kind = EntryKind::parse(&row.kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("ledger entry {} has unknown kind {:?}", row.id, row.kind)))?;
+        let kind = EntryKind::parse(&row.kind).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "ledger entry {} has unknown kind {:?}",
+                row.id, row.kind
+            ))
+        })?;
         Ok(LedgerEntry {
             id: row.id,
             user_id: row.user_id,

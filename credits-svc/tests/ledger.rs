@@ -49,12 +49,19 @@ async fn grant(client: &mut Client, user: &str, micros: i64, key: &str) -> pb::L
 }
 
 fn deduct_request(user: &str, micros: i64, key: &str) -> pb::DeductRequest {
-    pb::DeductRequest { user_id: user.into(), amount_micros: micros, idempotency_key: key.into(), description: String::new() }
+    pb::DeductRequest {
+        user_id: user.into(),
+        amount_micros: micros,
+        idempotency_key: key.into(),
+        description: String::new(),
+    }
 }
 
 async fn balance(client: &mut Client, user: &str) -> i64 {
     client
-        .get_balance(pb::GetBalanceRequest { user_id: user.into() })
+        .get_balance(pb::GetBalanceRequest {
+            user_id: user.into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -64,7 +71,10 @@ async fn balance(client: &mut Client, user: &str) -> i64 {
 async fn assert_balance_matches_ledger(db: &TestDb, user: &str) -> i64 {
     let store = credits_svc::store::open(&db.url).await.unwrap();
     let audit = store.audit(user).await.unwrap();
-    assert_eq!(audit.cached, audit.entries_sum, "cached balance of {user} drifted from its entries");
+    assert_eq!(
+        audit.cached, audit.entries_sum,
+        "cached balance of {user} drifted from its entries"
+    );
     audit.cached.0
 }
 
@@ -78,7 +88,9 @@ async fn concurrent_deducts_never_overdraw(backend: Backend) {
         let addr = server.local_addr;
         async move {
             let mut client = client(addr).await;
-            client.deduct(deduct_request("alice", CREDIT, &format!("llm-call-{i}"))).await
+            client
+                .deduct(deduct_request("alice", CREDIT, &format!("llm-call-{i}")))
+                .await
         }
     });
     let results = join_all(calls).await;
@@ -90,7 +102,11 @@ async fn concurrent_deducts_never_overdraw(backend: Backend) {
                 applied += 1;
             }
             Err(status) => {
-                assert_eq!(status.code(), Code::FailedPrecondition, "unexpected error: {status:?}");
+                assert_eq!(
+                    status.code(),
+                    Code::FailedPrecondition,
+                    "unexpected error: {status:?}"
+                );
                 let info = status.get_error_details().error_info().cloned().unwrap();
                 assert_eq!(info.reason, "INSUFFICIENT_CREDITS");
                 assert_eq!(info.metadata["balance_micros"], "0");
@@ -119,9 +135,17 @@ async fn identical_batches_sent_concurrently_apply_each_key_once(backend: Backen
     for i in 0..1_000 {
         let (user, amount, key) = if i % 10 == 9 {
             let previous: &pb::DeductRequest = &items[i - 1];
-            (previous.user_id.clone(), previous.amount_micros, previous.idempotency_key.clone())
+            (
+                previous.user_id.clone(),
+                previous.amount_micros,
+                previous.idempotency_key.clone(),
+            )
         } else {
-            (users[i % users.len()].clone(), 1_000 + i as i64, format!("flush-7/{i}"))
+            (
+                users[i % users.len()].clone(),
+                1_000 + i as i64,
+                format!("flush-7/{i}"),
+            )
         };
         distinct.insert(key.clone(), (user.clone(), amount));
         items.push(deduct_request(&user, amount, &key));
@@ -130,7 +154,14 @@ async fn identical_batches_sent_concurrently_apply_each_key_once(backend: Backen
     let sends = (0..3).map(|_| {
         let addr = server.local_addr;
         let batch = batch.clone();
-        async move { client(addr).await.deduct_batch(batch).await.unwrap().into_inner() }
+        async move {
+            client(addr)
+                .await
+                .deduct_batch(batch)
+                .await
+                .unwrap()
+                .into_inner()
+        }
     });
     let responses = join_all(sends).await;
 
@@ -147,7 +178,11 @@ async fn identical_batches_sent_concurrently_apply_each_key_once(backend: Backen
         }
     }
     let unique: HashSet<&String> = applied_keys.iter().collect();
-    assert_eq!(applied_keys.len(), distinct.len(), "each distinct key is applied exactly once in all");
+    assert_eq!(
+        applied_keys.len(),
+        distinct.len(),
+        "each distinct key is applied exactly once in all"
+    );
     assert_eq!(unique.len(), distinct.len());
     // Every answer for one key names the same entry.
     for position in 0..1_000 {
@@ -161,7 +196,11 @@ async fn identical_batches_sent_concurrently_apply_each_key_once(backend: Backen
         assert_eq!(ids.len(), 1);
     }
     for user in &users {
-        let spent: i64 = distinct.values().filter(|(u, _)| u == user).map(|(_, a)| a).sum();
+        let spent: i64 = distinct
+            .values()
+            .filter(|(u, _)| u == user)
+            .map(|(_, a)| a)
+            .sum();
         assert_eq!(balance(&mut admin, user).await, 1_000 * CREDIT - spent);
         assert_balance_matches_ledger(&db, user).await;
     }
@@ -182,12 +221,29 @@ async fn crossing_batches_neither_deadlock_nor_lose_updates(backend: Backend) {
         if b % 2 == 1 {
             order.reverse();
         }
-        let items: Vec<pb::DeductRequest> = order.iter().map(|u| deduct_request(u, CREDIT, &format!("b{b}-{u}"))).collect();
-        async move { client(addr).await.deduct_batch(pb::DeductBatchRequest { items }).await.unwrap().into_inner() }
+        let items: Vec<pb::DeductRequest> = order
+            .iter()
+            .map(|u| deduct_request(u, CREDIT, &format!("b{b}-{u}")))
+            .collect();
+        async move {
+            client(addr)
+                .await
+                .deduct_batch(pb::DeductBatchRequest { items })
+                .await
+                .unwrap()
+                .into_inner()
+        }
     });
-    let responses = tokio::time::timeout(std::time::Duration::from_secs(60), join_all(sends)).await.expect("batches deadlocked");
+    let responses = tokio::time::timeout(std::time::Duration::from_secs(60), join_all(sends))
+        .await
+        .expect("batches deadlocked");
     for response in responses {
-        assert!(response.outcomes.iter().all(|o| matches!(o.result, Some(Outcome::Applied(_)))));
+        assert!(
+            response
+                .outcomes
+                .iter()
+                .all(|o| matches!(o.result, Some(Outcome::Applied(_))))
+        );
     }
     for user in &users {
         assert_eq!(balance(&mut admin, user).await, 92 * CREDIT);
@@ -206,12 +262,23 @@ async fn add_credits_is_keyed_by_payment_intent(backend: Backend) {
         kind: pb::CreditKind::Purchase.into(),
         description: "Stripe checkout".into(),
     };
-    let first = admin.add_credits(purchase(25 * CREDIT)).await.unwrap().into_inner();
+    let first = admin
+        .add_credits(purchase(25 * CREDIT))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!first.duplicate);
     let retries = join_all((0..5).map(|_| {
         let addr = server.local_addr;
         let request = purchase(25 * CREDIT);
-        async move { client(addr).await.add_credits(request).await.unwrap().into_inner() }
+        async move {
+            client(addr)
+                .await
+                .add_credits(request)
+                .await
+                .unwrap()
+                .into_inner()
+        }
     }))
     .await;
     for retry in retries {
@@ -220,8 +287,15 @@ async fn add_credits_is_keyed_by_payment_intent(backend: Backend) {
     }
     let status = admin.add_credits(purchase(30 * CREDIT)).await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
-    assert!(status.message().contains("different request"), "{}", status.message());
-    assert_eq!(status.get_error_details().error_info().unwrap().reason, "IDEMPOTENCY_KEY_REUSED");
+    assert!(
+        status.message().contains("different request"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        status.get_error_details().error_info().unwrap().reason,
+        "IDEMPOTENCY_KEY_REUSED"
+    );
     assert_eq!(balance(&mut admin, "bob").await, 25 * CREDIT);
     assert_balance_matches_ledger(&db, "bob").await;
 }
@@ -231,18 +305,35 @@ async fn retry_after_restart_returns_the_original_result(backend: Backend) {
     let server = db.start().await;
     let mut first_client = client(server.local_addr).await;
     grant(&mut first_client, "carol", 10 * CREDIT, "grant-carol").await;
-    let original = first_client.deduct(deduct_request("carol", 3 * CREDIT, "gw-flush-1")).await.unwrap().into_inner();
-    let batch = pb::DeductBatchRequest { items: vec![deduct_request("carol", CREDIT, "gw-flush-2")] };
-    let original_batch = first_client.deduct_batch(batch.clone()).await.unwrap().into_inner();
+    let original = first_client
+        .deduct(deduct_request("carol", 3 * CREDIT, "gw-flush-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let batch = pb::DeductBatchRequest {
+        items: vec![deduct_request("carol", CREDIT, "gw-flush-2")],
+    };
+    let original_batch = first_client
+        .deduct_batch(batch.clone())
+        .await
+        .unwrap()
+        .into_inner();
     server.stop().await.unwrap();
 
     let server = db.start().await;
     let mut retry_client = client(server.local_addr).await;
-    let retried = retry_client.deduct(deduct_request("carol", 3 * CREDIT, "gw-flush-1")).await.unwrap().into_inner();
+    let retried = retry_client
+        .deduct(deduct_request("carol", 3 * CREDIT, "gw-flush-1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(retried.duplicate);
     assert_eq!(retried.entry, original.entry);
     let retried_batch = retry_client.deduct_batch(batch).await.unwrap().into_inner();
-    match (&original_batch.outcomes[0].result, &retried_batch.outcomes[0].result) {
+    match (
+        &original_batch.outcomes[0].result,
+        &retried_batch.outcomes[0].result,
+    ) {
         (Some(Outcome::Applied(a)), Some(Outcome::Duplicate(b))) => assert_eq!(a, b),
         other => panic!("unexpected outcomes {other:?}"),
     }
@@ -255,18 +346,31 @@ async fn insufficient_credits_carries_balance_and_required(backend: Backend) {
     let server = db.start().await;
     let mut admin = client(server.local_addr).await;
     grant(&mut admin, "dave", 2 * CREDIT, "g").await;
-    let status = admin.deduct(deduct_request("dave", 2 * CREDIT + 1, "k")).await.unwrap_err();
+    let status = admin
+        .deduct(deduct_request("dave", 2 * CREDIT + 1, "k"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     let details = status.get_error_details();
     let info = details.error_info().unwrap();
     assert_eq!(info.reason, "INSUFFICIENT_CREDITS");
     assert_eq!(info.domain, credits_svc::error::ERROR_DOMAIN);
     assert_eq!(info.metadata["balance_micros"], (2 * CREDIT).to_string());
-    assert_eq!(info.metadata["required_micros"], (2 * CREDIT + 1).to_string());
-    assert_eq!(details.precondition_failure().unwrap().violations[0].r#type, "INSUFFICIENT_CREDITS");
+    assert_eq!(
+        info.metadata["required_micros"],
+        (2 * CREDIT + 1).to_string()
+    );
+    assert_eq!(
+        details.precondition_failure().unwrap().violations[0].r#type,
+        "INSUFFICIENT_CREDITS"
+    );
     // Nothing was recorded under the key: once topped up, the same key applies.
     grant(&mut admin, "dave", CREDIT, "g2").await;
-    let applied = admin.deduct(deduct_request("dave", 2 * CREDIT + 1, "k")).await.unwrap().into_inner();
+    let applied = admin
+        .deduct(deduct_request("dave", 2 * CREDIT + 1, "k"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!applied.duplicate);
     assert_eq!(applied.entry.unwrap().balance_after_micros, CREDIT - 1);
 }
@@ -289,19 +393,35 @@ async fn batch_outcomes_are_per_item_and_in_order(backend: Backend) {
         deduct_request("erin", 6 * CREDIT, "rest"),
         deduct_request("erin", CREDIT, "g-erin"),
     ];
-    let outcomes = admin.deduct_batch(pb::DeductBatchRequest { items }).await.unwrap().into_inner().outcomes;
+    let outcomes = admin
+        .deduct_batch(pb::DeductBatchRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
     let result = |i: usize| outcomes[i].result.clone().unwrap();
-    let Outcome::Applied(first) = result(0) else { panic!("{:?}", result(0)) };
+    let Outcome::Applied(first) = result(0) else {
+        panic!("{:?}", result(0))
+    };
     assert_eq!(first.balance_after_micros, 6 * CREDIT);
     assert!(matches!(result(1), Outcome::Invalid(i) if i.code == "invalid_amount"));
     assert_eq!(
         result(2),
-        Outcome::Insufficient(pb::InsufficientCredits { balance_micros: 6 * CREDIT, required_micros: 7 * CREDIT })
+        Outcome::Insufficient(pb::InsufficientCredits {
+            balance_micros: 6 * CREDIT,
+            required_micros: 7 * CREDIT
+        })
     );
     assert_eq!(result(3), Outcome::Duplicate(first));
     assert!(matches!(result(4), Outcome::Invalid(i) if i.code == "idempotency_key_reused"));
     assert!(matches!(result(5), Outcome::Invalid(i) if i.code == "invalid_user_id"));
-    assert_eq!(result(6), Outcome::Insufficient(pb::InsufficientCredits { balance_micros: 0, required_micros: CREDIT }));
+    assert_eq!(
+        result(6),
+        Outcome::Insufficient(pb::InsufficientCredits {
+            balance_micros: 0,
+            required_micros: CREDIT
+        })
+    );
     assert!(matches!(result(7), Outcome::Invalid(i) if i.code == "invalid_amount"));
     assert!(matches!(result(8), Outcome::Invalid(_)));
     assert!(matches!(result(9), Outcome::Applied(a) if a.balance_after_micros == 0));
@@ -315,11 +435,20 @@ async fn batch_size_is_limited(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = db.start().await;
     let mut admin = client(server.local_addr).await;
-    let items: Vec<_> = (0..10_001).map(|i| deduct_request("f", 1, &format!("k{i}"))).collect();
-    let status = admin.deduct_batch(pb::DeductBatchRequest { items }).await.unwrap_err();
+    let items: Vec<_> = (0..10_001)
+        .map(|i| deduct_request("f", 1, &format!("k{i}")))
+        .collect();
+    let status = admin
+        .deduct_batch(pb::DeductBatchRequest { items })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("10000"), "{}", status.message());
-    let empty = admin.deduct_batch(pb::DeductBatchRequest { items: vec![] }).await.unwrap().into_inner();
+    let empty = admin
+        .deduct_batch(pb::DeductBatchRequest { items: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(empty.outcomes.is_empty());
 }
 
@@ -329,7 +458,10 @@ async fn bad_amounts_are_invalid_argument(backend: Backend) {
     let mut admin = client(server.local_addr).await;
     grant(&mut admin, "gina", CREDIT, "g").await;
     for amount in [0, -1, i64::MIN, i64::MAX] {
-        let status = admin.deduct(deduct_request("gina", amount, &format!("d{amount}"))).await.unwrap_err();
+        let status = admin
+            .deduct(deduct_request("gina", amount, &format!("d{amount}")))
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "deduct {amount}");
         let status = admin
             .add_credits(pb::AddCreditsRequest {
@@ -357,8 +489,14 @@ async fn bad_amounts_are_invalid_argument(backend: Backend) {
     }
     // Past the per-write bound (one billion credits): refused before any sum is taken.
     let too_big = credits_svc::ledger::MAX_WRITE_MICROS + 1;
-    let status = admin.deduct(deduct_request("gina", too_big, "too-big")).await.unwrap_err();
-    assert_eq!(status.get_error_details().error_info().unwrap().reason, "AMOUNT_OVERFLOW");
+    let status = admin
+        .deduct(deduct_request("gina", too_big, "too-big"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.get_error_details().error_info().unwrap().reason,
+        "AMOUNT_OVERFLOW"
+    );
     let status = admin
         .add_credits(pb::AddCreditsRequest {
             user_id: "gina".into(),
@@ -371,7 +509,12 @@ async fn bad_amounts_are_invalid_argument(backend: Backend) {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let status = admin
-        .adjust(pb::AdjustRequest { user_id: "gina".into(), amount_micros: 5, idempotency_key: "r".into(), reason: " ".into() })
+        .adjust(pb::AdjustRequest {
+            user_id: "gina".into(),
+            amount_micros: 5,
+            idempotency_key: "r".into(),
+            reason: " ".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -383,10 +526,21 @@ async fn unknown_user_has_zero_balance(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = db.start().await;
     let mut admin = client(server.local_addr).await;
-    let response = admin.get_balance(pb::GetBalanceRequest { user_id: "never-seen".into() }).await.unwrap().into_inner();
+    let response = admin
+        .get_balance(pb::GetBalanceRequest {
+            user_id: "never-seen".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(response.balance_micros, 0);
     assert_eq!(response.user_id, "never-seen");
-    let status = admin.get_balance(pb::GetBalanceRequest { user_id: String::new() }).await.unwrap_err();
+    let status = admin
+        .get_balance(pb::GetBalanceRequest {
+            user_id: String::new(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
@@ -395,7 +549,10 @@ async fn debits_may_create_a_debt_that_blocks_deductions(backend: Backend) {
     let server = db.start().await;
     let mut admin = client(server.local_addr).await;
     grant(&mut admin, "hal", 5 * CREDIT, "g").await;
-    admin.deduct(deduct_request("hal", 4 * CREDIT, "spend")).await.unwrap();
+    admin
+        .deduct(deduct_request("hal", 4 * CREDIT, "spend"))
+        .await
+        .unwrap();
     let refund = pb::AdjustRequest {
         user_id: "hal".into(),
         amount_micros: -5 * CREDIT,
@@ -403,14 +560,24 @@ async fn debits_may_create_a_debt_that_blocks_deductions(backend: Backend) {
         reason: "refund re_1".into(),
     };
     let debit = admin.adjust(refund.clone()).await.unwrap().into_inner();
-    assert_eq!(debit.entry.as_ref().unwrap().balance_after_micros, -4 * CREDIT);
+    assert_eq!(
+        debit.entry.as_ref().unwrap().balance_after_micros,
+        -4 * CREDIT
+    );
     let again = admin.adjust(refund).await.unwrap().into_inner();
     assert!(again.duplicate);
     assert_eq!(again.entry, debit.entry);
-    let status = admin.deduct(deduct_request("hal", 1, "after-debt")).await.unwrap_err();
+    let status = admin
+        .deduct(deduct_request("hal", 1, "after-debt"))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     grant(&mut admin, "hal", 5 * CREDIT, "g2").await;
-    let applied = admin.deduct(deduct_request("hal", CREDIT, "after-repay")).await.unwrap().into_inner();
+    let applied = admin
+        .deduct(deduct_request("hal", CREDIT, "after-repay"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(applied.entry.unwrap().balance_after_micros, 0);
     assert_balance_matches_ledger(&db, "hal").await;
 }
@@ -421,7 +588,10 @@ async fn history_is_newest_first_and_paginated(backend: Backend) {
     let mut admin = client(server.local_addr).await;
     grant(&mut admin, "ivy", 10 * CREDIT, "h0").await;
     for i in 1..=4 {
-        admin.deduct(deduct_request("ivy", i * CREDIT / 10, &format!("h{i}"))).await.unwrap();
+        admin
+            .deduct(deduct_request("ivy", i * CREDIT / 10, &format!("h{i}")))
+            .await
+            .unwrap();
     }
     grant(&mut admin, "other", CREDIT, "other-grant").await;
     let mut keys = Vec::new();
@@ -429,7 +599,11 @@ async fn history_is_newest_first_and_paginated(backend: Backend) {
     let mut pages = 0;
     loop {
         let page = admin
-            .history(pb::HistoryRequest { user_id: "ivy".into(), page_size: 2, page_token: token.clone() })
+            .history(pb::HistoryRequest {
+                user_id: "ivy".into(),
+                page_size: 2,
+                page_token: token.clone(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -443,18 +617,40 @@ async fn history_is_newest_first_and_paginated(backend: Backend) {
     }
     assert_eq!(keys, ["h4", "h3", "h2", "h1", "h0"]);
     assert_eq!(pages, 3);
-    let all = admin.history(pb::HistoryRequest { user_id: "ivy".into(), page_size: 0, page_token: String::new() }).await.unwrap();
+    let all = admin
+        .history(pb::HistoryRequest {
+            user_id: "ivy".into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap();
     let newest = &all.get_ref().entries[0];
     assert_eq!(newest.kind, pb::EntryKind::Deduction as i32);
     assert_eq!(newest.amount_micros, -4 * CREDIT / 10);
     assert_eq!(newest.balance_after_micros, 9 * CREDIT);
     assert!(newest.created_at.as_ref().unwrap().seconds > 1_700_000_000);
     for bad in [
-        pb::HistoryRequest { user_id: "ivy".into(), page_size: 501, page_token: String::new() },
-        pb::HistoryRequest { user_id: "ivy".into(), page_size: -1, page_token: String::new() },
-        pb::HistoryRequest { user_id: "ivy".into(), page_size: 2, page_token: "garbage".into() },
+        pb::HistoryRequest {
+            user_id: "ivy".into(),
+            page_size: 501,
+            page_token: String::new(),
+        },
+        pb::HistoryRequest {
+            user_id: "ivy".into(),
+            page_size: -1,
+            page_token: String::new(),
+        },
+        pb::HistoryRequest {
+            user_id: "ivy".into(),
+            page_size: 2,
+            page_token: "garbage".into(),
+        },
     ] {
-        assert_eq!(admin.history(bad).await.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(
+            admin.history(bad).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
     }
 }
 
@@ -471,7 +667,10 @@ async fn balance_equals_sum_of_entries_at_every_moment(backend: Backend) {
             let mut audits = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 let audit = store.audit("jo").await.unwrap();
-                assert_eq!(audit.cached, audit.entries_sum, "drift seen after {audits} audits");
+                assert_eq!(
+                    audit.cached, audit.entries_sum,
+                    "drift seen after {audits} audits"
+                );
                 audits += 1;
             }
             audits
@@ -485,8 +684,13 @@ async fn balance_equals_sum_of_entries_at_every_moment(backend: Backend) {
                 if i % 5 == 0 {
                     grant(&mut client, "jo", CREDIT, &format!("w{w}-g{i}")).await;
                 } else {
-                    let items = (0..10).map(|k| deduct_request("jo", 1_000 + k, &format!("w{w}-{i}-{k}"))).collect();
-                    client.deduct_batch(pb::DeductBatchRequest { items }).await.unwrap();
+                    let items = (0..10)
+                        .map(|k| deduct_request("jo", 1_000 + k, &format!("w{w}-{i}-{k}")))
+                        .collect();
+                    client
+                        .deduct_batch(pb::DeductBatchRequest { items })
+                        .await
+                        .unwrap();
                 }
             }
         }
@@ -503,7 +707,10 @@ async fn ledger_rows_cannot_be_changed(backend: Backend) {
     let server = db.start().await;
     let mut admin = client(server.local_addr).await;
     grant(&mut admin, "kim", CREDIT, "g").await;
-    let attempts = ["UPDATE credit_ledger SET amount_micros = 2", "DELETE FROM credit_ledger"];
+    let attempts = [
+        "UPDATE credit_ledger SET amount_micros = 2",
+        "DELETE FROM credit_ledger",
+    ];
     for sql in attempts {
         let error = match backend {
             Backend::Postgres => {

@@ -101,7 +101,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         webhook_url: Mutex::new(config.webhook_url.clone()),
         config,
         base_url: format!("http://{local_addr}"),
-        http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?,
         sessions: Mutex::new(HashMap::new()),
         payments: Mutex::new(HashMap::new()),
     });
@@ -115,22 +117,36 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .route("/v1/test_helpers/disputes", post(dispute))
         .with_state(Arc::clone(&state));
     let task = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
     });
     tracing::info!(%local_addr, "fake Stripe serving (no real money)");
-    Ok(FakeStripe { local_addr, state, task })
+    Ok(FakeStripe {
+        local_addr,
+        state,
+        task,
+    })
 }
 
 fn random_id(prefix: &str) -> String {
     use rand::Rng;
     use rand::distr::Alphanumeric;
-    let tail: String = rand::rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
+    let tail: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
     format!("{prefix}_test_{tail}")
 }
 
 /// Stripe's error body.
 fn stripe_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, Json(json!({"error": {"type": kind, "message": message}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"type": kind, "message": message}})),
+    )
+        .into_response()
 }
 
 /// Stripe answers 401 without a secret key; so does the fake.
@@ -144,14 +160,21 @@ fn has_key(headers: &HeaderMap) -> bool {
 }
 
 fn invalid_key() -> Response {
-    stripe_error(StatusCode::UNAUTHORIZED, "invalid_request_error", "Invalid API Key provided")
+    stripe_error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "Invalid API Key provided",
+    )
 }
 
 /// Form fields as Stripe's bracket notation sends them, e.g. `line_items[0][quantity]`.
 type Fields = Vec<(String, String)>;
 
 fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
-    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// The `prefix[key]=value` pairs of a metadata hash.
@@ -159,24 +182,47 @@ fn metadata(fields: &Fields, prefix: &str) -> serde_json::Map<String, Value> {
     fields
         .iter()
         .filter_map(|(k, v)| {
-            let key = k.strip_prefix(prefix)?.strip_prefix('[')?.strip_suffix(']')?;
+            let key = k
+                .strip_prefix(prefix)?
+                .strip_prefix('[')?
+                .strip_suffix(']')?;
             Some((key.to_owned(), Value::String(v.clone())))
         })
         .collect()
 }
 
-async fn create_session(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fields): Form<Fields>) -> Response {
+async fn create_session(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Form(fields): Form<Fields>,
+) -> Response {
     if !has_key(&headers) {
         return invalid_key();
     }
     if field(&fields, "mode") != Some("payment") {
-        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "the fake supports mode=payment only");
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "the fake supports mode=payment only",
+        );
     }
-    let unit_amount = field(&fields, "line_items[0][price_data][unit_amount]").and_then(|v| v.parse::<i64>().ok());
-    let quantity = field(&fields, "line_items[0][quantity]").and_then(|v| v.parse::<i64>().ok()).unwrap_or(1);
-    let currency = field(&fields, "line_items[0][price_data][currency]").unwrap_or("usd").to_owned();
-    let Some(amount_total) = unit_amount.and_then(|a| a.checked_mul(quantity)).filter(|a| *a > 0) else {
-        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "line_items[0] needs a positive price_data.unit_amount");
+    let unit_amount = field(&fields, "line_items[0][price_data][unit_amount]")
+        .and_then(|v| v.parse::<i64>().ok());
+    let quantity = field(&fields, "line_items[0][quantity]")
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(1);
+    let currency = field(&fields, "line_items[0][price_data][currency]")
+        .unwrap_or("usd")
+        .to_owned();
+    let Some(amount_total) = unit_amount
+        .and_then(|a| a.checked_mul(quantity))
+        .filter(|a| *a > 0)
+    else {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "line_items[0] needs a positive price_data.unit_amount",
+        );
     };
     let id = random_id("cs");
     let session = Session {
@@ -198,16 +244,26 @@ async fn create_session(State(state): State<Arc<FakeState>>, headers: HeaderMap,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn retrieve_session(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn retrieve_session(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if !has_key(&headers) {
         return invalid_key();
     }
     match lock(&state.sessions).get(&id) {
         Some(session) => Json(session.to_json()).into_response(),
-        None => stripe_error(StatusCode::NOT_FOUND, "invalid_request_error", "No such checkout.session"),
+        None => stripe_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "No such checkout.session",
+        ),
     }
 }
 
@@ -215,11 +271,19 @@ async fn retrieve_session(State(state): State<Arc<FakeState>>, headers: HeaderMa
 /// delivered (in Stripe's usual order) before the answer. Paying a paid session again
 /// answers the same payment and sends nothing. A browser (`Accept: text/html`) gets a
 /// page linking to the success URL; anything else gets JSON.
-async fn pay(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn pay(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     let (session, newly_paid) = {
         let mut sessions = lock(&state.sessions);
         let Some(session) = sessions.get_mut(&id) else {
-            return (StatusCode::NOT_FOUND, Json(json!({"error": "no such checkout session"}))).into_response();
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": "no such checkout session"})),
+            )
+                .into_response();
         };
         let newly_paid = session.payment_intent.is_none();
         if newly_paid {
@@ -238,16 +302,32 @@ async fn pay(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): 
         (session.clone(), newly_paid)
     };
     let payment_intent = session.payment_intent.clone().unwrap_or_default();
-    let charge_id = lock(&state.payments).get(&payment_intent).map(|p| p.charge_id.clone()).unwrap_or_default();
+    let charge_id = lock(&state.payments)
+        .get(&payment_intent)
+        .map(|p| p.charge_id.clone())
+        .unwrap_or_default();
     let browser = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/html"));
     if !newly_paid {
-        return paid_answer(browser, &session, &payment_intent, &charge_id, true, Vec::new());
+        return paid_answer(
+            browser,
+            &session,
+            &payment_intent,
+            &charge_id,
+            true,
+            Vec::new(),
+        );
     }
     let now = now_secs();
-    let completed = objects::event(&random_id("evt"), "checkout.session.completed", session.to_json(), None, now);
+    let completed = objects::event(
+        &random_id("evt"),
+        "checkout.session.completed",
+        session.to_json(),
+        None,
+        now,
+    );
     let intent = objects::payment_intent(
         &payment_intent,
         &charge_id,
@@ -256,15 +336,35 @@ async fn pay(State(state): State<Arc<FakeState>>, headers: HeaderMap, Path(id): 
         &session.payment_intent_metadata,
         now,
     );
-    let succeeded = objects::event(&random_id("evt"), "payment_intent.succeeded", intent, None, now);
+    let succeeded = objects::event(
+        &random_id("evt"),
+        "payment_intent.succeeded",
+        intent,
+        None,
+        now,
+    );
     let mut deliveries = Vec::new();
     for event in [completed, succeeded] {
         deliveries.push(deliver(&state, event).await);
     }
-    paid_answer(browser, &session, &payment_intent, &charge_id, false, deliveries)
+    paid_answer(
+        browser,
+        &session,
+        &payment_intent,
+        &charge_id,
+        false,
+        deliveries,
+    )
 }
 
-fn paid_answer(browser: bool, session: &Session, payment_intent: &str, charge_id: &str, already_paid: bool, deliveries: Vec<Value>) -> Response {
+fn paid_answer(
+    browser: bool,
+    session: &Session,
+    payment_intent: &str,
+    charge_id: &str,
+    already_paid: bool,
+    deliveries: Vec<Value>,
+) -> Response {
     if browser {
         let next = session.success_url.as_deref().unwrap_or("/");
         return Html(format!(
@@ -288,24 +388,42 @@ fn paid_answer(browser: bool, session: &Session, payment_intent: &str, charge_id
 }
 
 /// `POST /v1/refunds` with `payment_intent` and an optional `amount` (default: the rest).
-async fn refund(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fields): Form<Fields>) -> Response {
+async fn refund(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Form(fields): Form<Fields>,
+) -> Response {
     if !has_key(&headers) {
         return invalid_key();
     }
     let Some(payment_intent) = field(&fields, "payment_intent").map(str::to_owned) else {
-        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "payment_intent is required");
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "payment_intent is required",
+        );
     };
     let requested = field(&fields, "amount").map(|v| v.parse::<i64>());
     let (payment, previous) = {
         let mut payments = lock(&state.payments);
         let Some(payment) = payments.get_mut(&payment_intent) else {
-            return stripe_error(StatusCode::NOT_FOUND, "invalid_request_error", "No such payment_intent");
+            return stripe_error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "No such payment_intent",
+            );
         };
         let left = payment.amount - payment.amount_refunded;
         let amount = match requested {
             None => left,
             Some(Ok(amount)) if amount > 0 && amount <= left => amount,
-            Some(_) => return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "amount must be 1 to what is left"),
+            Some(_) => {
+                return stripe_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "amount must be 1 to what is left",
+                );
+            }
         };
         let previous = payment.amount_refunded;
         payment.amount_refunded += amount;
@@ -313,10 +431,23 @@ async fn refund(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fi
     };
     let now = now_secs();
     let refund_id = random_id("re");
-    let charge = objects::charge(&payment.charge_id, &payment_intent, payment.amount, payment.amount_refunded, &payment.currency, now);
+    let charge = objects::charge(
+        &payment.charge_id,
+        &payment_intent,
+        payment.amount,
+        payment.amount_refunded,
+        &payment.currency,
+        now,
+    );
     let previous_refunded = previous;
     let previous = json!({"amount_refunded": previous_refunded, "refunded": false});
-    let event = objects::event(&random_id("evt"), "charge.refunded", charge, Some(previous), now);
+    let event = objects::event(
+        &random_id("evt"),
+        "charge.refunded",
+        charge,
+        Some(previous),
+        now,
+    );
     let delivery = deliver(&state, event).await;
     Json(json!({
         "id": refund_id,
@@ -333,15 +464,27 @@ async fn refund(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fi
 
 /// `POST /v1/test_helpers/disputes` with `payment_intent`: the cardholder disputes the
 /// whole charge.
-async fn dispute(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(fields): Form<Fields>) -> Response {
+async fn dispute(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Form(fields): Form<Fields>,
+) -> Response {
     if !has_key(&headers) {
         return invalid_key();
     }
     let Some(payment_intent) = field(&fields, "payment_intent").map(str::to_owned) else {
-        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "payment_intent is required");
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "payment_intent is required",
+        );
     };
     let Some(payment) = lock(&state.payments).get(&payment_intent).cloned() else {
-        return stripe_error(StatusCode::NOT_FOUND, "invalid_request_error", "No such payment_intent");
+        return stripe_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "No such payment_intent",
+        );
     };
     let now = now_secs();
     let dispute_id = random_id("dp");
@@ -364,7 +507,13 @@ async fn dispute(State(state): State<Arc<FakeState>>, headers: HeaderMap, Form(f
         "reason": "fraudulent",
         "status": "needs_response"
     });
-    let event = objects::event(&random_id("evt"), "charge.dispute.created", dispute.clone(), None, now);
+    let event = objects::event(
+        &random_id("evt"),
+        "charge.dispute.created",
+        dispute.clone(),
+        None,
+        now,
+    );
     let delivery = deliver(&state, event).await;
     Json(json!({"dispute": dispute, "delivery": delivery})).into_response()
 }

@@ -197,7 +197,13 @@ pub fn charge(
 }
 
 /// An event wrapping `object`; `previous` becomes `data.previous_attributes`.
-pub fn event(id: &str, event_type: &str, object: Value, previous: Option<Value>, created: i64) -> Value {
+pub fn event(
+    id: &str,
+    event_type: &str,
+    object: Value,
+    previous: Option<Value>,
+    created: i64,
+) -> Value {
     let mut data = json!({ "object": object });
     if let (Some(previous), Some(map)) = (previous, data.as_object_mut()) {
         map.insert("previous_attributes".to_owned(), previous);

@@ -80,7 +80,12 @@ impl Figures {
 
 /// Runs `concurrency` workers for `duration`; each call of `operation(worker, sequence)`
 /// returns how many deductions it made, and its latency is recorded.
-pub(crate) async fn drive<F, Fut>(name: String, concurrency: usize, duration: Duration, operation: F) -> anyhow::Result<Figures>
+pub(crate) async fn drive<F, Fut>(
+    name: String,
+    concurrency: usize,
+    duration: Duration,
+    operation: F,
+) -> anyhow::Result<Figures>
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<u64>> + Send,
@@ -96,7 +101,11 @@ where
             while Instant::now() < deadline {
                 let begun = Instant::now();
                 deductions += operation(worker, sequence).await?;
-                histogram.record(u64::try_from(begun.elapsed().as_micros()).unwrap_or(u64::MAX).max(1))?;
+                histogram.record(
+                    u64::try_from(begun.elapsed().as_micros())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                )?;
                 sequence += 1;
             }
             anyhow::Ok((deductions, histogram))
@@ -109,7 +118,12 @@ where
         deductions += count;
         latency_us.add(histogram)?;
     }
-    let figures = Figures { name, deductions, elapsed: started.elapsed(), latency_us };
+    let figures = Figures {
+        name,
+        deductions,
+        elapsed: started.elapsed(),
+        latency_us,
+    };
     eprintln!("{}", figures.row());
     Ok(figures)
 }
@@ -146,9 +160,17 @@ WHERE a.user_id = d.user_id AND a.user_id IN (SELECT user_id FROM locked)";
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let schema = format!("loadgen_{}", std::process::id());
-    let admin = PgPoolOptions::new().max_connections(1).connect(&args.database_url).await.context("connect to PostgreSQL")?;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await?;
-    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&args.database_url)
+        .await
+        .context("connect to PostgreSQL")?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&admin)
+        .await?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await?;
     let url = format!("{}?options[search_path]={schema}", args.database_url);
     let result = async {
         if matches!(args.suite.as_str(), "credits" | "all") {
@@ -160,7 +182,9 @@ async fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     }
     .await;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&admin).await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&admin)
+        .await?;
     result
 }
 
@@ -174,22 +198,35 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         checkout: None,
     };
     let server = credits_svc::start(config, shutdown.clone()).await?;
-    let pool = PgPoolOptions::new().max_connections(64).connect(url).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(64)
+        .connect(url)
+        .await?;
     seed(&pool, args.users).await?;
-    eprintln!("seeded {} users in the service's and the raw tables", args.users);
+    eprintln!(
+        "seeded {} users in the service's and the raw tables",
+        args.users
+    );
 
     let channels: Vec<Channel> = {
         let mut channels = Vec::new();
         for _ in 0..8 {
-            channels.push(Channel::from_shared(format!("http://{}", server.local_addr))?.connect().await?);
+            channels.push(
+                Channel::from_shared(format!("http://{}", server.local_addr))?
+                    .connect()
+                    .await?,
+            );
         }
         channels
     };
     let token = BearerToken::new(TOKEN)?;
     let client = move |worker: usize| {
-        CreditServiceClient::with_interceptor(channels[worker % channels.len()].clone(), token.clone())
-            .max_encoding_message_size(64 << 20)
-            .max_decoding_message_size(64 << 20)
+        CreditServiceClient::with_interceptor(
+            channels[worker % channels.len()].clone(),
+            token.clone(),
+        )
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20)
     };
     let client = Arc::new(client);
     let duration = Duration::from_secs(args.seconds);
@@ -199,57 +236,101 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     for batch_size in [100u64, 1_000] {
         let c = client.clone();
         results.push(
-            drive(format!("DeductBatch ×{batch_size}, gRPC, {} clients", args.batch_clients), args.batch_clients, duration, move |w, s| {
-                let mut client = c(w);
-                async move {
-                    let items = (0..batch_size)
-                        .map(|i| pb::DeductRequest {
-                            user_id: user(pick(w, s, i), users),
-                            amount_micros: 1_000 + (i as i64 % 500),
-                            idempotency_key: format!("b{batch_size}-{w}-{s}-{i}"),
-                            description: String::new(),
-                        })
-                        .collect();
-                    let outcomes = client.deduct_batch(pb::DeductBatchRequest { items }).await?.into_inner().outcomes;
-                    let applied = outcomes.iter().filter(|o| matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_)))).count();
-                    anyhow::ensure!(applied as u64 == batch_size, "only {applied} of {batch_size} applied");
-                    Ok(batch_size)
-                }
-            })
+            drive(
+                format!(
+                    "DeductBatch ×{batch_size}, gRPC, {} clients",
+                    args.batch_clients
+                ),
+                args.batch_clients,
+                duration,
+                move |w, s| {
+                    let mut client = c(w);
+                    async move {
+                        let items = (0..batch_size)
+                            .map(|i| pb::DeductRequest {
+                                user_id: user(pick(w, s, i), users),
+                                amount_micros: 1_000 + (i as i64 % 500),
+                                idempotency_key: format!("b{batch_size}-{w}-{s}-{i}"),
+                                description: String::new(),
+                            })
+                            .collect();
+                        let outcomes = client
+                            .deduct_batch(pb::DeductBatchRequest { items })
+                            .await?
+                            .into_inner()
+                            .outcomes;
+                        let applied = outcomes
+                            .iter()
+                            .filter(|o| {
+                                matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_)))
+                            })
+                            .count();
+                        anyhow::ensure!(
+                            applied as u64 == batch_size,
+                            "only {applied} of {batch_size} applied"
+                        );
+                        Ok(batch_size)
+                    }
+                },
+            )
             .await?,
         );
         let p = pool.clone();
         results.push(
-            drive(format!("raw SQL: one UNNEST statement ×{batch_size}, {} clients", args.batch_clients), args.batch_clients, duration, move |w, s| {
-                let pool = p.clone();
-                async move {
-                    let users_: Vec<String> = (0..batch_size).map(|i| user(pick(w, s, i), users)).collect();
-                    let amounts: Vec<i64> = (0..batch_size).map(|i| 1_000 + (i as i64 % 500)).collect();
-                    let keys: Vec<String> = (0..batch_size).map(|i| format!("rb{batch_size}-{w}-{s}-{i}")).collect();
-                    sqlx::query(RAW_DEDUCT_BATCH).bind(&users_).bind(&amounts).bind(&keys).bind(credits_svc::system_clock_us()).execute(&pool).await?;
-                    Ok(batch_size)
-                }
-            })
+            drive(
+                format!(
+                    "raw SQL: one UNNEST statement ×{batch_size}, {} clients",
+                    args.batch_clients
+                ),
+                args.batch_clients,
+                duration,
+                move |w, s| {
+                    let pool = p.clone();
+                    async move {
+                        let users_: Vec<String> = (0..batch_size)
+                            .map(|i| user(pick(w, s, i), users))
+                            .collect();
+                        let amounts: Vec<i64> =
+                            (0..batch_size).map(|i| 1_000 + (i as i64 % 500)).collect();
+                        let keys: Vec<String> = (0..batch_size)
+                            .map(|i| format!("rb{batch_size}-{w}-{s}-{i}"))
+                            .collect();
+                        sqlx::query(RAW_DEDUCT_BATCH)
+                            .bind(&users_)
+                            .bind(&amounts)
+                            .bind(&keys)
+                            .bind(credits_svc::system_clock_us())
+                            .execute(&pool)
+                            .await?;
+                        Ok(batch_size)
+                    }
+                },
+            )
             .await?,
         );
     }
 
     let c = client.clone();
     results.push(
-        drive(format!("Deduct (single), gRPC, {} callers", args.single_callers), args.single_callers, duration, move |w, s| {
-            let mut client = c(w);
-            async move {
-                client
-                    .deduct(pb::DeductRequest {
-                        user_id: user(pick(w, s, 0), users),
-                        amount_micros: 1_000,
-                        idempotency_key: format!("s-{w}-{s}"),
-                        description: String::new(),
-                    })
-                    .await?;
-                Ok(1)
-            }
-        })
+        drive(
+            format!("Deduct (single), gRPC, {} callers", args.single_callers),
+            args.single_callers,
+            duration,
+            move |w, s| {
+                let mut client = c(w);
+                async move {
+                    client
+                        .deduct(pb::DeductRequest {
+                            user_id: user(pick(w, s, 0), users),
+                            amount_micros: 1_000,
+                            idempotency_key: format!("s-{w}-{s}"),
+                            description: String::new(),
+                        })
+                        .await?;
+                    Ok(1)
+                }
+            },
+        )
         .await?,
     );
     let p = pool.clone();
@@ -294,9 +375,18 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     }
     let ratio = |a: usize, b: usize| results[a].per_second() / results[b].per_second();
     println!();
-    println!("DeductBatch ×100 vs raw UNNEST: {:.0}%", 100.0 * ratio(0, 1));
-    println!("DeductBatch ×1000 vs raw UNNEST: {:.0}%", 100.0 * ratio(2, 3));
-    println!("single Deduct (group commit) vs one transaction per deduction: {:.2}×", ratio(4, 5));
+    println!(
+        "DeductBatch ×100 vs raw UNNEST: {:.0}%",
+        100.0 * ratio(0, 1)
+    );
+    println!(
+        "DeductBatch ×1000 vs raw UNNEST: {:.0}%",
+        100.0 * ratio(2, 3)
+    );
+    println!(
+        "single Deduct (group commit) vs one transaction per deduction: {:.2}×",
+        ratio(4, 5)
+    );
 
     shutdown.cancel();
     server.wait().await?;
@@ -307,10 +397,17 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
 /// the service's tables, and the same in raw tables of the same shape.
 async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
     let users = i64::try_from(users)?;
-    for (accounts, ledger) in [("credit_accounts", "credit_ledger"), ("raw_accounts", "raw_ledger")] {
+    for (accounts, ledger) in [
+        ("credit_accounts", "credit_ledger"),
+        ("raw_accounts", "raw_ledger"),
+    ] {
         if accounts == "raw_accounts" {
-            sqlx::query("CREATE TABLE raw_accounts (LIKE credit_accounts INCLUDING ALL)").execute(pool).await?;
-            sqlx::query("CREATE TABLE raw_ledger (LIKE credit_ledger INCLUDING ALL)").execute(pool).await?;
+            sqlx::query("CREATE TABLE raw_accounts (LIKE credit_accounts INCLUDING ALL)")
+                .execute(pool)
+                .await?;
+            sqlx::query("CREATE TABLE raw_ledger (LIKE credit_ledger INCLUDING ALL)")
+                .execute(pool)
+                .await?;
         }
         sqlx::query(&format!(
             "INSERT INTO {accounts} (user_id, balance_micros, updated_at_us) \
@@ -328,8 +425,12 @@ async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
         .bind(SEED_BALANCE_MICROS)
         .execute(pool)
         .await?;
-        sqlx::query(&format!("ANALYZE {accounts}")).execute(pool).await?;
-        sqlx::query(&format!("ANALYZE {ledger}")).execute(pool).await?;
+        sqlx::query(&format!("ANALYZE {accounts}"))
+            .execute(pool)
+            .await?;
+        sqlx::query(&format!("ANALYZE {ledger}"))
+            .execute(pool)
+            .await?;
     }
     Ok(())
 }

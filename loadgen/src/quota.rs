@@ -19,7 +19,10 @@ const WINDOW_US: i64 = 30 * 24 * 3600 * 1_000_000;
 const SEED_ROWS: i64 = 2;
 
 fn features() -> Vec<String> {
-    quota_svc::registry::Registry::default().features().map(str::to_owned).collect()
+    quota_svc::registry::Registry::default()
+        .features()
+        .map(str::to_owned)
+        .collect()
 }
 
 pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
@@ -32,49 +35,84 @@ pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         batch_workers: args.quota_batch_workers,
     };
     let server = quota_svc::start(config, shutdown.clone()).await?;
-    let pool = PgPoolOptions::new().max_connections(64).connect(url).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(64)
+        .connect(url)
+        .await?;
     seed(&pool, args.quota_users).await?;
-    eprintln!("seeded {} users × 23 features × {SEED_ROWS} usage rows in both designs", args.quota_users);
+    eprintln!(
+        "seeded {} users × 23 features × {SEED_ROWS} usage rows in both designs",
+        args.quota_users
+    );
 
     let mut channels = Vec::new();
     for _ in 0..8 {
-        channels.push(Channel::from_shared(format!("http://{}", server.local_addr))?.connect().await?);
+        channels.push(
+            Channel::from_shared(format!("http://{}", server.local_addr))?
+                .connect()
+                .await?,
+        );
     }
     let token = BearerToken::new(TOKEN)?;
-    let client = move |worker: usize| QuotaServiceClient::with_interceptor(channels[worker % channels.len()].clone(), token.clone());
+    let client = move |worker: usize| {
+        QuotaServiceClient::with_interceptor(
+            channels[worker % channels.len()].clone(),
+            token.clone(),
+        )
+    };
     let features = std::sync::Arc::new(features());
     let users = args.quota_users as u64;
     let duration = Duration::from_secs(args.seconds);
     let callers = args.single_callers;
     let target = move |w: usize, s: u64, features: &[String]| {
         let x = pick(w, s, 7);
-        (format!("q{:05}", x % users), features[(x / users) as usize % features.len()].clone())
+        (
+            format!("q{:05}", x % users),
+            features[(x / users) as usize % features.len()].clone(),
+        )
     };
     let mut results = Vec::new();
 
     for consume in [0i64, 1] {
         let (c, f) = (client.clone(), features.clone());
-        let name = if consume == 0 { "CheckQuota read-only" } else { "CheckQuota consume 1" };
+        let name = if consume == 0 {
+            "CheckQuota read-only"
+        } else {
+            "CheckQuota consume 1"
+        };
         results.push(
-            drive(format!("{name}, gRPC, {callers} callers"), callers, duration, move |w, s| {
-                let mut client = c(w);
-                let (user_id, feature) = target(w, s, &f);
-                async move {
-                    client
-                        .check_quota(pb::CheckQuotaRequest {
-                            user_id,
-                            feature,
-                            consume,
-                            idempotency_key: if consume > 0 { format!("c-{w}-{s}") } else { String::new() },
-                        })
-                        .await?;
-                    Ok(1)
-                }
-            })
+            drive(
+                format!("{name}, gRPC, {callers} callers"),
+                callers,
+                duration,
+                move |w, s| {
+                    let mut client = c(w);
+                    let (user_id, feature) = target(w, s, &f);
+                    async move {
+                        client
+                            .check_quota(pb::CheckQuotaRequest {
+                                user_id,
+                                feature,
+                                consume,
+                                idempotency_key: if consume > 0 {
+                                    format!("c-{w}-{s}")
+                                } else {
+                                    String::new()
+                                },
+                            })
+                            .await?;
+                        Ok(1)
+                    }
+                },
+            )
             .await?,
         );
         let (p, f) = (pool.clone(), features.clone());
-        let name = if consume == 0 { "raw SQL: window SUM read" } else { "raw SQL: insert-if-under-limit (racy)" };
+        let name = if consume == 0 {
+            "raw SQL: window SUM read"
+        } else {
+            "raw SQL: insert-if-under-limit (racy)"
+        };
         results.push(
             drive(format!("{name}, {callers} callers"), callers, duration, move |w, s| {
                 let pool = p.clone();
@@ -119,8 +157,14 @@ pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         println!("{}", figures.row());
     }
     println!();
-    println!("CheckQuota read-only vs raw window SUM: {:.2}×", results[0].per_second() / results[1].per_second());
-    println!("CheckQuota consume vs raw insert-if-under-limit: {:.2}×", results[2].per_second() / results[3].per_second());
+    println!(
+        "CheckQuota read-only vs raw window SUM: {:.2}×",
+        results[0].per_second() / results[1].per_second()
+    );
+    println!(
+        "CheckQuota consume vs raw insert-if-under-limit: {:.2}×",
+        results[2].per_second() / results[3].per_second()
+    );
     shutdown.cancel();
     server.wait().await?;
     Ok(())
@@ -137,7 +181,9 @@ async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
     )
     .execute(pool)
     .await?;
-    sqlx::query("CREATE INDEX tier_usage_window ON tier_usage (user_id, feature, created_at_us)").execute(pool).await?;
+    sqlx::query("CREATE INDEX tier_usage_window ON tier_usage (user_id, feature, created_at_us)")
+        .execute(pool)
+        .await?;
     let pairs = "FROM generate_series(0, $1 - 1) AS u, UNNEST($2::text[]) AS f(name), generate_series(1, $3) AS r";
     sqlx::query(&format!(
         "INSERT INTO tier_usage (user_id, feature, count, created_at_us) \
@@ -169,7 +215,9 @@ async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
     .execute(pool)
     .await?;
     for table in ["tier_usage", "quota_consumptions", "quota_counters"] {
-        sqlx::query(&format!("ANALYZE {table}")).execute(pool).await?;
+        sqlx::query(&format!("ANALYZE {table}"))
+            .execute(pool)
+            .await?;
     }
     Ok(())
 }

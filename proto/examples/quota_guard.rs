@@ -9,7 +9,11 @@ use tonic::transport::Channel;
 
 /// What an HTTP handler does: consume one unit, do the work, give the unit back if
 /// the work failed, and map a refusal to its HTTP status.
-async fn generate_ad(guard: &QuotaGuard, user_id: &str, request_id: &str) -> Result<String, (u16, String)> {
+async fn generate_ad(
+    guard: &QuotaGuard,
+    user_id: &str,
+    request_id: &str,
+) -> Result<String, (u16, String)> {
     let permit = guard
         .require(user_id, "ad_generations", request_id)
         .await
@@ -27,10 +31,18 @@ async fn generate_ad(guard: &QuotaGuard, user_id: &str, request_id: &str) -> Res
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let user_id = std::env::args().nth(1).unwrap_or_else(|| "alice".to_owned());
+    let user_id = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "alice".to_owned());
     let addr = std::env::var("REEVE_QUOTA_ADDR").unwrap_or_else(|_| "127.0.0.1:50052".to_owned());
-    let token = std::env::var("REEVE_SERVICE_TOKEN").unwrap_or_else(|_| "dev-service-token".to_owned());
-    let guard = QuotaGuard::new(Channel::from_shared(format!("http://{addr}"))?.connect().await?, &token)?;
+    let token =
+        std::env::var("REEVE_SERVICE_TOKEN").unwrap_or_else(|_| "dev-service-token".to_owned());
+    let guard = QuotaGuard::new(
+        Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?,
+        &token,
+    )?;
     for attempt in 0..12 {
         match generate_ad(&guard, &user_id, &format!("example-request-{attempt}")).await {
             Ok(ad) => println!("request {attempt}: 200 {ad}"),

@@ -27,7 +27,9 @@ impl fmt::Debug for ServiceToken {
 
 impl tonic::service::Interceptor for ServiceToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -38,7 +40,10 @@ type Client = QuotaServiceClient<InterceptedService<Channel, ServiceToken>>;
 #[derive(Debug, Clone)]
 pub enum GuardError {
     /// The user's quota for the feature is used up (HTTP 429).
-    Exceeded { feature: String, reply: CheckQuotaResponse },
+    Exceeded {
+        feature: String,
+        reply: CheckQuotaResponse,
+    },
     /// The feature or request is not valid (HTTP 403: never a silent allow).
     Refused(Status),
     /// quota-svc could not answer (HTTP 503).
@@ -59,9 +64,13 @@ impl GuardError {
 impl fmt::Display for GuardError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GuardError::Exceeded { feature, reply } => write!(f, "quota for {feature} exceeded ({} used)", reply.used),
+            GuardError::Exceeded { feature, reply } => {
+                write!(f, "quota for {feature} exceeded ({} used)", reply.used)
+            }
             GuardError::Refused(status) => write!(f, "quota check refused: {}", status.message()),
-            GuardError::Unavailable(status) => write!(f, "quota service unavailable: {}", status.message()),
+            GuardError::Unavailable(status) => {
+                write!(f, "quota service unavailable: {}", status.message())
+            }
         }
     }
 }
@@ -70,7 +79,9 @@ impl std::error::Error for GuardError {}
 
 fn from_status(status: Status) -> GuardError {
     match status.code() {
-        Code::InvalidArgument | Code::NotFound | Code::PermissionDenied | Code::AlreadyExists => GuardError::Refused(status),
+        Code::InvalidArgument | Code::NotFound | Code::PermissionDenied | Code::AlreadyExists => {
+            GuardError::Refused(status)
+        }
         _ => GuardError::Unavailable(status),
     }
 }
@@ -97,12 +108,19 @@ impl QuotaGuard {
             .parse()
             .map_err(|_| Status::invalid_argument("service token must be printable ASCII"))?;
         value.set_sensitive(true);
-        Ok(QuotaGuard { client: QuotaServiceClient::with_interceptor(channel, ServiceToken(value)) })
+        Ok(QuotaGuard {
+            client: QuotaServiceClient::with_interceptor(channel, ServiceToken(value)),
+        })
     }
 
     /// Consumes one unit of `feature` for `user_id`, keyed by `idempotency_key` (the
     /// request's id, so a retried request is not counted twice).
-    pub async fn require(&self, user_id: &str, feature: &str, idempotency_key: &str) -> Result<Permit, GuardError> {
+    pub async fn require(
+        &self,
+        user_id: &str,
+        feature: &str,
+        idempotency_key: &str,
+    ) -> Result<Permit, GuardError> {
         let reply = self
             .client
             .clone()
@@ -116,7 +134,10 @@ impl QuotaGuard {
             .map_err(from_status)?
             .into_inner();
         if !reply.allowed {
-            return Err(GuardError::Exceeded { feature: feature.to_owned(), reply });
+            return Err(GuardError::Exceeded {
+                feature: feature.to_owned(),
+                reply,
+            });
         }
         Ok(Permit {
             user_id: user_id.to_owned(),

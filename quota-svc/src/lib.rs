@@ -42,18 +42,24 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
-        let database_url = config::var("REEVE_DATABASE_URL")?.unwrap_or_else(|| "sqlite://reeve-data/reeve.db".to_owned());
+        let database_url = config::var("REEVE_DATABASE_URL")?
+            .unwrap_or_else(|| "sqlite://reeve-data/reeve.db".to_owned());
         if !(database_url.starts_with("postgres://")
             || database_url.starts_with("postgresql://")
             || database_url.starts_with("sqlite:"))
         {
-            return Err(ConfigError::new("REEVE_DATABASE_URL", "must start with postgres://, postgresql:// or sqlite:"));
+            return Err(ConfigError::new(
+                "REEVE_DATABASE_URL",
+                "must start with postgres://, postgresql:// or sqlite:",
+            ));
         }
         let default_addr = DEFAULT_QUOTA_ADDR
             .parse()
             .map_err(|_| ConfigError::new("REEVE_QUOTA_ADDR", "default address is invalid"))?;
         let listen_addr = config::parse_or("REEVE_QUOTA_ADDR", default_addr)?;
-        let service_tokens = ServiceTokens::from_comma_separated(&config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default());
+        let service_tokens = ServiceTokens::from_comma_separated(
+            &config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default(),
+        );
         if service_tokens.is_empty() {
             return Err(ConfigError::new(
                 "REEVE_SERVICE_TOKENS",
@@ -61,18 +67,29 @@ impl Config {
             ));
         }
         let registry_path = config::var("REEVE_QUOTA_CONFIG")?;
-        let batch_workers = config::parse_or("REEVE_QUOTA_BATCH_WORKERS", store::DEFAULT_BATCH_WORKERS)?;
+        let batch_workers =
+            config::parse_or("REEVE_QUOTA_BATCH_WORKERS", store::DEFAULT_BATCH_WORKERS)?;
         if !(1..=64).contains(&batch_workers) {
-            return Err(ConfigError::new("REEVE_QUOTA_BATCH_WORKERS", "must be 1 to 64"));
+            return Err(ConfigError::new(
+                "REEVE_QUOTA_BATCH_WORKERS",
+                "must be 1 to 64",
+            ));
         }
-        Ok(Config { database_url, listen_addr, service_tokens, registry_path, batch_workers })
+        Ok(Config {
+            database_url,
+            listen_addr,
+            service_tokens,
+            registry_path,
+            batch_workers,
+        })
     }
 
     /// The registry in force: the file's if one is configured, else the built-in table.
     pub fn registry(&self) -> Result<Registry, ConfigError> {
         match &self.registry_path {
             None => Ok(Registry::default()),
-            Some(path) => Registry::load(path).map_err(|e| ConfigError::new("REEVE_QUOTA_CONFIG", e.to_string())),
+            Some(path) => Registry::load(path)
+                .map_err(|e| ConfigError::new("REEVE_QUOTA_CONFIG", e.to_string())),
         }
     }
 }
@@ -91,7 +108,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
 /// Loads the registry (refusing an invalid file), opens the store (running
 /// migrations) and serves until `shutdown` is cancelled.
-pub async fn start_with_clock(config: Config, clock: Clock, shutdown: CancellationToken) -> anyhow::Result<RunningServer> {
+pub async fn start_with_clock(
+    config: Config,
+    clock: Clock,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningServer> {
     let registry = Arc::new(config.registry()?);
     let store = store::open(&config.database_url, config.batch_workers).await?;
     let api = QuotaApi::new(Arc::clone(&store), registry, clock);
@@ -109,7 +130,9 @@ pub async fn start_with_clock(config: Config, clock: Clock, shutdown: Cancellati
     .await?;
     store.ping().await?;
     let sampled = Arc::clone(&store);
-    reeve_runtime::telemetry::sample_pool("quota-svc", shutdown.clone(), move || sampled.pool_stats());
+    reeve_runtime::telemetry::sample_pool("quota-svc", shutdown.clone(), move || {
+        sampled.pool_stats()
+    });
     server.set_serving().await;
     tracing::info!(local_addr = %server.local_addr, "quota-svc serving");
     Ok(server)

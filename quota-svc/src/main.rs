@@ -6,7 +6,9 @@ const NAME: &str = "quota-svc";
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    if let Err(error) = reeve_runtime::config::install(Default::default()).and_then(|()| reeve_runtime::telemetry::init(NAME)) {
+    if let Err(error) = reeve_runtime::config::install(Default::default())
+        .and_then(|()| reeve_runtime::telemetry::init(NAME))
+    {
         eprintln!("quota-svc: configuration error: {error}");
         return std::process::ExitCode::from(2);
     }
@@ -19,7 +21,14 @@ async fn main() -> std::process::ExitCode {
     };
     let shutdown = CancellationToken::new();
     reeve_runtime::shutdown::cancel_on_signal(shutdown.clone());
-    let result = async { quota_svc::start(config, shutdown).await?.wait().await.map_err(anyhow::Error::from) }.await;
+    let result = async {
+        quota_svc::start(config, shutdown)
+            .await?
+            .wait()
+            .await
+            .map_err(anyhow::Error::from)
+    }
+    .await;
     // Flush exported traces before the process ends.
     reeve_runtime::telemetry::shutdown();
     match result {

@@ -85,25 +85,39 @@ impl Default for Registry {
     fn default() -> Registry {
         let features = DEFAULT_TABLE
             .iter()
-            .map(|(name, free, pro)| ((*name).to_owned(), [Limit::Units(*free), Limit::Units(*pro), Limit::Unlimited]))
+            .map(|(name, free, pro)| {
+                (
+                    (*name).to_owned(),
+                    [Limit::Units(*free), Limit::Units(*pro), Limit::Unlimited],
+                )
+            })
             .collect();
         Registry { features }
     }
 }
 
 pub fn tier_index(tier: &str) -> Result<usize, RegistryError> {
-    TIERS.iter().position(|t| *t == tier).ok_or_else(|| RegistryError::UnknownTier(tier.to_owned()))
+    TIERS
+        .iter()
+        .position(|t| *t == tier)
+        .ok_or_else(|| RegistryError::UnknownTier(tier.to_owned()))
 }
 
 impl Registry {
     pub fn limit(&self, feature: &str, tier: &str) -> Result<Limit, RegistryError> {
-        let limits = self.features.get(feature).ok_or_else(|| RegistryError::UnknownFeature(feature.to_owned()))?;
+        let limits = self
+            .features
+            .get(feature)
+            .ok_or_else(|| RegistryError::UnknownFeature(feature.to_owned()))?;
         Ok(limits[tier_index(tier)?])
     }
 
     /// The feature's limit in each tier, in [`TIERS`] order.
     pub fn tier_limits(&self, feature: &str) -> Result<[Limit; 3], RegistryError> {
-        self.features.get(feature).copied().ok_or_else(|| RegistryError::UnknownFeature(feature.to_owned()))
+        self.features
+            .get(feature)
+            .copied()
+            .ok_or_else(|| RegistryError::UnknownFeature(feature.to_owned()))
     }
 
     pub fn contains(&self, feature: &str) -> bool {
@@ -116,9 +130,16 @@ impl Registry {
 
     /// Reads and validates a registry file.
     pub fn load(path: &str) -> Result<Registry, RegistryFileError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RegistryFileError { path: path.to_owned(), line: 0, message: format!("cannot read: {e}") })?;
-        Registry::parse(&text).map_err(|(line, message)| RegistryFileError { path: path.to_owned(), line, message })
+        let text = std::fs::read_to_string(path).map_err(|e| RegistryFileError {
+            path: path.to_owned(),
+            line: 0,
+            message: format!("cannot read: {e}"),
+        })?;
+        Registry::parse(&text).map_err(|(line, message)| RegistryFileError {
+            path: path.to_owned(),
+            line,
+            message,
+        })
     }
 
     /// Parses registry TOML:
@@ -138,8 +159,15 @@ impl Registry {
         let mut features = BTreeMap::new();
         for (name, table) in file.features {
             let line = line_of(table.span().start);
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-                return Err((line, format!("feature name {name:?} must be lowercase letters, digits and '_'")));
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err((
+                    line,
+                    format!("feature name {name:?} must be lowercase letters, digits and '_'"),
+                ));
             }
             let mut limits: [Option<Limit>; 3] = [None; 3];
             for (tier, value) in table.into_inner() {
@@ -149,18 +177,30 @@ impl Registry {
                 limits[index] = Some(match value.into_inner() {
                     LimitValue::Units(units) if units >= 0 => Limit::Units(units),
                     LimitValue::Units(units) => {
-                        return Err((line, format!("feature {name:?}, tier {tier:?}: limit {units} is negative")));
+                        return Err((
+                            line,
+                            format!("feature {name:?}, tier {tier:?}: limit {units} is negative"),
+                        ));
                     }
                     LimitValue::Word(word) if word == "unlimited" => Limit::Unlimited,
                     LimitValue::Word(word) => {
-                        return Err((line, format!("feature {name:?}, tier {tier:?}: {word:?} is neither a count nor \"unlimited\"")));
+                        return Err((
+                            line,
+                            format!(
+                                "feature {name:?}, tier {tier:?}: {word:?} is neither a count nor \"unlimited\""
+                            ),
+                        ));
                     }
                 });
             }
             let mut complete = [Limit::Unlimited; 3];
             for (index, limit) in limits.iter().enumerate() {
-                complete[index] =
-                    limit.ok_or_else(|| (line, format!("feature {name:?} has no limit for tier {:?}", TIERS[index])))?;
+                complete[index] = limit.ok_or_else(|| {
+                    (
+                        line,
+                        format!("feature {name:?} has no limit for tier {:?}", TIERS[index]),
+                    )
+                })?;
             }
             features.insert(name, complete);
         }
@@ -192,11 +232,26 @@ mod tests {
     fn default_is_the_spec_table() {
         let registry = Registry::default();
         assert_eq!(registry.features().count(), 23);
-        assert_eq!(registry.limit("agent_creations", "free"), Ok(Limit::Units(3)));
-        assert_eq!(registry.limit("api_requests", "pro"), Ok(Limit::Units(50_000)));
-        assert_eq!(registry.limit("api_requests", "enterprise"), Ok(Limit::Unlimited));
-        assert!(matches!(registry.limit("nope", "free"), Err(RegistryError::UnknownFeature(_))));
-        assert!(matches!(registry.limit("ab_tests", "gold"), Err(RegistryError::UnknownTier(_))));
+        assert_eq!(
+            registry.limit("agent_creations", "free"),
+            Ok(Limit::Units(3))
+        );
+        assert_eq!(
+            registry.limit("api_requests", "pro"),
+            Ok(Limit::Units(50_000))
+        );
+        assert_eq!(
+            registry.limit("api_requests", "enterprise"),
+            Ok(Limit::Unlimited)
+        );
+        assert!(matches!(
+            registry.limit("nope", "free"),
+            Err(RegistryError::UnknownFeature(_))
+        ));
+        assert!(matches!(
+            registry.limit("ab_tests", "gold"),
+            Err(RegistryError::UnknownTier(_))
+        ));
     }
 
     #[test]
@@ -210,17 +265,40 @@ mod tests {
     #[test]
     fn refuses_invalid_files_naming_the_line() {
         let cases = [
-            ("[features.a]\nfree = 1\ngold = 2\npro = 3\nenterprise = 4\n", 3, "unknown tier"),
-            ("[features.a]\nfree = 1\npro = -2\nenterprise = 4\n", 3, "negative"),
-            ("[features.a]\nfree = 1\npro = 2\nenterprise = 3\n\n[features.a]\nfree = 1\n", 6, "duplicate"),
-            ("[features.a]\nfree = 1\npro = 2\n", 1, "no limit for tier \"enterprise\""),
-            ("[features.a]\nfree = 1\npro = 2\nenterprise = \"lots\"\n", 4, "neither"),
+            (
+                "[features.a]\nfree = 1\ngold = 2\npro = 3\nenterprise = 4\n",
+                3,
+                "unknown tier",
+            ),
+            (
+                "[features.a]\nfree = 1\npro = -2\nenterprise = 4\n",
+                3,
+                "negative",
+            ),
+            (
+                "[features.a]\nfree = 1\npro = 2\nenterprise = 3\n\n[features.a]\nfree = 1\n",
+                6,
+                "duplicate",
+            ),
+            (
+                "[features.a]\nfree = 1\npro = 2\n",
+                1,
+                "no limit for tier \"enterprise\"",
+            ),
+            (
+                "[features.a]\nfree = 1\npro = 2\nenterprise = \"lots\"\n",
+                4,
+                "neither",
+            ),
             ("[feature.a]\nfree = 1\n", 1, "unknown field"),
         ];
         for (text, line, needle) in cases {
             let (got_line, message) = Registry::parse(text).unwrap_err();
             assert_eq!(got_line, line, "{message}");
-            assert!(message.contains(needle), "{message:?} should contain {needle:?}");
+            assert!(
+                message.contains(needle),
+                "{message:?} should contain {needle:?}"
+            );
         }
     }
 }

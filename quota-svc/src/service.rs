@@ -33,7 +33,10 @@ impl From<RegistryError> for QuotaError {
             RegistryError::UnknownFeature(_) => "unknown_feature",
             RegistryError::UnknownTier(_) => "unknown_tier",
         };
-        QuotaError::Invalid { code, message: error.to_string() }
+        QuotaError::Invalid {
+            code,
+            message: error.to_string(),
+        }
     }
 }
 
@@ -42,24 +45,38 @@ impl From<QuotaError> for Status {
         let message = error.to_string();
         let (code, reason) = match &error {
             QuotaError::Invalid { code, .. } => (Code::InvalidArgument, code.to_ascii_uppercase()),
-            QuotaError::KeyReused { .. } => (Code::AlreadyExists, "IDEMPOTENCY_KEY_REUSED".to_owned()),
-            QuotaError::Store(StoreError::Unavailable(_)) => (Code::Unavailable, "STORE_UNAVAILABLE".to_owned()),
+            QuotaError::KeyReused { .. } => {
+                (Code::AlreadyExists, "IDEMPOTENCY_KEY_REUSED".to_owned())
+            }
+            QuotaError::Store(StoreError::Unavailable(_)) => {
+                (Code::Unavailable, "STORE_UNAVAILABLE".to_owned())
+            }
             QuotaError::Store(_) => (Code::Internal, "STORE_ERROR".to_owned()),
         };
         if let QuotaError::Store(store) = &error {
             tracing::error!(error = %store, "store failure");
         }
-        Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()))
+        Status::with_error_details(
+            code,
+            message,
+            ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new()),
+        )
     }
 }
 
 fn invalid(code: &'static str, message: impl Into<String>) -> QuotaError {
-    QuotaError::Invalid { code, message: message.into() }
+    QuotaError::Invalid {
+        code,
+        message: message.into(),
+    }
 }
 
 fn check_id(field: &'static str, value: &str) -> Result<(), QuotaError> {
     if value.is_empty() || value.len() > MAX_ID_BYTES || value.chars().any(char::is_control) {
-        return Err(invalid("invalid_argument", format!("{field} must be 1 to {MAX_ID_BYTES} printable bytes")));
+        return Err(invalid(
+            "invalid_argument",
+            format!("{field} must be 1 to {MAX_ID_BYTES} printable bytes"),
+        ));
     }
     Ok(())
 }
@@ -75,15 +92,23 @@ pub struct QuotaApi {
 
 fn limit_to_proto(limit: Limit) -> pb::Limit {
     match limit {
-        Limit::Unlimited => pb::Limit { unlimited: true, units: 0 },
-        Limit::Units(units) => pb::Limit { unlimited: false, units },
+        Limit::Unlimited => pb::Limit {
+            unlimited: true,
+            units: 0,
+        },
+        Limit::Units(units) => pb::Limit {
+            unlimited: false,
+            units,
+        },
     }
 }
 
 fn limit_from_proto(limit: Option<pb::Limit>) -> Result<Limit, QuotaError> {
     match limit {
         None => Err(invalid("invalid_limit", "limit is required")),
-        Some(pb::Limit { unlimited: true, .. }) => Ok(Limit::Unlimited),
+        Some(pb::Limit {
+            unlimited: true, ..
+        }) => Ok(Limit::Unlimited),
         Some(pb::Limit { units, .. }) if units >= 0 => Ok(Limit::Units(units)),
         Some(_) => Err(invalid("invalid_limit", "limit units must not be negative")),
     }
@@ -102,7 +127,10 @@ fn remaining_and_next(limit: Limit, usage: Usage) -> (i64, Option<prost_types::T
         Limit::Unlimited => (0, None),
         Limit::Units(max) => {
             let remaining = (max - usage.used).max(0);
-            let next = (remaining == 0).then_some(usage.oldest_us).flatten().map(|us| timestamp(window::frees_at_us(us)));
+            let next = (remaining == 0)
+                .then_some(usage.oldest_us)
+                .flatten()
+                .map(|us| timestamp(window::frees_at_us(us)));
             (remaining, next)
         }
     }
@@ -110,28 +138,46 @@ fn remaining_and_next(limit: Limit, usage: Usage) -> (i64, Option<prost_types::T
 
 impl QuotaApi {
     pub fn new(store: Arc<dyn QuotaStore>, registry: Arc<Registry>, clock: Clock) -> QuotaApi {
-        QuotaApi { store, registry, clock }
+        QuotaApi {
+            store,
+            registry,
+            clock,
+        }
     }
 
     async fn tier_of(&self, user_id: &str) -> Result<String, QuotaError> {
-        Ok(self.store.tier(user_id).await?.unwrap_or_else(|| DEFAULT_TIER.to_owned()))
+        Ok(self
+            .store
+            .tier(user_id)
+            .await?
+            .unwrap_or_else(|| DEFAULT_TIER.to_owned()))
     }
 }
 
 #[tonic::async_trait]
 impl pb::quota_service_server::QuotaService for QuotaApi {
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, feature = %request.get_ref().feature))]
-    async fn check_quota(&self, request: Request<pb::CheckQuotaRequest>) -> Result<Response<pb::CheckQuotaResponse>, Status> {
+    async fn check_quota(
+        &self,
+        request: Request<pb::CheckQuotaRequest>,
+    ) -> Result<Response<pb::CheckQuotaResponse>, Status> {
         let request = request.into_inner();
         check_id("user_id", &request.user_id)?;
         if !(0..=MAX_CONSUME).contains(&request.consume) {
-            return Err(invalid("invalid_consume", format!("consume must be 0 to {MAX_CONSUME}")).into());
+            return Err(invalid(
+                "invalid_consume",
+                format!("consume must be 0 to {MAX_CONSUME}"),
+            )
+            .into());
         }
         if request.consume > 0 {
             check_id("idempotency_key", &request.idempotency_key)?;
         }
         // An unknown feature is refused before any database work.
-        let tier_limits = self.registry.tier_limits(&request.feature).map_err(QuotaError::from)?;
+        let tier_limits = self
+            .registry
+            .tier_limits(&request.feature)
+            .map_err(QuotaError::from)?;
         let now_us = (self.clock)();
         let cutoff_us = window::cutoff_us(now_us);
         // Asking: one round trip for the tier, override and usage. Consuming: one
@@ -145,7 +191,10 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
                 .map_err(QuotaError::from)?;
             let tier = context.tier.unwrap_or_else(|| DEFAULT_TIER.to_owned());
             // The tier is checked against the registry even when an override decides.
-            let tier_limit = self.registry.limit(&request.feature, &tier).map_err(QuotaError::from)?;
+            let tier_limit = self
+                .registry
+                .limit(&request.feature, &tier)
+                .map_err(QuotaError::from)?;
             let limit = context.override_limit.unwrap_or(tier_limit);
             let usage = context.usage;
             let allowed = match limit {
@@ -168,15 +217,26 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
                 .await
                 .map_err(QuotaError::from)?;
             let (consumed, usage, tier, limit) = match checked {
-                Checked::Done { consumed, usage, tier, limit } => (consumed, usage, tier, limit),
-                Checked::UnknownTier(tier) => return Err(QuotaError::from(RegistryError::UnknownTier(tier)).into()),
+                Checked::Done {
+                    consumed,
+                    usage,
+                    tier,
+                    limit,
+                } => (consumed, usage, tier, limit),
+                Checked::UnknownTier(tier) => {
+                    return Err(QuotaError::from(RegistryError::UnknownTier(tier)).into());
+                }
             };
             match consumed {
                 Consumed::Recorded => (true, false, usage, tier, limit),
                 Consumed::Duplicate => (true, true, usage, tier, limit),
                 Consumed::Refused => (false, false, usage, tier, limit),
                 Consumed::KeyReused { units } => {
-                    return Err(QuotaError::KeyReused { key: request.idempotency_key, units }.into());
+                    return Err(QuotaError::KeyReused {
+                        key: request.idempotency_key,
+                        units,
+                    }
+                    .into());
                 }
             }
         };
@@ -200,18 +260,32 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
-    async fn get_usage(&self, request: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let user_id = request.into_inner().user_id;
         check_id("user_id", &user_id)?;
         let tier = self.tier_of(&user_id).await?;
-        let overrides = self.store.overrides(&user_id).await.map_err(QuotaError::from)?;
-        let usage = self.store.usage(&user_id, window::cutoff_us((self.clock)())).await.map_err(QuotaError::from)?;
+        let overrides = self
+            .store
+            .overrides(&user_id)
+            .await
+            .map_err(QuotaError::from)?;
+        let usage = self
+            .store
+            .usage(&user_id, window::cutoff_us((self.clock)()))
+            .await
+            .map_err(QuotaError::from)?;
         let mut features = Vec::new();
         for feature in self.registry.features() {
             let overridden = overrides.get(feature).copied();
             let limit = match overridden {
                 Some(limit) => limit,
-                None => self.registry.limit(feature, &tier).map_err(QuotaError::from)?,
+                None => self
+                    .registry
+                    .limit(feature, &tier)
+                    .map_err(QuotaError::from)?,
             };
             let used = usage.get(feature).copied().unwrap_or_default();
             let (remaining, next_free_at) = remaining_and_next(limit, used);
@@ -224,15 +298,26 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
                 overridden: overridden.is_some(),
             });
         }
-        Ok(Response::new(pb::GetUsageResponse { user_id, tier, features }))
+        Ok(Response::new(pb::GetUsageResponse {
+            user_id,
+            tier,
+            features,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, tier = %request.get_ref().tier))]
-    async fn set_tier(&self, request: Request<pb::SetTierRequest>) -> Result<Response<pb::SetTierResponse>, Status> {
+    async fn set_tier(
+        &self,
+        request: Request<pb::SetTierRequest>,
+    ) -> Result<Response<pb::SetTierResponse>, Status> {
         let request = request.into_inner();
         check_id("user_id", &request.user_id)?;
         registry::tier_index(&request.tier).map_err(QuotaError::from)?;
-        let previous = self.store.set_tier(&request.user_id, &request.tier, (self.clock)()).await.map_err(QuotaError::from)?;
+        let previous = self
+            .store
+            .set_tier(&request.user_id, &request.tier, (self.clock)())
+            .await
+            .map_err(QuotaError::from)?;
         Ok(Response::new(pb::SetTierResponse {
             user_id: request.user_id,
             tier: request.tier,
@@ -240,7 +325,10 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         }))
     }
 
-    async fn get_tier(&self, request: Request<pb::GetTierRequest>) -> Result<Response<pb::GetTierResponse>, Status> {
+    async fn get_tier(
+        &self,
+        request: Request<pb::GetTierRequest>,
+    ) -> Result<Response<pb::GetTierResponse>, Status> {
         let user_id = request.into_inner().user_id;
         check_id("user_id", &user_id)?;
         let tier = self.tier_of(&user_id).await?;
@@ -248,7 +336,10 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, feature = %request.get_ref().feature))]
-    async fn set_override(&self, request: Request<pb::SetOverrideRequest>) -> Result<Response<pb::SetOverrideResponse>, Status> {
+    async fn set_override(
+        &self,
+        request: Request<pb::SetOverrideRequest>,
+    ) -> Result<Response<pb::SetOverrideResponse>, Status> {
         let request = request.into_inner();
         check_id("user_id", &request.user_id)?;
         if !self.registry.contains(&request.feature) {
@@ -271,12 +362,19 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         if !self.registry.contains(&request.feature) {
             return Err(QuotaError::from(RegistryError::UnknownFeature(request.feature)).into());
         }
-        let cleared = self.store.clear_override(&request.user_id, &request.feature).await.map_err(QuotaError::from)?;
+        let cleared = self
+            .store
+            .clear_override(&request.user_id, &request.feature)
+            .await
+            .map_err(QuotaError::from)?;
         Ok(Response::new(pb::ClearOverrideResponse { cleared }))
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, feature = %request.get_ref().feature))]
-    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let request = request.into_inner();
         check_id("user_id", &request.user_id)?;
         check_id("idempotency_key", &request.idempotency_key)?;
@@ -288,6 +386,9 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
             .release(&request.user_id, &request.feature, &request.idempotency_key)
             .await
             .map_err(QuotaError::from)?;
-        Ok(Response::new(pb::ReleaseResponse { released: units.is_some(), units: units.unwrap_or(0) }))
+        Ok(Response::new(pb::ReleaseResponse {
+            released: units.is_some(),
+            units: units.unwrap_or(0),
+        }))
     }
 }

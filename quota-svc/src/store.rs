@@ -35,9 +35,10 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> StoreError {
         match error {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
-                StoreError::Unavailable(Arc::new(error))
-            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => StoreError::Unavailable(Arc::new(error)),
             other => StoreError::Database(Arc::new(other)),
         }
     }
@@ -85,13 +86,22 @@ pub struct Consume<'a> {
 /// What a check-and-consume found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Checked {
-    Done { consumed: Consumed, usage: Usage, tier: String, limit: Limit },
+    Done {
+        consumed: Consumed,
+        usage: Usage,
+        tier: String,
+        limit: Limit,
+    },
     /// The user's stored tier is not one the registry knows: nothing was recorded.
     UnknownTier(String),
 }
 
 /// The limit a user has: their override, else their tier's; `None` for an unknown tier.
-fn resolve_limit(tier: &str, override_limit: Option<Limit>, tier_limits: &[Limit; 3]) -> Option<Limit> {
+fn resolve_limit(
+    tier: &str,
+    override_limit: Option<Limit>,
+    tier_limits: &[Limit; 3],
+) -> Option<Limit> {
     let index = crate::registry::tier_index(tier).ok()?;
     Some(override_limit.unwrap_or(tier_limits[index]))
 }
@@ -116,20 +126,45 @@ pub trait QuotaStore: Send + Sync + 'static {
     fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats;
     async fn tier(&self, user_id: &str) -> Result<Option<String>, StoreError>;
     /// Sets the tier and answers the previous one.
-    async fn set_tier(&self, user_id: &str, tier: &str, now_us: i64) -> Result<Option<String>, StoreError>;
+    async fn set_tier(
+        &self,
+        user_id: &str,
+        tier: &str,
+        now_us: i64,
+    ) -> Result<Option<String>, StoreError>;
     async fn overrides(&self, user_id: &str) -> Result<HashMap<String, Limit>, StoreError>;
-    async fn set_override(&self, user_id: &str, feature: &str, limit: Limit, now_us: i64) -> Result<(), StoreError>;
+    async fn set_override(
+        &self,
+        user_id: &str,
+        feature: &str,
+        limit: Limit,
+        now_us: i64,
+    ) -> Result<(), StoreError>;
     async fn clear_override(&self, user_id: &str, feature: &str) -> Result<bool, StoreError>;
     /// Every feature the user has counted units of, at `cutoff_us`.
-    async fn usage(&self, user_id: &str, cutoff_us: i64) -> Result<HashMap<String, Usage>, StoreError>;
+    async fn usage(
+        &self,
+        user_id: &str,
+        cutoff_us: i64,
+    ) -> Result<HashMap<String, Usage>, StoreError>;
     /// Resolves the user's limit, then atomically counts the window and records the
     /// units under the key if they fit.
     async fn consume(&self, request: &Consume<'_>) -> Result<Checked, StoreError>;
     /// The user's tier and override for `feature` and, with a cutoff, the feature's
     /// live usage: everything a check needs, in one round trip.
-    async fn check_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError>;
+    async fn check_context(
+        &self,
+        user_id: &str,
+        feature: &str,
+        cutoff_us: Option<i64>,
+    ) -> Result<CheckContext, StoreError>;
     /// Gives back the units recorded under `key`; `None` if there is nothing to give back.
-    async fn release(&self, user_id: &str, feature: &str, key: &str) -> Result<Option<i64>, StoreError>;
+    async fn release(
+        &self,
+        user_id: &str,
+        feature: &str,
+        key: &str,
+    ) -> Result<Option<i64>, StoreError>;
 }
 
 /// Opens the store named by `REEVE_DATABASE_URL` and brings its schema up to date.
@@ -198,7 +233,13 @@ SELECT (SELECT t.tier FROM quota_tiers t WHERE t.user_id = $1), \
         WHERE q.user_id = $1 AND q.feature = $2 AND q.consumed_at_us > $3 AND NOT q.released)";
 
 /// Tier, override unlimited, override units, used, oldest unit.
-type ContextRow = (Option<String>, Option<bool>, Option<i64>, Option<i64>, Option<i64>);
+type ContextRow = (
+    Option<String>,
+    Option<bool>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
 
 fn context_from_row((tier, unlimited, units, used, oldest_us): ContextRow) -> CheckContext {
     let override_limit = match (unlimited, units) {
@@ -206,7 +247,14 @@ fn context_from_row((tier, unlimited, units, used, oldest_us): ContextRow) -> Ch
         (Some(false), Some(units)) => Some(Limit::Units(units)),
         _ => None,
     };
-    CheckContext { tier, override_limit, usage: Usage { used: used.unwrap_or(0), oldest_us } }
+    CheckContext {
+        tier,
+        override_limit,
+        usage: Usage {
+            used: used.unwrap_or(0),
+            oldest_us,
+        },
+    }
 }
 
 /// [`CONTEXT_WITH_USAGE_SQL`] for many (user, feature, cutoff) at once: `$1`, `$2`,
@@ -398,22 +446,47 @@ struct ReadItem {
 
 type ReadCommit = reeve_runtime::group_commit::GroupCommit<ReadItem, CheckContext, StoreError>;
 
-async fn read_batch(pool: &sqlx::PgPool, items: Vec<ReadItem>) -> Result<Vec<CheckContext>, StoreError> {
+async fn read_batch(
+    pool: &sqlx::PgPool,
+    items: Vec<ReadItem>,
+) -> Result<Vec<CheckContext>, StoreError> {
     let users: Vec<&str> = items.iter().map(|i| i.user_id.as_str()).collect();
     let features: Vec<&str> = items.iter().map(|i| i.feature.as_str()).collect();
     let cutoffs: Vec<i64> = items.iter().map(|i| i.cutoff_us).collect();
     // The item's 1-based position, then a [`ContextRow`].
-    type ReadRow = (i64, Option<String>, Option<bool>, Option<i64>, Option<i64>, Option<i64>);
-    let rows: Vec<ReadRow> = sqlx::query_as(CONTEXT_BATCH_SQL).bind(users).bind(features).bind(cutoffs).fetch_all(pool).await?;
+    type ReadRow = (
+        i64,
+        Option<String>,
+        Option<bool>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let rows: Vec<ReadRow> = sqlx::query_as(CONTEXT_BATCH_SQL)
+        .bind(users)
+        .bind(features)
+        .bind(cutoffs)
+        .fetch_all(pool)
+        .await?;
     let mut results: Vec<Option<CheckContext>> = vec![None; items.len()];
     for (ord, tier, unlimited, units, used, oldest_us) in rows {
-        if let Some(slot) = usize::try_from(ord).ok().and_then(|i| i.checked_sub(1)).and_then(|i| results.get_mut(i)) {
+        if let Some(slot) = usize::try_from(ord)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| results.get_mut(i))
+        {
             *slot = Some(context_from_row((tier, unlimited, units, used, oldest_us)));
         }
     }
     results
         .into_iter()
-        .map(|r| r.ok_or_else(|| StoreError::Database(Arc::new(sqlx::Error::Protocol("a batched read lost an item".to_owned())))))
+        .map(|r| {
+            r.ok_or_else(|| {
+                StoreError::Database(Arc::new(sqlx::Error::Protocol(
+                    "a batched read lost an item".to_owned(),
+                )))
+            })
+        })
         .collect()
 }
 
@@ -426,28 +499,46 @@ pub const DEFAULT_BATCH_WORKERS: usize = 2;
 impl PgQuotaStore {
     fn new(pool: sqlx::PgPool, workers: usize) -> PgQuotaStore {
         let batch_pool = pool.clone();
-        let run: reeve_runtime::group_commit::BatchFn<ConsumeItem, Checked, StoreError> = Arc::new(move |items| {
-            let pool = batch_pool.clone();
-            Box::pin(async move { consume_batch(&pool, items).await })
-        });
+        let run: reeve_runtime::group_commit::BatchFn<ConsumeItem, Checked, StoreError> =
+            Arc::new(move |items| {
+                let pool = batch_pool.clone();
+                Box::pin(async move { consume_batch(&pool, items).await })
+            });
         let consumes = ConsumeCommit::start(workers, MAX_BATCH, run);
         let read_pool = pool.clone();
-        let read: reeve_runtime::group_commit::BatchFn<ReadItem, CheckContext, StoreError> = Arc::new(move |items| {
-            let pool = read_pool.clone();
-            Box::pin(async move { read_batch(&pool, items).await })
-        });
+        let read: reeve_runtime::group_commit::BatchFn<ReadItem, CheckContext, StoreError> =
+            Arc::new(move |items| {
+                let pool = read_pool.clone();
+                Box::pin(async move { read_batch(&pool, items).await })
+            });
         let reads = ReadCommit::start(workers, MAX_BATCH, read);
-        PgQuotaStore { pool, consumes, reads }
+        PgQuotaStore {
+            pool,
+            consumes,
+            reads,
+        }
     }
 
     /// A question's reads are coalesced too: one query answers every check waiting
     /// (each sees data at least as fresh as when it arrived).
-    async fn read_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError> {
+    async fn read_context(
+        &self,
+        user_id: &str,
+        feature: &str,
+        cutoff_us: Option<i64>,
+    ) -> Result<CheckContext, StoreError> {
         let Some(cutoff_us) = cutoff_us else {
             return self.context_single(user_id, feature, None).await;
         };
-        let item = ReadItem { user_id: user_id.to_owned(), feature: feature.to_owned(), cutoff_us };
-        self.reads.submit(item).await.map_err(|_| StoreError::Unavailable(Arc::new(sqlx::Error::PoolClosed)))?
+        let item = ReadItem {
+            user_id: user_id.to_owned(),
+            feature: feature.to_owned(),
+            cutoff_us,
+        };
+        self.reads
+            .submit(item)
+            .await
+            .map_err(|_| StoreError::Unavailable(Arc::new(sqlx::Error::PoolClosed)))?
     }
 
     /// Group commit: this consume runs with whatever others are waiting, in one
@@ -474,9 +565,20 @@ impl PgQuotaStore {
 /// One answer of `quota_consume_batch`: item index (1-based), outcome, units recorded
 /// earlier under the key, units used after, oldest counted unit, tier, limit (NULL:
 /// unlimited).
-type BatchRow = (i32, String, Option<i64>, i64, Option<i64>, String, Option<i64>);
+type BatchRow = (
+    i32,
+    String,
+    Option<i64>,
+    i64,
+    Option<i64>,
+    String,
+    Option<i64>,
+);
 
-async fn consume_batch(pool: &sqlx::PgPool, items: Vec<ConsumeItem>) -> Result<Vec<Checked>, StoreError> {
+async fn consume_batch(
+    pool: &sqlx::PgPool,
+    items: Vec<ConsumeItem>,
+) -> Result<Vec<Checked>, StoreError> {
     let column = |f: fn(&ConsumeItem) -> String| items.iter().map(f).collect::<Vec<String>>();
     let numbers = |f: fn(&ConsumeItem) -> i64| items.iter().map(f).collect::<Vec<i64>>();
     let limits = |tier: usize| -> Vec<Option<i64>> {
@@ -511,29 +613,56 @@ async fn consume_batch(pool: &sqlx::PgPool, items: Vec<ConsumeItem>) -> Result<V
             ("refused", _) => Consumed::Refused,
             ("key_reused", Some(units)) => Consumed::KeyReused { units },
             ("unknown_tier", _) => Consumed::Refused,
-            (other, _) => return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(format!("quota_consume answered {other:?}"))))),
+            (other, _) => {
+                return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(
+                    format!("quota_consume answered {other:?}"),
+                ))));
+            }
         };
         let checked = if outcome == "unknown_tier" {
             Checked::UnknownTier(tier)
         } else {
             let limit = limit_units.map_or(Limit::Unlimited, Limit::Units);
-            Checked::Done { consumed, usage: Usage { used, oldest_us }, tier, limit }
+            Checked::Done {
+                consumed,
+                usage: Usage { used, oldest_us },
+                tier,
+                limit,
+            }
         };
-        let slot = usize::try_from(idx).ok().and_then(|i| i.checked_sub(1)).and_then(|i| results.get_mut(i));
+        let slot = usize::try_from(idx)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| results.get_mut(i));
         match slot {
             Some(slot) => *slot = Some(checked),
-            None => return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(format!("quota_consume_batch answered item {idx}"))))),
+            None => {
+                return Err(StoreError::Database(Arc::new(sqlx::Error::Protocol(
+                    format!("quota_consume_batch answered item {idx}"),
+                ))));
+            }
         }
     }
     results
         .into_iter()
-        .map(|r| r.ok_or_else(|| StoreError::Database(Arc::new(sqlx::Error::Protocol("quota_consume_batch skipped an item".to_owned())))))
+        .map(|r| {
+            r.ok_or_else(|| {
+                StoreError::Database(Arc::new(sqlx::Error::Protocol(
+                    "quota_consume_batch skipped an item".to_owned(),
+                )))
+            })
+        })
         .collect()
 }
 
 impl SqliteQuotaStore {
     /// In-process: nothing to coalesce.
-    async fn read_context(&self, user_id: &str, feature: &str, cutoff_us: Option<i64>) -> Result<CheckContext, StoreError> {
+    async fn read_context(
+        &self,
+        user_id: &str,
+        feature: &str,
+        cutoff_us: Option<i64>,
+    ) -> Result<CheckContext, StoreError> {
         self.context_single(user_id, feature, cutoff_us).await
     }
 
@@ -541,9 +670,19 @@ impl SqliteQuotaStore {
     /// `BEGIN IMMEDIATE`), prune what left the window, look the key up, record if it
     /// fits, move the counter.
     async fn consume_units(&self, request: &Consume<'_>) -> Result<Checked, StoreError> {
-        let Consume { user_id, feature, key, units, tier_limits, now_us, cutoff_us } = *request;
+        let Consume {
+            user_id,
+            feature,
+            key,
+            units,
+            tier_limits,
+            now_us,
+            cutoff_us,
+        } = *request;
         let context = self.check_context(user_id, feature, None).await?;
-        let tier = context.tier.unwrap_or_else(|| crate::registry::DEFAULT_TIER.to_owned());
+        let tier = context
+            .tier
+            .unwrap_or_else(|| crate::registry::DEFAULT_TIER.to_owned());
         let Some(limit) = resolve_limit(&tier, context.override_limit, &tier_limits) else {
             return Ok(Checked::UnknownTier(tier));
         };
@@ -556,7 +695,9 @@ impl SqliteQuotaStore {
         .bind(feature)
         .execute(&mut *tx)
         .await?;
-        let counted: i64 = sqlx::query_scalar("SELECT used FROM quota_counters WHERE user_id = $1 AND feature = $2")
+        let counted: i64 = sqlx::query_scalar(
+            "SELECT used FROM quota_counters WHERE user_id = $1 AND feature = $2",
+        )
         .bind(user_id)
         .bind(feature)
         .fetch_one(&mut *tx)
@@ -579,7 +720,11 @@ impl SqliteQuotaStore {
         .bind(cutoff_us)
         .fetch_all(&mut *tx)
         .await?;
-        let expired_units: i64 = expired.iter().filter(|(_, released)| !released).map(|(units, _)| units).sum();
+        let expired_units: i64 = expired
+            .iter()
+            .filter(|(_, released)| !released)
+            .map(|(units, _)| units)
+            .sum();
         let mut used = counted - expired_units;
         let outcome = match earlier {
             Some(recorded) if recorded == units => Consumed::Duplicate,
@@ -625,6 +770,11 @@ impl SqliteQuotaStore {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Checked::Done { consumed: outcome, usage: Usage { used, oldest_us }, tier, limit })
+        Ok(Checked::Done {
+            consumed: outcome,
+            usage: Usage { used, oldest_us },
+            tier,
+            limit,
+        })
     }
 }

@@ -25,11 +25,21 @@ on_both_stores!(
 );
 
 fn consume(user: &str, feature: &str, key: &str) -> pb::CheckQuotaRequest {
-    pb::CheckQuotaRequest { user_id: user.into(), feature: feature.into(), consume: 1, idempotency_key: key.into() }
+    pb::CheckQuotaRequest {
+        user_id: user.into(),
+        feature: feature.into(),
+        consume: 1,
+        idempotency_key: key.into(),
+    }
 }
 
 fn ask(user: &str, feature: &str) -> pb::CheckQuotaRequest {
-    pb::CheckQuotaRequest { user_id: user.into(), feature: feature.into(), consume: 0, idempotency_key: String::new() }
+    pb::CheckQuotaRequest {
+        user_id: user.into(),
+        feature: feature.into(),
+        consume: 0,
+        idempotency_key: String::new(),
+    }
 }
 
 async fn check(client: &mut Client, request: pb::CheckQuotaRequest) -> pb::CheckQuotaResponse {
@@ -37,9 +47,19 @@ async fn check(client: &mut Client, request: pb::CheckQuotaRequest) -> pb::Check
 }
 
 async fn feature_usage(client: &mut Client, user: &str, feature: &str) -> pb::FeatureUsage {
-    let usage = client.get_usage(pb::GetUsageRequest { user_id: user.into() }).await.unwrap().into_inner();
+    let usage = client
+        .get_usage(pb::GetUsageRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(usage.features.len(), 23);
-    usage.features.into_iter().find(|f| f.feature == feature).unwrap()
+    usage
+        .features
+        .into_iter()
+        .find(|f| f.feature == feature)
+        .unwrap()
 }
 
 fn seconds(us: i64) -> i64 {
@@ -51,19 +71,39 @@ async fn race_agent_creations(addrs: &[std::net::SocketAddr], user: &str) -> usi
     let calls = (0..100).map(|i| {
         let addr = addrs[i % addrs.len()];
         let user = user.to_owned();
-        async move { client(addr).await.check_quota(consume(&user, "agent_creations", &format!("req-{i}"))).await.unwrap().into_inner() }
+        async move {
+            client(addr)
+                .await
+                .check_quota(consume(&user, "agent_creations", &format!("req-{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+        }
     });
-    join_all(calls).await.into_iter().filter(|r| r.allowed).count()
+    join_all(calls)
+        .await
+        .into_iter()
+        .filter(|r| r.allowed)
+        .count()
 }
 
 async fn concurrent_consumes_allow_exactly_the_limit(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = db.start().await;
-    assert_eq!(race_agent_creations(&[server.local_addr], "free-user").await, 3);
+    assert_eq!(
+        race_agent_creations(&[server.local_addr], "free-user").await,
+        3
+    );
     let mut admin = client(server.local_addr).await;
     let usage = feature_usage(&mut admin, "free-user", "agent_creations").await;
     assert_eq!((usage.used, usage.remaining), (3, 0));
-    assert_eq!(usage.limit, Some(pb::Limit { unlimited: false, units: 3 }));
+    assert_eq!(
+        usage.limit,
+        Some(pb::Limit {
+            unlimited: false,
+            units: 3
+        })
+    );
     assert_eq!(usage.next_free_at.unwrap().seconds, seconds(T0 + WINDOW_US));
     let reply = check(&mut admin, ask("free-user", "agent_creations")).await;
     assert!(!reply.allowed);
@@ -75,8 +115,16 @@ async fn two_instances_on_one_postgres_still_allow_exactly_the_limit() {
     let db = TestDb::new(Backend::Postgres).await;
     let first = db.start().await;
     let second = db.start().await;
-    assert_eq!(race_agent_creations(&[first.local_addr, second.local_addr], "shared-user").await, 3);
-    let usage = feature_usage(&mut client(second.local_addr).await, "shared-user", "agent_creations").await;
+    assert_eq!(
+        race_agent_creations(&[first.local_addr, second.local_addr], "shared-user").await,
+        3
+    );
+    let usage = feature_usage(
+        &mut client(second.local_addr).await,
+        "shared-user",
+        "agent_creations",
+    )
+    .await;
     assert_eq!(usage.used, 3);
 }
 
@@ -85,17 +133,32 @@ async fn a_unit_counts_until_exactly_thirty_days_later(backend: Backend) {
     let server = db.start().await;
     let mut quota = client(server.local_addr).await;
     // video_generations: free limit 2. One unit at T0, one at T0 + 10 s.
-    assert!(check(&mut quota, consume("w", "video_generations", "a")).await.allowed);
+    assert!(
+        check(&mut quota, consume("w", "video_generations", "a"))
+            .await
+            .allowed
+    );
     db.clock.set(T0 + 10 * SECOND);
-    assert!(check(&mut quota, consume("w", "video_generations", "b")).await.allowed);
+    assert!(
+        check(&mut quota, consume("w", "video_generations", "b"))
+            .await
+            .allowed
+    );
     let refused = check(&mut quota, consume("w", "video_generations", "c")).await;
     assert!(!refused.allowed);
-    assert_eq!(refused.next_free_at.unwrap().seconds, seconds(T0 + WINDOW_US));
+    assert_eq!(
+        refused.next_free_at.unwrap().seconds,
+        seconds(T0 + WINDOW_US)
+    );
 
     db.clock.set(T0 + WINDOW_US - SECOND);
     let still = check(&mut quota, ask("w", "video_generations")).await;
     assert_eq!((still.used, still.allowed), (2, false));
-    assert!(!check(&mut quota, consume("w", "video_generations", "c")).await.allowed);
+    assert!(
+        !check(&mut quota, consume("w", "video_generations", "c"))
+            .await
+            .allowed
+    );
 
     db.clock.set(T0 + WINDOW_US);
     let freed = check(&mut quota, ask("w", "video_generations")).await;
@@ -103,7 +166,10 @@ async fn a_unit_counts_until_exactly_thirty_days_later(backend: Backend) {
     let taken = check(&mut quota, consume("w", "video_generations", "c")).await;
     assert_eq!((taken.allowed, taken.used), (true, 2));
     // Now full again; the oldest counted unit is the one from T0 + 10 s.
-    assert_eq!(taken.next_free_at.unwrap().seconds, seconds(T0 + 10 * SECOND + WINDOW_US));
+    assert_eq!(
+        taken.next_free_at.unwrap().seconds,
+        seconds(T0 + 10 * SECOND + WINDOW_US)
+    );
     let usage = feature_usage(&mut quota, "w", "video_generations").await;
     assert_eq!(usage.used, 2);
 }
@@ -112,11 +178,27 @@ async fn enterprise_is_unlimited_but_still_counted(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = db.start().await;
     let mut quota = client(server.local_addr).await;
-    quota.set_tier(pb::SetTierRequest { user_id: "big".into(), tier: "enterprise".into() }).await.unwrap();
+    quota
+        .set_tier(pb::SetTierRequest {
+            user_id: "big".into(),
+            tier: "enterprise".into(),
+        })
+        .await
+        .unwrap();
     for i in 0..30 {
-        let reply = check(&mut quota, consume("big", "agent_creations", &format!("k{i}"))).await;
+        let reply = check(
+            &mut quota,
+            consume("big", "agent_creations", &format!("k{i}")),
+        )
+        .await;
         assert!(reply.allowed);
-        assert_eq!(reply.limit, Some(pb::Limit { unlimited: true, units: 0 }));
+        assert_eq!(
+            reply.limit,
+            Some(pb::Limit {
+                unlimited: true,
+                units: 0
+            })
+        );
         assert!(reply.next_free_at.is_none());
     }
     let usage = feature_usage(&mut quota, "big", "agent_creations").await;
@@ -129,35 +211,121 @@ async fn tier_and_override_changes_apply_to_the_next_check(backend: Backend) {
     let server = db.start().await;
     let mut quota = client(server.local_addr).await;
     let user = "mover";
-    let tier = quota.get_tier(pb::GetTierRequest { user_id: user.into() }).await.unwrap().into_inner();
+    let tier = quota
+        .get_tier(pb::GetTierRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(tier.tier, "free");
     for i in 0..3 {
-        assert!(check(&mut quota, consume(user, "agent_creations", &format!("a{i}"))).await.allowed);
+        assert!(
+            check(
+                &mut quota,
+                consume(user, "agent_creations", &format!("a{i}"))
+            )
+            .await
+            .allowed
+        );
     }
-    assert!(!check(&mut quota, consume(user, "agent_creations", "a3")).await.allowed);
+    assert!(
+        !check(&mut quota, consume(user, "agent_creations", "a3"))
+            .await
+            .allowed
+    );
 
-    let set = |limit: pb::Limit| pb::SetOverrideRequest { user_id: user.into(), feature: "agent_creations".into(), limit: Some(limit) };
-    quota.set_override(set(pb::Limit { unlimited: false, units: 4 })).await.unwrap();
+    let set = |limit: pb::Limit| pb::SetOverrideRequest {
+        user_id: user.into(),
+        feature: "agent_creations".into(),
+        limit: Some(limit),
+    };
+    quota
+        .set_override(set(pb::Limit {
+            unlimited: false,
+            units: 4,
+        }))
+        .await
+        .unwrap();
     let raised = check(&mut quota, consume(user, "agent_creations", "a3")).await;
-    assert_eq!((raised.allowed, raised.used, raised.remaining), (true, 4, 0));
-    assert!(feature_usage(&mut quota, user, "agent_creations").await.overridden);
+    assert_eq!(
+        (raised.allowed, raised.used, raised.remaining),
+        (true, 4, 0)
+    );
+    assert!(
+        feature_usage(&mut quota, user, "agent_creations")
+            .await
+            .overridden
+    );
 
-    let cleared = quota.clear_override(pb::ClearOverrideRequest { user_id: user.into(), feature: "agent_creations".into() }).await.unwrap();
+    let cleared = quota
+        .clear_override(pb::ClearOverrideRequest {
+            user_id: user.into(),
+            feature: "agent_creations".into(),
+        })
+        .await
+        .unwrap();
     assert!(cleared.into_inner().cleared);
-    assert!(!check(&mut quota, ask(user, "agent_creations")).await.allowed);
+    assert!(
+        !check(&mut quota, ask(user, "agent_creations"))
+            .await
+            .allowed
+    );
 
-    let moved = quota.set_tier(pb::SetTierRequest { user_id: user.into(), tier: "pro".into() }).await.unwrap().into_inner();
+    let moved = quota
+        .set_tier(pb::SetTierRequest {
+            user_id: user.into(),
+            tier: "pro".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(moved.previous_tier, "free");
     let pro = check(&mut quota, consume(user, "agent_creations", "a4")).await;
-    assert_eq!((pro.allowed, pro.tier.as_str(), pro.remaining), (true, "pro", 15));
+    assert_eq!(
+        (pro.allowed, pro.tier.as_str(), pro.remaining),
+        (true, "pro", 15)
+    );
 
-    quota.set_override(set(pb::Limit { unlimited: false, units: 0 })).await.unwrap();
-    assert!(!check(&mut quota, consume(user, "agent_creations", "a5")).await.allowed);
-    quota.set_override(set(pb::Limit { unlimited: true, units: 0 })).await.unwrap();
-    assert!(check(&mut quota, consume(user, "agent_creations", "a5")).await.allowed);
-    let again = quota.clear_override(pb::ClearOverrideRequest { user_id: user.into(), feature: "agent_creations".into() }).await.unwrap();
+    quota
+        .set_override(set(pb::Limit {
+            unlimited: false,
+            units: 0,
+        }))
+        .await
+        .unwrap();
+    assert!(
+        !check(&mut quota, consume(user, "agent_creations", "a5"))
+            .await
+            .allowed
+    );
+    quota
+        .set_override(set(pb::Limit {
+            unlimited: true,
+            units: 0,
+        }))
+        .await
+        .unwrap();
+    assert!(
+        check(&mut quota, consume(user, "agent_creations", "a5"))
+            .await
+            .allowed
+    );
+    let again = quota
+        .clear_override(pb::ClearOverrideRequest {
+            user_id: user.into(),
+            feature: "agent_creations".into(),
+        })
+        .await
+        .unwrap();
     assert!(again.into_inner().cleared);
-    let none = quota.clear_override(pb::ClearOverrideRequest { user_id: user.into(), feature: "agent_creations".into() }).await.unwrap();
+    let none = quota
+        .clear_override(pb::ClearOverrideRequest {
+            user_id: user.into(),
+            feature: "agent_creations".into(),
+        })
+        .await
+        .unwrap();
     assert!(!none.into_inner().cleared);
 }
 
@@ -165,28 +333,66 @@ async fn unknown_features_and_tiers_are_refused(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = db.start().await;
     let mut quota = client(server.local_addr).await;
-    for request in [ask("u", "teleportations"), consume("u", "teleportations", "k"), ask("u", "")] {
+    for request in [
+        ask("u", "teleportations"),
+        consume("u", "teleportations", "k"),
+        ask("u", ""),
+    ] {
         let status = quota.check_quota(request).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
     }
-    let status = quota.set_tier(pb::SetTierRequest { user_id: "u".into(), tier: "gold".into() }).await.unwrap_err();
+    let status = quota
+        .set_tier(pb::SetTierRequest {
+            user_id: "u".into(),
+            tier: "gold".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("gold"));
     let status = quota
         .set_override(pb::SetOverrideRequest {
             user_id: "u".into(),
             feature: "agent_creations".into(),
-            limit: Some(pb::Limit { unlimited: false, units: -1 }),
+            limit: Some(pb::Limit {
+                unlimited: false,
+                units: -1,
+            }),
         })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let no_key = pb::CheckQuotaRequest { user_id: "u".into(), feature: "ab_tests".into(), consume: 1, idempotency_key: String::new() };
-    assert_eq!(quota.check_quota(no_key).await.unwrap_err().code(), Code::InvalidArgument);
-    let negative = pb::CheckQuotaRequest { user_id: "u".into(), feature: "ab_tests".into(), consume: -1, idempotency_key: "k".into() };
-    assert_eq!(quota.check_quota(negative).await.unwrap_err().code(), Code::InvalidArgument);
-    let mut anonymous = reeve_proto::quota::v1::quota_service_client::QuotaServiceClient::new(common::channel(server.local_addr).await);
-    assert_eq!(anonymous.check_quota(ask("u", "ab_tests")).await.unwrap_err().code(), Code::Unauthenticated);
+    let no_key = pb::CheckQuotaRequest {
+        user_id: "u".into(),
+        feature: "ab_tests".into(),
+        consume: 1,
+        idempotency_key: String::new(),
+    };
+    assert_eq!(
+        quota.check_quota(no_key).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let negative = pb::CheckQuotaRequest {
+        user_id: "u".into(),
+        feature: "ab_tests".into(),
+        consume: -1,
+        idempotency_key: "k".into(),
+    };
+    assert_eq!(
+        quota.check_quota(negative).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut anonymous = reeve_proto::quota::v1::quota_service_client::QuotaServiceClient::new(
+        common::channel(server.local_addr).await,
+    );
+    assert_eq!(
+        anonymous
+            .check_quota(ask("u", "ab_tests"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
 }
 
 async fn retried_consume_counts_once_and_release_gives_back_once(backend: Backend) {
@@ -194,13 +400,31 @@ async fn retried_consume_counts_once_and_release_gives_back_once(backend: Backen
     let server = db.start().await;
     let mut quota = client(server.local_addr).await;
     let first = check(&mut quota, consume("r", "ab_tests", "job-1")).await;
-    assert_eq!((first.allowed, first.used, first.duplicate), (true, 1, false));
+    assert_eq!(
+        (first.allowed, first.used, first.duplicate),
+        (true, 1, false)
+    );
     let retried = check(&mut quota, consume("r", "ab_tests", "job-1")).await;
-    assert_eq!((retried.allowed, retried.used, retried.duplicate), (true, 1, true));
-    let bigger = pb::CheckQuotaRequest { user_id: "r".into(), feature: "ab_tests".into(), consume: 2, idempotency_key: "job-1".into() };
-    assert_eq!(quota.check_quota(bigger).await.unwrap_err().code(), Code::AlreadyExists);
+    assert_eq!(
+        (retried.allowed, retried.used, retried.duplicate),
+        (true, 1, true)
+    );
+    let bigger = pb::CheckQuotaRequest {
+        user_id: "r".into(),
+        feature: "ab_tests".into(),
+        consume: 2,
+        idempotency_key: "job-1".into(),
+    };
+    assert_eq!(
+        quota.check_quota(bigger).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
 
-    let release = || pb::ReleaseRequest { user_id: "r".into(), feature: "ab_tests".into(), idempotency_key: "job-1".into() };
+    let release = || pb::ReleaseRequest {
+        user_id: "r".into(),
+        feature: "ab_tests".into(),
+        idempotency_key: "job-1".into(),
+    };
     let released = quota.release(release()).await.unwrap().into_inner();
     assert_eq!((released.released, released.units), (true, 1));
     assert_eq!(check(&mut quota, ask("r", "ab_tests")).await.used, 0);
@@ -211,7 +435,11 @@ async fn retried_consume_counts_once_and_release_gives_back_once(backend: Backen
     let late = check(&mut quota, consume("r", "ab_tests", "job-1")).await;
     assert_eq!((late.duplicate, late.used), (true, 0));
     let unknown = quota
-        .release(pb::ReleaseRequest { user_id: "r".into(), feature: "ab_tests".into(), idempotency_key: "never".into() })
+        .release(pb::ReleaseRequest {
+            user_id: "r".into(),
+            feature: "ab_tests".into(),
+            idempotency_key: "never".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -222,16 +450,44 @@ async fn the_guard_maps_refusals_to_http_statuses(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = db.start().await;
     let guard = QuotaGuard::new(common::channel(server.local_addr).await, common::TOKEN).unwrap();
-    let first = guard.require("g", "team_invites", "invite-1").await.unwrap();
-    guard.require("g", "team_invites", "invite-2").await.unwrap();
-    let exceeded = guard.require("g", "team_invites", "invite-3").await.unwrap_err();
+    let first = guard
+        .require("g", "team_invites", "invite-1")
+        .await
+        .unwrap();
+    guard
+        .require("g", "team_invites", "invite-2")
+        .await
+        .unwrap();
+    let exceeded = guard
+        .require("g", "team_invites", "invite-3")
+        .await
+        .unwrap_err();
     assert_eq!(exceeded.http_status(), 429);
-    assert!(matches!(&exceeded, GuardError::Exceeded { reply, .. } if reply.next_free_at.is_some()));
+    assert!(
+        matches!(&exceeded, GuardError::Exceeded { reply, .. } if reply.next_free_at.is_some())
+    );
     assert!(guard.release(&first).await.unwrap());
-    guard.require("g", "team_invites", "invite-3").await.unwrap();
-    assert_eq!(guard.require("g", "no_such_feature", "x").await.unwrap_err().http_status(), 403);
+    guard
+        .require("g", "team_invites", "invite-3")
+        .await
+        .unwrap();
+    assert_eq!(
+        guard
+            .require("g", "no_such_feature", "x")
+            .await
+            .unwrap_err()
+            .http_status(),
+        403
+    );
     let wrong_token = QuotaGuard::new(common::channel(server.local_addr).await, "nope").unwrap();
-    assert_eq!(wrong_token.require("g", "team_invites", "y").await.unwrap_err().http_status(), 503);
+    assert_eq!(
+        wrong_token
+            .require("g", "team_invites", "y")
+            .await
+            .unwrap_err()
+            .http_status(),
+        503
+    );
 }
 
 #[tokio::test]
@@ -239,27 +495,70 @@ async fn a_registry_file_replaces_the_default_and_bad_files_refuse_start() {
     let db = TestDb::new(Backend::Sqlite).await;
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, "[features.ad_generations]\nfree = 1\npro = 2\nenterprise = \"unlimited\"\n").unwrap();
+    std::fs::write(
+        &good,
+        "[features.ad_generations]\nfree = 1\npro = 2\nenterprise = \"unlimited\"\n",
+    )
+    .unwrap();
     let mut config = db.config();
     config.registry_path = Some(good.display().to_string());
     let server = db.start_with(config.clone()).await.unwrap();
     let mut quota = client(server.local_addr).await;
-    let usage = quota.get_usage(pb::GetUsageRequest { user_id: "f".into() }).await.unwrap().into_inner();
+    let usage = quota
+        .get_usage(pb::GetUsageRequest {
+            user_id: "f".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(usage.features.len(), 1);
-    assert_eq!(usage.features[0].limit, Some(pb::Limit { unlimited: false, units: 1 }));
-    assert_eq!(quota.check_quota(ask("f", "agent_creations")).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        usage.features[0].limit,
+        Some(pb::Limit {
+            unlimited: false,
+            units: 1
+        })
+    );
+    assert_eq!(
+        quota
+            .check_quota(ask("f", "agent_creations"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
 
     let bad_files = [
-        ("[features.a]\nfree = 1\nplatinum = 2\npro = 1\nenterprise = 1\n", "line 3", "unknown tier"),
-        ("[features.a]\nfree = -1\npro = 1\nenterprise = 1\n", "line 2", "negative"),
-        ("[features.a]\nfree = 1\npro = 1\nenterprise = 1\n[features.a]\nfree = 2\n", "line 5", "a"),
+        (
+            "[features.a]\nfree = 1\nplatinum = 2\npro = 1\nenterprise = 1\n",
+            "line 3",
+            "unknown tier",
+        ),
+        (
+            "[features.a]\nfree = -1\npro = 1\nenterprise = 1\n",
+            "line 2",
+            "negative",
+        ),
+        (
+            "[features.a]\nfree = 1\npro = 1\nenterprise = 1\n[features.a]\nfree = 2\n",
+            "line 5",
+            "a",
+        ),
     ];
     for (text, line, needle) in bad_files {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
         config.registry_path = Some(path.display().to_string());
-        let error = db.start_with(config.clone()).await.err().unwrap().to_string();
-        assert!(error.contains("REEVE_QUOTA_CONFIG") && error.contains(line) && error.contains(needle), "{error}");
+        let error = db
+            .start_with(config.clone())
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("REEVE_QUOTA_CONFIG") && error.contains(line) && error.contains(needle),
+            "{error}"
+        );
     }
     config.registry_path = Some(dir.path().join("missing.toml").display().to_string());
     let error = db.start_with(config).await.err().unwrap().to_string();
@@ -279,7 +578,14 @@ async fn mixed_concurrent_consumes_count_each_key_once_per_feature(backend: Back
             for key in 0..keys {
                 for _ in 0..2 {
                     let (user, key) = (format!("mixed-{user}"), format!("k-{key}"));
-                    calls.push(async move { client(addr).await.check_quota(consume(&user, feature, &key)).await.unwrap().into_inner() });
+                    calls.push(async move {
+                        client(addr)
+                            .await
+                            .check_quota(consume(&user, feature, &key))
+                            .await
+                            .unwrap()
+                            .into_inner()
+                    });
                 }
             }
         }
@@ -290,8 +596,20 @@ async fn mixed_concurrent_consumes_count_each_key_once_per_feature(backend: Back
     for user in 0..8 {
         let user = format!("mixed-{user}");
         // Free limits: agent_creations 3 (of 5 keys), ad_generations 10 (of 6 keys).
-        assert_eq!(feature_usage(&mut admin, &user, "agent_creations").await.used, 3, "{user}");
-        assert_eq!(feature_usage(&mut admin, &user, "ad_generations").await.used, 6, "{user}");
+        assert_eq!(
+            feature_usage(&mut admin, &user, "agent_creations")
+                .await
+                .used,
+            3,
+            "{user}"
+        );
+        assert_eq!(
+            feature_usage(&mut admin, &user, "ad_generations")
+                .await
+                .used,
+            6,
+            "{user}"
+        );
     }
     // Every applied key's twin came back as a duplicate: 8 users × (3 + 6) keys.
     assert_eq!(duplicates, 8 * (3 + 6));

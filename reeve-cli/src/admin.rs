@@ -20,14 +20,29 @@ pub struct Output {
 impl Output {
     fn print(&self, document: Value, table: Vec<Vec<String>>) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&document).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&document).unwrap_or_default()
+            );
             return;
         }
         let columns = table.iter().map(Vec::len).max().unwrap_or(0);
-        let widths: Vec<usize> =
-            (0..columns).map(|c| table.iter().filter_map(|row| row.get(c)).map(|cell| cell.chars().count()).max().unwrap_or(0)).collect();
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                table
+                    .iter()
+                    .filter_map(|row| row.get(c))
+                    .map(|cell| cell.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
         for row in &table {
-            let line: Vec<String> = row.iter().enumerate().map(|(c, cell)| format!("{cell:<width$}", width = widths[c])).collect();
+            let line: Vec<String> = row
+                .iter()
+                .enumerate()
+                .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+                .collect();
             println!("{}", line.join("  ").trim_end());
         }
     }
@@ -37,28 +52,47 @@ fn token() -> Result<BearerToken, ConfigError> {
     let token = match config::var("REEVE_SERVICE_TOKEN")? {
         Some(token) => token,
         None => config::var("REEVE_SERVICE_TOKENS")?
-            .and_then(|list| list.split(',').map(str::trim).find(|t| !t.is_empty()).map(str::to_owned))
-            .ok_or_else(|| ConfigError::new("REEVE_SERVICE_TOKEN", "is required (or run `reeve up` here once)"))?,
+            .and_then(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .find(|t| !t.is_empty())
+                    .map(str::to_owned)
+            })
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "REEVE_SERVICE_TOKEN",
+                    "is required (or run `reeve up` here once)",
+                )
+            })?,
     };
-    BearerToken::new(token.trim()).map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))
+    BearerToken::new(token.trim())
+        .map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))
 }
 
 async fn channel(variable: &'static str, default: &str) -> anyhow::Result<Channel> {
-    let url = webhook_bridge::grpc_url(variable, &config::var(variable)?.unwrap_or_else(|| default.to_owned()))?;
-    let endpoint = Channel::from_shared(url.clone()).map_err(|e| ConfigError::new(variable, e.to_string()))?;
+    let url = webhook_bridge::grpc_url(
+        variable,
+        &config::var(variable)?.unwrap_or_else(|| default.to_owned()),
+    )?;
+    let endpoint =
+        Channel::from_shared(url.clone()).map_err(|e| ConfigError::new(variable, e.to_string()))?;
     endpoint
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {url} ({variable}): {e}; is `reeve up` running?"))
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach {url} ({variable}): {e}; is `reeve up` running?")
+        })
 }
 
-async fn credits_client() -> anyhow::Result<CreditServiceClient<InterceptedService<Channel, BearerToken>>> {
+async fn credits_client()
+-> anyhow::Result<CreditServiceClient<InterceptedService<Channel, BearerToken>>> {
     let channel = channel("REEVE_CREDITS_ADDR", webhook_bridge::DEFAULT_CREDITS_ADDR).await?;
     Ok(CreditServiceClient::with_interceptor(channel, token()?))
 }
 
-async fn quota_client() -> anyhow::Result<QuotaServiceClient<InterceptedService<Channel, BearerToken>>> {
+async fn quota_client()
+-> anyhow::Result<QuotaServiceClient<InterceptedService<Channel, BearerToken>>> {
     let channel = channel("REEVE_QUOTA_ADDR", webhook_bridge::DEFAULT_QUOTA_ADDR).await?;
     Ok(QuotaServiceClient::with_interceptor(channel, token()?))
 }
@@ -77,7 +111,8 @@ fn new_key(prefix: &str) -> String {
 }
 
 fn timestamp(at: Option<prost_types::Timestamp>) -> String {
-    at.map(webhook_bridge::routes::timestamp).unwrap_or_default()
+    at.map(webhook_bridge::routes::timestamp)
+        .unwrap_or_default()
 }
 
 fn kind_name(kind: i32) -> &'static str {
@@ -105,16 +140,27 @@ fn entry_json(entry: &credits::LedgerEntry) -> Value {
     })
 }
 
-fn written(out: &Output, entry: Option<credits::LedgerEntry>, duplicate: bool) -> anyhow::Result<()> {
+fn written(
+    out: &Output,
+    entry: Option<credits::LedgerEntry>,
+    duplicate: bool,
+) -> anyhow::Result<()> {
     let entry = entry.ok_or_else(|| anyhow::anyhow!("credits-svc returned no entry"))?;
-    let status = if duplicate { "already applied (same key)" } else { "applied" };
+    let status = if duplicate {
+        "already applied (same key)"
+    } else {
+        "applied"
+    };
     out.print(
         json!({"entry": entry_json(&entry), "duplicate": duplicate}),
         vec![
             vec!["status".into(), status.into()],
             vec!["user".into(), entry.user_id.clone()],
             vec!["amount".into(), Micros(entry.amount_micros).to_string()],
-            vec!["balance".into(), Micros(entry.balance_after_micros).to_string()],
+            vec![
+                "balance".into(),
+                Micros(entry.balance_after_micros).to_string(),
+            ],
             vec!["key".into(), entry.idempotency_key.clone()],
         ],
     );
@@ -122,7 +168,12 @@ fn written(out: &Output, entry: Option<credits::LedgerEntry>, duplicate: bool) -
 }
 
 pub async fn balance(out: &Output, user_id: String) -> anyhow::Result<()> {
-    let reply = credits_client().await?.get_balance(credits::GetBalanceRequest { user_id }).await.map_err(refused)?.into_inner();
+    let reply = credits_client()
+        .await?
+        .get_balance(credits::GetBalanceRequest { user_id })
+        .await
+        .map_err(refused)?
+        .into_inner();
     let balance = Micros(reply.balance_micros).to_string();
     out.print(
         json!({"user_id": reply.user_id, "balance": balance, "balance_micros": reply.balance_micros}),
@@ -131,8 +182,15 @@ pub async fn balance(out: &Output, user_id: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn grant(out: &Output, user_id: String, amount: &str, key: Option<String>, reason: String) -> anyhow::Result<()> {
-    let amount = Micros::parse_positive_credits(amount).map_err(|e| anyhow::anyhow!("amount: {e}"))?;
+pub async fn grant(
+    out: &Output,
+    user_id: String,
+    amount: &str,
+    key: Option<String>,
+    reason: String,
+) -> anyhow::Result<()> {
+    let amount =
+        Micros::parse_positive_credits(amount).map_err(|e| anyhow::anyhow!("amount: {e}"))?;
     let reply = credits_client()
         .await?
         .add_credits(credits::AddCreditsRequest {
@@ -148,25 +206,57 @@ pub async fn grant(out: &Output, user_id: String, amount: &str, key: Option<Stri
     written(out, reply.entry, reply.duplicate)
 }
 
-pub async fn adjust(out: &Output, user_id: String, amount: &str, key: Option<String>, reason: String) -> anyhow::Result<()> {
+pub async fn adjust(
+    out: &Output,
+    user_id: String,
+    amount: &str,
+    key: Option<String>,
+    reason: String,
+) -> anyhow::Result<()> {
     let amount: Micros = amount.parse().map_err(|e| anyhow::anyhow!("amount: {e}"))?;
     let reply = credits_client()
         .await?
-        .adjust(credits::AdjustRequest { user_id, amount_micros: amount.0, idempotency_key: key.unwrap_or_else(|| new_key("adjust")), reason })
+        .adjust(credits::AdjustRequest {
+            user_id,
+            amount_micros: amount.0,
+            idempotency_key: key.unwrap_or_else(|| new_key("adjust")),
+            reason,
+        })
         .await
         .map_err(refused)?
         .into_inner();
     written(out, reply.entry, reply.duplicate)
 }
 
-pub async fn history(out: &Output, user_id: String, limit: i32, cursor: Option<String>) -> anyhow::Result<()> {
+pub async fn history(
+    out: &Output,
+    user_id: String,
+    limit: i32,
+    cursor: Option<String>,
+) -> anyhow::Result<()> {
     let reply = credits_client()
         .await?
-        .history(credits::HistoryRequest { user_id, page_size: limit, page_token: cursor.unwrap_or_default() })
+        .history(credits::HistoryRequest {
+            user_id,
+            page_size: limit,
+            page_token: cursor.unwrap_or_default(),
+        })
         .await
         .map_err(refused)?
         .into_inner();
-    let mut table = vec![["id", "created_at", "kind", "amount", "balance_after", "key", "description"].map(String::from).to_vec()];
+    let mut table = vec![
+        [
+            "id",
+            "created_at",
+            "kind",
+            "amount",
+            "balance_after",
+            "key",
+            "description",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for e in &reply.entries {
         table.push(vec![
             e.id.to_string(),
@@ -188,35 +278,66 @@ pub async fn history(out: &Output, user_id: String, limit: i32, cursor: Option<S
 }
 
 pub async fn set_tier(out: &Output, user_id: String, tier: String) -> anyhow::Result<()> {
-    let reply = quota_client().await?.set_tier(quota::SetTierRequest { user_id, tier }).await.map_err(refused)?.into_inner();
+    let reply = quota_client()
+        .await?
+        .set_tier(quota::SetTierRequest { user_id, tier })
+        .await
+        .map_err(refused)?
+        .into_inner();
     out.print(
         json!({"user_id": reply.user_id, "tier": reply.tier, "previous_tier": reply.previous_tier}),
-        vec![vec!["user".into(), "tier".into(), "previous".into()], vec![reply.user_id, reply.tier, reply.previous_tier]],
+        vec![
+            vec!["user".into(), "tier".into(), "previous".into()],
+            vec![reply.user_id, reply.tier, reply.previous_tier],
+        ],
     );
     Ok(())
 }
 
 fn limit_text(limit: Option<&quota::Limit>) -> String {
     match limit {
-        Some(quota::Limit { unlimited: false, units }) => units.to_string(),
+        Some(quota::Limit {
+            unlimited: false,
+            units,
+        }) => units.to_string(),
         _ => "unlimited".to_owned(),
     }
 }
 
 pub async fn usage(out: &Output, user_id: String) -> anyhow::Result<()> {
-    let reply = quota_client().await?.get_usage(quota::GetUsageRequest { user_id }).await.map_err(refused)?.into_inner();
-    let mut table = vec![vec![format!("user {} (tier {})", reply.user_id, reply.tier)]];
-    table.push(["feature", "limit", "used", "remaining", "next_free_at"].map(String::from).to_vec());
+    let reply = quota_client()
+        .await?
+        .get_usage(quota::GetUsageRequest { user_id })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let mut table = vec![vec![format!(
+        "user {} (tier {})",
+        reply.user_id, reply.tier
+    )]];
+    table.push(
+        ["feature", "limit", "used", "remaining", "next_free_at"]
+            .map(String::from)
+            .to_vec(),
+    );
     let mut features = Vec::new();
     for f in &reply.features {
         let unlimited = f.limit.as_ref().is_none_or(|l| l.unlimited);
         let limit = limit_text(f.limit.as_ref());
-        let limit = if f.overridden { format!("{limit} (override)") } else { limit };
+        let limit = if f.overridden {
+            format!("{limit} (override)")
+        } else {
+            limit
+        };
         table.push(vec![
             f.feature.clone(),
             limit,
             f.used.to_string(),
-            if unlimited { "-".to_owned() } else { f.remaining.to_string() },
+            if unlimited {
+                "-".to_owned()
+            } else {
+                f.remaining.to_string()
+            },
             timestamp(f.next_free_at),
         ]);
         features.push(json!({
@@ -229,37 +350,74 @@ pub async fn usage(out: &Output, user_id: String) -> anyhow::Result<()> {
             "overridden": f.overridden,
         }));
     }
-    out.print(json!({"user_id": reply.user_id, "tier": reply.tier, "features": features}), table);
+    out.print(
+        json!({"user_id": reply.user_id, "tier": reply.tier, "features": features}),
+        table,
+    );
     Ok(())
 }
 
-pub async fn set_override(out: &Output, user_id: String, feature: String, limit: Option<String>, clear: bool) -> anyhow::Result<()> {
+pub async fn set_override(
+    out: &Output,
+    user_id: String,
+    feature: String,
+    limit: Option<String>,
+    clear: bool,
+) -> anyhow::Result<()> {
     let mut client = quota_client().await?;
     if clear {
         let reply = client
-            .clear_override(quota::ClearOverrideRequest { user_id: user_id.clone(), feature: feature.clone() })
+            .clear_override(quota::ClearOverrideRequest {
+                user_id: user_id.clone(),
+                feature: feature.clone(),
+            })
             .await
             .map_err(refused)?
             .into_inner();
-        let status = if reply.cleared { "cleared" } else { "no override was set" };
-        out.print(json!({"user_id": user_id, "feature": feature, "cleared": reply.cleared}), vec![vec![status.into()]]);
+        let status = if reply.cleared {
+            "cleared"
+        } else {
+            "no override was set"
+        };
+        out.print(
+            json!({"user_id": user_id, "feature": feature, "cleared": reply.cleared}),
+            vec![vec![status.into()]],
+        );
         return Ok(());
     }
-    let text = limit.ok_or_else(|| anyhow::anyhow!("give a limit (a number or \"unlimited\") or --clear"))?;
+    let text = limit
+        .ok_or_else(|| anyhow::anyhow!("give a limit (a number or \"unlimited\") or --clear"))?;
     let limit = if text.eq_ignore_ascii_case("unlimited") {
-        quota::Limit { unlimited: true, units: 0 }
+        quota::Limit {
+            unlimited: true,
+            units: 0,
+        }
     } else {
-        let units = text.parse::<i64>().ok().filter(|u| *u >= 0).ok_or_else(|| anyhow::anyhow!("limit must be a number >= 0 or \"unlimited\""))?;
-        quota::Limit { unlimited: false, units }
+        let units = text
+            .parse::<i64>()
+            .ok()
+            .filter(|u| *u >= 0)
+            .ok_or_else(|| anyhow::anyhow!("limit must be a number >= 0 or \"unlimited\""))?;
+        quota::Limit {
+            unlimited: false,
+            units,
+        }
     };
     let shown = limit_text(Some(&limit));
     client
-        .set_override(quota::SetOverrideRequest { user_id: user_id.clone(), feature: feature.clone(), limit: Some(limit) })
+        .set_override(quota::SetOverrideRequest {
+            user_id: user_id.clone(),
+            feature: feature.clone(),
+            limit: Some(limit),
+        })
         .await
         .map_err(refused)?;
     out.print(
         json!({"user_id": user_id, "feature": feature, "limit": shown}),
-        vec![vec!["user".into(), "feature".into(), "limit".into()], vec![user_id, feature, shown]],
+        vec![
+            vec!["user".into(), "feature".into(), "limit".into()],
+            vec![user_id, feature, shown],
+        ],
     );
     Ok(())
 }

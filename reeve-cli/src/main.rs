@@ -21,7 +21,12 @@ use reeve_runtime::config::ConfigError;
 #[command(name = "reeve", version, about = "Reeve credits & quotas")]
 struct Cli {
     /// Where `reeve up` keeps its SQLite file and generated dev secrets.
-    #[arg(long, global = true, default_value = "reeve-data", env = "REEVE_DATA_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "reeve-data",
+        env = "REEVE_DATA_DIR"
+    )]
     data_dir: PathBuf,
     /// Print JSON instead of tables (admin commands).
     #[arg(long, global = true)]
@@ -124,12 +129,31 @@ async fn run(command: Command, json: bool) -> anyhow::Result<()> {
         Command::Up => unreachable!("handled in main"),
         Command::Migrate => up::migrate().await,
         Command::Balance { user_id } => admin::balance(&out, user_id).await,
-        Command::Grant { user_id, amount, key, reason } => admin::grant(&out, user_id, &amount, key, reason).await,
-        Command::Adjust { user_id, amount, reason, key } => admin::adjust(&out, user_id, &amount, key, reason).await,
-        Command::History { user_id, limit, cursor } => admin::history(&out, user_id, limit, cursor).await,
+        Command::Grant {
+            user_id,
+            amount,
+            key,
+            reason,
+        } => admin::grant(&out, user_id, &amount, key, reason).await,
+        Command::Adjust {
+            user_id,
+            amount,
+            reason,
+            key,
+        } => admin::adjust(&out, user_id, &amount, key, reason).await,
+        Command::History {
+            user_id,
+            limit,
+            cursor,
+        } => admin::history(&out, user_id, limit, cursor).await,
         Command::SetTier { user_id, tier } => admin::set_tier(&out, user_id, tier).await,
         Command::Usage { user_id } => admin::usage(&out, user_id).await,
-        Command::Override { user_id, feature, limit, clear } => admin::set_override(&out, user_id, feature, limit, clear).await,
+        Command::Override {
+            user_id,
+            feature,
+            limit,
+            clear,
+        } => admin::set_override(&out, user_id, feature, limit, clear).await,
         Command::DevToken { user_id, ttl_secs } => dev::print_token(&user_id, ttl_secs),
     }
 }

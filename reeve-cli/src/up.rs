@@ -34,9 +34,14 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     let services = CancellationToken::new();
     let front = CancellationToken::new();
     let fake_stripe = if config::source("STRIPE_SECRET_KEY") == Source::Default {
-        let listen_addr: SocketAddr = config::parse_or("REEVE_FAKE_STRIPE_ADDR", DEFAULT_FAKE_STRIPE_ADDR.parse()?)?;
+        let listen_addr: SocketAddr =
+            config::parse_or("REEVE_FAKE_STRIPE_ADDR", DEFAULT_FAKE_STRIPE_ADDR.parse()?)?;
         let fake = fake_stripe::start(
-            fake_stripe::Config { listen_addr, webhook_url: String::new(), webhook_secret: bridge_config.webhook_secret.clone() },
+            fake_stripe::Config {
+                listen_addr,
+                webhook_url: String::new(),
+                webhook_secret: bridge_config.webhook_secret.clone(),
+            },
             services.clone(),
         )
         .await
@@ -65,16 +70,30 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
         fake.set_webhook_url(format!("http://{http}/api/credits/webhook"));
     }
 
-    let store = if database_url.starts_with("sqlite:") { "embedded SQLite" } else { "PostgreSQL" };
-    let shown_url = if database_url.starts_with("sqlite:") { database_url.clone() } else { "(REEVE_DATABASE_URL)".to_owned() };
+    let store = if database_url.starts_with("sqlite:") {
+        "embedded SQLite"
+    } else {
+        "PostgreSQL"
+    };
+    let shown_url = if database_url.starts_with("sqlite:") {
+        database_url.clone()
+    } else {
+        "(REEVE_DATABASE_URL)".to_owned()
+    };
     let stripe = match &fake_stripe {
-        Some(fake) => format!("fake, at {} (no STRIPE_SECRET_KEY set: test mode, no real money)", fake.api_base()),
+        Some(fake) => format!(
+            "fake, at {} (no STRIPE_SECRET_KEY set: test mode, no real money)",
+            fake.api_base()
+        ),
         None => "Stripe API (STRIPE_SECRET_KEY is set)".to_owned(),
     };
     println!("Reeve is up.");
     println!("  store        {store}: {shown_url}");
     println!("  REST API     http://{http}   (OpenAPI /openapi.json, /healthz, /readyz, /metrics)");
-    println!("  credits-svc  grpc://{}   (reflection on; /metrics over HTTP)", credits.local_addr);
+    println!(
+        "  credits-svc  grpc://{}   (reflection on; /metrics over HTTP)",
+        credits.local_addr
+    );
     println!("  quota-svc    grpc://{}", quota.local_addr);
     println!("  Stripe       {stripe}");
     if !generated.is_empty() {
@@ -84,12 +103,17 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
             data_dir.join("dev-secrets.toml").display()
         );
     }
-    println!("  dev token    reeve dev-token <user-id>   (e.g. curl -H \"Authorization: Bearer $(reeve dev-token alice)\" http://{http}/api/credits/balance)");
+    println!(
+        "  dev token    reeve dev-token <user-id>   (e.g. curl -H \"Authorization: Bearer $(reeve dev-token alice)\" http://{http}/api/credits/balance)"
+    );
     println!(
         "listening http={http} credits={} quota={} stripe={}",
         credits.local_addr,
         quota.local_addr,
-        fake_stripe.as_ref().map(|f| f.local_addr.to_string()).unwrap_or_else(|| "-".to_owned())
+        fake_stripe
+            .as_ref()
+            .map(|f| f.local_addr.to_string())
+            .unwrap_or_else(|| "-".to_owned())
     );
 
     let signal = CancellationToken::new();
@@ -97,11 +121,17 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     signal.cancelled().await;
     tracing::info!("shutting down: draining the REST API first");
     front.cancel();
-    if tokio::time::timeout(DRAIN_DEADLINE, bridge.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_DEADLINE, bridge.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("webhook-bridge did not drain within the deadline");
     }
     services.cancel();
-    let drained = tokio::time::timeout(DRAIN_DEADLINE, async { tokio::join!(credits.wait(), quota.wait()) }).await;
+    let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+        tokio::join!(credits.wait(), quota.wait())
+    })
+    .await;
     match drained {
         Ok((Ok(()), Ok(()))) => {}
         Ok((credits, quota)) => tracing::warn!(?credits, ?quota, "a service ended with an error"),
@@ -120,7 +150,11 @@ pub async fn migrate() -> anyhow::Result<()> {
     credits_svc::store::open(&url).await?;
     quota_svc::store::open(&url, 1).await?;
     webhook_bridge::stripe::events::EventStore::open(&url).await?;
-    let target = if url.starts_with("sqlite:") { url.clone() } else { "PostgreSQL (REEVE_DATABASE_URL)".to_owned() };
+    let target = if url.starts_with("sqlite:") {
+        url.clone()
+    } else {
+        "PostgreSQL (REEVE_DATABASE_URL)".to_owned()
+    };
     println!("migrations applied (credits, quota, stripe events) to {target}");
     Ok(())
 }

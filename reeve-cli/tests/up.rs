@@ -30,7 +30,11 @@ struct Up {
     output: Arc<Mutex<String>>,
 }
 
-fn collect(stream: impl Read + Send + 'static, output: Arc<Mutex<String>>, ready: Option<std::sync::mpsc::Sender<String>>) {
+fn collect(
+    stream: impl Read + Send + 'static,
+    output: Arc<Mutex<String>>,
+    ready: Option<std::sync::mpsc::Sender<String>>,
+) {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             if let (Some(ready), true) = (&ready, line.starts_with("listening ")) {
@@ -45,7 +49,10 @@ fn collect(stream: impl Read + Send + 'static, output: Arc<Mutex<String>>, ready
 
 impl Up {
     fn start(dir: &Path, env: &[(&str, &str)]) -> Up {
-        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         for (key, value) in [
             ("REEVE_HTTP_ADDR", "127.0.0.1:0"),
             ("REEVE_CREDITS_ADDR", "127.0.0.1:0"),
@@ -77,7 +84,10 @@ impl Up {
                 panic!("reeve up did not start:\n{}", output.lock().unwrap());
             }
         };
-        let fields: HashMap<&str, &str> = line.split_whitespace().filter_map(|f| f.split_once('=')).collect();
+        let fields: HashMap<&str, &str> = line
+            .split_whitespace()
+            .filter_map(|f| f.split_once('='))
+            .collect();
         Up {
             http: format!("http://{}", fields["http"]),
             credits: fields["credits"].to_owned(),
@@ -101,7 +111,11 @@ impl Up {
             .env("REEVE_QUOTA_ADDR", &self.quota)
             .output()
             .unwrap();
-        assert!(output.status.success(), "reeve {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "reeve {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8(output.stdout).unwrap()
     }
 
@@ -114,13 +128,22 @@ impl Up {
     /// SIGTERM, then the exit status (within 60 s).
     fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "reeve up did not stop after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "reeve up did not stop after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -169,9 +192,21 @@ async fn full_flow(env: &[(&str, &str)]) {
         .json()
         .await
         .unwrap();
-    let checkout_url = purchase["checkout_url"].as_str().unwrap_or_else(|| panic!("{purchase}"));
-    assert!(checkout_url.starts_with(&up.stripe), "{checkout_url} is the local fake");
-    let paid: Value = http.get(checkout_url).send().await.unwrap().json().await.unwrap();
+    let checkout_url = purchase["checkout_url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{purchase}"));
+    assert!(
+        checkout_url.starts_with(&up.stripe),
+        "{checkout_url} is the local fake"
+    );
+    let paid: Value = http
+        .get(checkout_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(paid["deliveries"][1]["status"], 200, "{paid}");
 
     up.cli(&["grant", "alice", "5", "--key", "welcome-alice"]);
@@ -197,15 +232,31 @@ async fn full_flow(env: &[(&str, &str)]) {
         .unwrap();
     assert_eq!(balance["balance"], "28.500000", "{balance}");
     let history: Value = serde_json::from_str(&up.cli(&["--json", "history", "alice"])).unwrap();
-    let kinds: Vec<&str> = history["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = history["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["deduction", "grant", "purchase"]);
-    let cli_balance: Value = serde_json::from_str(&up.cli(&["--json", "balance", "alice"])).unwrap();
+    let cli_balance: Value =
+        serde_json::from_str(&up.cli(&["--json", "balance", "alice"])).unwrap();
     assert_eq!(cli_balance["balance_micros"], 28_500_000);
-    assert!(up.cli(&["history", "alice"]).contains("welcome-alice"), "the table shows the grant's key");
+    assert!(
+        up.cli(&["history", "alice"]).contains("welcome-alice"),
+        "the table shows the grant's key"
+    );
     up.cli(&["set-tier", "alice", "pro"]);
     let usage: Value = serde_json::from_str(&up.cli(&["--json", "usage", "alice"])).unwrap();
     assert_eq!(usage["tier"], "pro");
-    let metrics = http.get(format!("{}/metrics", up.http)).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(format!("{}/metrics", up.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("reeve_webhook_events_total"), "{metrics}");
     assert!(metrics.contains("reeve_rpc_requests_total"));
 
@@ -221,7 +272,10 @@ async fn full_flow(env: &[(&str, &str)]) {
         ("webhook secret", &up.secret("STRIPE_WEBHOOK_SECRET")),
         ("Stripe key", "sk_test_reeve_fake_stripe"),
     ] {
-        assert!(!output.contains(secret), "the {name} appears in the output of reeve up:\n{output}");
+        assert!(
+            !output.contains(secret),
+            "the {name} appears in the output of reeve up:\n{output}"
+        );
     }
     // The JWT's signature part alone must not leak either.
     let signature = token.rsplit('.').next().unwrap();
@@ -235,21 +289,41 @@ async fn reeve_up_on_sqlite_from_an_empty_folder() {
 }
 
 fn postgres_base_url() -> String {
-    std::env::var("REEVE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("REEVE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 /// A PostgreSQL schema of its own, dropped at the end.
 async fn with_schema<F: std::future::Future<Output = ()>>(test: impl FnOnce(String) -> F) {
-    let schema = format!("reeve_up_test_{}_{}", std::process::id(), rand::random::<u32>());
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url()).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
-    test(format!("{}?options[search_path]={schema}", postgres_base_url())).await;
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut conn).await.unwrap();
+    let schema = format!(
+        "reeve_up_test_{}_{}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    test(format!(
+        "{}?options[search_path]={schema}",
+        postgres_base_url()
+    ))
+    .await;
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reeve_up_on_postgres() {
-    with_schema(|url| async move { full_flow(&[("REEVE_DATABASE_URL", &url), ("RUST_LOG", "info")]).await }).await;
+    with_schema(|url| async move {
+        full_flow(&[("REEVE_DATABASE_URL", &url), ("RUST_LOG", "info")]).await
+    })
+    .await;
 }
 
 #[test]
@@ -257,12 +331,27 @@ fn bad_configuration_exits_naming_the_variable() {
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&[(&str, &str)], &str); 7] = [
         (&[("REEVE_LOG_FORMAT", "xml")], "REEVE_LOG_FORMAT"),
-        (&[("REEVE_JWT_RS256_PUBLIC_KEY_FILE", "/nonexistent/key.pem")], "REEVE_JWT_RS256_PUBLIC_KEY_FILE"),
-        (&[("REEVE_DATABASE_URL", "mysql://localhost/reeve")], "REEVE_DATABASE_URL"),
+        (
+            &[("REEVE_JWT_RS256_PUBLIC_KEY_FILE", "/nonexistent/key.pem")],
+            "REEVE_JWT_RS256_PUBLIC_KEY_FILE",
+        ),
+        (
+            &[("REEVE_DATABASE_URL", "mysql://localhost/reeve")],
+            "REEVE_DATABASE_URL",
+        ),
         (&[("REEVE_HTTP_ADDR", "not-an-address")], "REEVE_HTTP_ADDR"),
         (&[("REEVE_PURCHASE_MAX", "lots")], "REEVE_PURCHASE_MAX"),
-        (&[("STRIPE_SECRET_KEY", "sk_test_x"), ("STRIPE_API_BASE", "ftp://stripe.example")], "STRIPE_API_BASE"),
-        (&[("REEVE_QUOTA_CONFIG", "/nonexistent/quotas.toml")], "REEVE_QUOTA_CONFIG"),
+        (
+            &[
+                ("STRIPE_SECRET_KEY", "sk_test_x"),
+                ("STRIPE_API_BASE", "ftp://stripe.example"),
+            ],
+            "STRIPE_API_BASE",
+        ),
+        (
+            &[("REEVE_QUOTA_CONFIG", "/nonexistent/quotas.toml")],
+            "REEVE_QUOTA_CONFIG",
+        ),
     ];
     for (env, variable) in cases {
         let output = Command::new(REEVE)
@@ -270,7 +359,12 @@ fn bad_configuration_exits_naming_the_variable() {
             .current_dir(dir.path())
             .env_clear()
             .envs(env.iter().copied())
-            .env("REEVE_HTTP_ADDR", env.iter().find(|(k, _)| *k == "REEVE_HTTP_ADDR").map_or("127.0.0.1:0", |(_, v)| v))
+            .env(
+                "REEVE_HTTP_ADDR",
+                env.iter()
+                    .find(|(k, _)| *k == "REEVE_HTTP_ADDR")
+                    .map_or("127.0.0.1:0", |(_, v)| v),
+            )
             .env("REEVE_CREDITS_ADDR", "127.0.0.1:0")
             .env("REEVE_QUOTA_ADDR", "127.0.0.1:0")
             .env("REEVE_FAKE_STRIPE_ADDR", "127.0.0.1:0")
@@ -283,7 +377,13 @@ fn bad_configuration_exits_naming_the_variable() {
     }
     let file = dir.path().join("reeve.toml");
     std::fs::write(&file, "REEVE_NOT_A_VARIABLE = 1\n").unwrap();
-    let output = Command::new(REEVE).args(["balance", "x"]).current_dir(dir.path()).env_clear().env("REEVE_CONFIG_FILE", &file).output().unwrap();
+    let output = Command::new(REEVE)
+        .args(["balance", "x"])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("REEVE_CONFIG_FILE", &file)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("REEVE_NOT_A_VARIABLE"));
 }
@@ -298,11 +398,21 @@ async fn sigterm_under_deduct_batch_load_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut up = Up::start(dir.path(), &[]);
     for user in 0..USERS {
-        up.cli(&["grant", &format!("user-{user}"), "1000", "--key", &format!("seed-{user}")]);
+        up.cli(&[
+            "grant",
+            &format!("user-{user}"),
+            "1000",
+            "--key",
+            &format!("seed-{user}"),
+        ]);
     }
     let token = up.secret("REEVE_SERVICE_TOKEN");
     let connect = |addr: String, token: String| async move {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         CreditServiceClient::with_interceptor(channel, BearerToken::new(&token).unwrap())
     };
     let batch = |n: usize| pb::DeductBatchRequest {
@@ -329,7 +439,10 @@ async fn sigterm_under_deduct_batch_load_loses_and_doubles_nothing() {
                 let n = sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 match client.deduct_batch(batch(n)).await {
                     Ok(reply) => {
-                        assert!(reply.get_ref().outcomes.iter().all(|o| matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_)))));
+                        assert!(reply.get_ref().outcomes.iter().all(|o| matches!(
+                            o.result,
+                            Some(pb::deduct_outcome::Result::Applied(_))
+                        )));
                         acknowledged.lock().unwrap().push(n);
                     }
                     Err(_) => return,
@@ -345,8 +458,15 @@ async fn sigterm_under_deduct_batch_load_loses_and_doubles_nothing() {
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
     let attempted = sent.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(acknowledged.len() > 5, "the load ran ({} batches acknowledged)", acknowledged.len());
-    eprintln!("SIGTERM under load: {} batches acknowledged of {attempted} attempted", acknowledged.len());
+    assert!(
+        acknowledged.len() > 5,
+        "the load ran ({} batches acknowledged)",
+        acknowledged.len()
+    );
+    eprintln!(
+        "SIGTERM under load: {} batches acknowledged of {attempted} attempted",
+        acknowledged.len()
+    );
 
     // Restart on the same data; the client retries every batch it attempted.
     let up = Up::start(dir.path(), &[]);
@@ -357,23 +477,48 @@ async fn sigterm_under_deduct_batch_load_loses_and_doubles_nothing() {
             match outcome.result {
                 Some(pb::deduct_outcome::Result::Duplicate(_)) => {}
                 Some(pb::deduct_outcome::Result::Applied(_)) => {
-                    assert!(!acknowledged.contains(&n), "acknowledged batch {n} was not in the ledger");
+                    assert!(
+                        !acknowledged.contains(&n),
+                        "acknowledged batch {n} was not in the ledger"
+                    );
                 }
                 other => panic!("batch {n}: {other:?}"),
             }
         }
     }
     // Every item is in the ledger exactly once: the balances say so to the micro.
-    let per_item_total: i64 = (0..attempted).flat_map(|n| batch(n).items).map(|i| i.amount_micros).sum();
+    let per_item_total: i64 = (0..attempted)
+        .flat_map(|n| batch(n).items)
+        .map(|i| i.amount_micros)
+        .sum();
     let mut balances = 0i64;
     let mut entries = 0usize;
     for user in 0..USERS {
         let user_id = format!("user-{user}");
-        balances += client.get_balance(pb::GetBalanceRequest { user_id: user_id.clone() }).await.unwrap().into_inner().balance_micros;
+        balances += client
+            .get_balance(pb::GetBalanceRequest {
+                user_id: user_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .balance_micros;
         let mut page_token = String::new();
         loop {
-            let page = client.history(pb::HistoryRequest { user_id: user_id.clone(), page_size: 500, page_token }).await.unwrap().into_inner();
-            entries += page.entries.iter().filter(|e| e.kind == pb::EntryKind::Deduction as i32).count();
+            let page = client
+                .history(pb::HistoryRequest {
+                    user_id: user_id.clone(),
+                    page_size: 500,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            entries += page
+                .entries
+                .iter()
+                .filter(|e| e.kind == pb::EntryKind::Deduction as i32)
+                .count();
             if page.next_page_token.is_empty() {
                 break;
             }

@@ -40,7 +40,9 @@ impl ServiceTokens {
             .filter(|t| !t.is_empty())
             .map(|t| digest(t.as_bytes()))
             .collect();
-        ServiceTokens { digests: Arc::new(digests) }
+        ServiceTokens {
+            digests: Arc::new(digests),
+        }
     }
 
     /// Parses the comma-separated form of `REEVE_SERVICE_TOKENS`.
@@ -58,7 +60,9 @@ impl ServiceTokens {
         let presented = digest(presented.as_bytes());
         self.digests
             .iter()
-            .fold(subtle::Choice::from(0), |found, known| found | known.ct_eq(&presented))
+            .fold(subtle::Choice::from(0), |found, known| {
+                found | known.ct_eq(&presented)
+            })
             .into()
     }
 
@@ -70,14 +74,21 @@ impl ServiceTokens {
     }
 
     /// A tonic interceptor: requests without an accepted token are `UNAUTHENTICATED`.
-    pub fn interceptor(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
+    pub fn interceptor(
+        &self,
+    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
         let tokens = self.clone();
         move |request: Request<()>| {
-            let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+            let header = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
             if tokens.accepts_bearer(header) {
                 Ok(request)
             } else {
-                Err(Status::unauthenticated("missing or invalid service token (authorization: Bearer <token>)"))
+                Err(Status::unauthenticated(
+                    "missing or invalid service token (authorization: Bearer <token>)",
+                ))
             }
         }
     }
@@ -105,9 +116,10 @@ impl fmt::Debug for BearerToken {
 
 impl BearerToken {
     pub fn new(token: &str) -> Result<BearerToken, Status> {
-        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Status::invalid_argument("service token must be printable ASCII"))?;
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Status::invalid_argument("service token must be printable ASCII"))?;
         value.set_sensitive(true);
         Ok(BearerToken { value })
     }
@@ -115,7 +127,9 @@ impl BearerToken {
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert("authorization", self.value.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", self.value.clone());
         crate::telemetry::inject_trace_context(request.metadata_mut());
         Ok(request)
     }

@@ -55,9 +55,12 @@ pub fn install(defaults: HashMap<String, String>) -> Result<(), ConfigError> {
         Ok(path) if !path.trim().is_empty() => read_file(&path)?,
         _ => HashMap::new(),
     };
-    LAYERS
-        .set(Layers { file, defaults })
-        .map_err(|_| ConfigError::new("REEVE_CONFIG_FILE", "configuration layers were installed twice"))
+    LAYERS.set(Layers { file, defaults }).map_err(|_| {
+        ConfigError::new(
+            "REEVE_CONFIG_FILE",
+            "configuration layers were installed twice",
+        )
+    })
 }
 
 /// Reads a TOML file of `VARIABLE = value` lines (strings, integers or booleans).
@@ -66,20 +69,33 @@ pub fn read_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
         .map_err(|e| ConfigError::new("REEVE_CONFIG_FILE", format!("cannot read {path}: {e}")))?;
     // The error names the line but never quotes it: the line may hold a secret.
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
-        let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
         let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
-        ConfigError::new("REEVE_CONFIG_FILE", format!("{path} is not valid TOML{at}: {}", e.message()))
+        ConfigError::new(
+            "REEVE_CONFIG_FILE",
+            format!("{path} is not valid TOML{at}: {}", e.message()),
+        )
     })?;
     let mut values = HashMap::new();
     for (key, value) in table {
         if !KNOWN_VARIABLES.contains(&key.as_str()) {
-            return Err(ConfigError::new("REEVE_CONFIG_FILE", format!("{path}: unknown variable {key}")));
+            return Err(ConfigError::new(
+                "REEVE_CONFIG_FILE",
+                format!("{path}: unknown variable {key}"),
+            ));
         }
         let value = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
-            _ => return Err(ConfigError::new("REEVE_CONFIG_FILE", format!("{path}: {key} must be a string, integer or boolean"))),
+            _ => {
+                return Err(ConfigError::new(
+                    "REEVE_CONFIG_FILE",
+                    format!("{path}: {key} must be a string, integer or boolean"),
+                ));
+            }
         };
         values.insert(key, value);
     }
@@ -116,7 +132,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(variable: &'static str, message: impl Into<String>) -> ConfigError {
-        ConfigError { variable, message: message.into() }
+        ConfigError {
+            variable,
+            message: message.into(),
+        }
     }
 }
 
@@ -127,9 +146,13 @@ pub fn var(name: &'static str) -> Result<Option<String>, ConfigError> {
         Ok(value) if value.trim().is_empty() => {}
         Ok(value) => return Ok(Some(value)),
         Err(std::env::VarError::NotPresent) => {}
-        Err(std::env::VarError::NotUnicode(_)) => return Err(ConfigError::new(name, "is not valid UTF-8")),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(ConfigError::new(name, "is not valid UTF-8"));
+        }
     }
-    let layered = LAYERS.get().and_then(|layers| layers.file.get(name).or_else(|| layers.defaults.get(name)));
+    let layered = LAYERS
+        .get()
+        .and_then(|layers| layers.file.get(name).or_else(|| layers.defaults.get(name)));
     Ok(layered.filter(|v| !v.trim().is_empty()).cloned())
 }
 
@@ -150,21 +173,29 @@ where
 
 /// Stripe's currencies whose smallest unit is not a hundredth.
 const NOT_TWO_DECIMAL_CURRENCIES: &[&str] = &[
-    "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf", "bhd",
-    "jod", "kwd", "omr", "tnd",
+    "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
+    "xaf", "xof", "xpf", "bhd", "jod", "kwd", "omr", "tnd",
 ];
 
 /// `REEVE_CURRENCY`: the one currency credits are sold and credited in, as a
 /// lower-case ISO code (default `usd`).
 pub fn currency() -> Result<String, ConfigError> {
-    let currency = var("REEVE_CURRENCY")?.unwrap_or_else(|| "usd".to_owned()).to_ascii_lowercase();
+    let currency = var("REEVE_CURRENCY")?
+        .unwrap_or_else(|| "usd".to_owned())
+        .to_ascii_lowercase();
     if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
-        return Err(ConfigError::new("REEVE_CURRENCY", "must be a three-letter ISO currency code such as usd"));
+        return Err(ConfigError::new(
+            "REEVE_CURRENCY",
+            "must be a three-letter ISO currency code such as usd",
+        ));
     }
     // Amounts are converted as hundredths (cents); Stripe's zero- and three-decimal
     // currencies would be off by a factor of 100 or 10.
     if NOT_TWO_DECIMAL_CURRENCIES.contains(&currency.as_str()) {
-        return Err(ConfigError::new("REEVE_CURRENCY", "must be a currency with two decimals (Stripe counts it in hundredths)"));
+        return Err(ConfigError::new(
+            "REEVE_CURRENCY",
+            "must be a currency with two decimals (Stripe counts it in hundredths)",
+        ));
     }
     Ok(currency)
 }
@@ -178,14 +209,30 @@ mod tests {
     fn a_bad_config_file_is_named_by_line_without_its_text() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("reeve.toml");
-        std::fs::write(&path, "REEVE_HTTP_ADDR = \"127.0.0.1:8080\"\nSTRIPE_SECRET_KEY = sk_live_do_not_print\n").unwrap();
+        std::fs::write(
+            &path,
+            "REEVE_HTTP_ADDR = \"127.0.0.1:8080\"\nSTRIPE_SECRET_KEY = sk_live_do_not_print\n",
+        )
+        .unwrap();
         let error = read_file(&path.to_string_lossy()).unwrap_err();
         assert_eq!(error.variable, "REEVE_CONFIG_FILE");
         assert!(error.message.contains("line 2"), "{error}");
-        assert!(!error.to_string().contains("sk_live_do_not_print"), "{error}");
+        assert!(
+            !error.to_string().contains("sk_live_do_not_print"),
+            "{error}"
+        );
         std::fs::write(&path, "REEVE_UNKNOWN = 1\n").unwrap();
-        assert!(read_file(&path.to_string_lossy()).unwrap_err().message.contains("unknown variable REEVE_UNKNOWN"));
-        std::fs::write(&path, "REEVE_PURCHASE_MIN = 5\nREEVE_LOG_FORMAT = \"json\"\n").unwrap();
+        assert!(
+            read_file(&path.to_string_lossy())
+                .unwrap_err()
+                .message
+                .contains("unknown variable REEVE_UNKNOWN")
+        );
+        std::fs::write(
+            &path,
+            "REEVE_PURCHASE_MIN = 5\nREEVE_LOG_FORMAT = \"json\"\n",
+        )
+        .unwrap();
         let values = read_file(&path.to_string_lossy()).unwrap();
         assert_eq!(values["REEVE_PURCHASE_MIN"], "5");
     }

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 /// Runs a batch: one output per item, in order, or one error for all of them.
-pub type BatchFn<T, R, E> = Arc<dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = Result<Vec<R>, E>> + Send>> + Send + Sync>;
+pub type BatchFn<T, R, E> =
+    Arc<dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = Result<Vec<R>, E>> + Send>> + Send + Sync>;
 
 /// The workers are gone (the process is shutting down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -34,7 +35,9 @@ pub struct GroupCommit<T, R, E> {
 
 impl<T, R, E> Clone for GroupCommit<T, R, E> {
     fn clone(&self) -> Self {
-        GroupCommit { sender: self.sender.clone() }
+        GroupCommit {
+            sender: self.sender.clone(),
+        }
     }
 }
 
@@ -49,7 +52,11 @@ where
         let (sender, receiver) = mpsc::channel(max_batch * workers.max(1) * 2);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..workers.max(1) {
-            tokio::spawn(run_worker(Arc::clone(&receiver), max_batch, Arc::clone(&run)));
+            tokio::spawn(run_worker(
+                Arc::clone(&receiver),
+                max_batch,
+                Arc::clone(&run),
+            ));
         }
         GroupCommit { sender }
     }
@@ -57,19 +64,27 @@ where
     /// Runs one item with whatever other items are waiting.
     pub async fn submit(&self, item: T) -> Result<Result<R, E>, Stopped> {
         let (reply, answer) = oneshot::channel();
-        self.sender.send(Job { item, reply }).await.map_err(|_| Stopped)?;
+        self.sender
+            .send(Job { item, reply })
+            .await
+            .map_err(|_| Stopped)?;
         answer.await.map_err(|_| Stopped)
     }
 }
 
-async fn run_worker<T, R, E>(receiver: Arc<Mutex<mpsc::Receiver<Job<T, R, E>>>>, max_batch: usize, run: BatchFn<T, R, E>)
-where
+async fn run_worker<T, R, E>(
+    receiver: Arc<Mutex<mpsc::Receiver<Job<T, R, E>>>>,
+    max_batch: usize,
+    run: BatchFn<T, R, E>,
+) where
     E: Clone + std::fmt::Display,
 {
     loop {
         let jobs = {
             let mut receiver = receiver.lock().await;
-            let Some(first) = receiver.recv().await else { return };
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
             let mut jobs = vec![first];
             while jobs.len() < max_batch {
                 match receiver.try_recv() {
@@ -79,7 +94,8 @@ where
             }
             jobs
         };
-        let (items, replies): (Vec<T>, Vec<_>) = jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
+        let (items, replies): (Vec<T>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
         let size = items.len();
         match run(items).await {
             Ok(outputs) => {

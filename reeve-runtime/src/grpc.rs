@@ -31,7 +31,10 @@ pub struct GrpcServer {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("reflection set-up failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server failed: {0}")]
@@ -51,7 +54,9 @@ pub async fn serve(
 ) -> Result<GrpcServer, ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in ["", service_name] {
-        health.set_service_status(name, ServingStatus::NotServing).await;
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
     }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(file_descriptor_set)
@@ -59,8 +64,16 @@ pub async fn serve(
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(file_descriptor_set)
         .build_v1alpha()?;
-    let listener = TcpListener::bind(listen_addr).await.map_err(|source| ServeError::Bind { addr: listen_addr, source })?;
-    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: listen_addr, source })?;
+    let listener = TcpListener::bind(listen_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen_addr,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: listen_addr,
+        source,
+    })?;
     // Without TCP_NODELAY a reply waits ~40 ms for the peer's delayed ACK.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = shutdown.child_token();
@@ -71,7 +84,10 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .into_axum_router()
-        .route("/metrics", axum::routing::get(|| async { crate::telemetry::render_metrics() }));
+        .route(
+            "/metrics",
+            axum::routing::get(|| async { crate::telemetry::render_metrics() }),
+        );
     let task = tokio::spawn(
         tonic::transport::Server::builder()
             .accept_http1(true)
@@ -80,18 +96,28 @@ pub async fn serve(
             .serve_with_incoming_shutdown(incoming, async move {
                 stopping.cancelled().await;
                 for name in ["", service_name] {
-                    stopping_health.set_service_status(name, ServingStatus::NotServing).await;
+                    stopping_health
+                        .set_service_status(name, ServingStatus::NotServing)
+                        .await;
                 }
             }),
     );
-    Ok(GrpcServer { local_addr, service_name, health, shutdown, task })
+    Ok(GrpcServer {
+        local_addr,
+        service_name,
+        health,
+        shutdown,
+        task,
+    })
 }
 
 impl GrpcServer {
     /// Health turns SERVING (call once the store has answered).
     pub async fn set_serving(&self) {
         for name in ["", self.service_name] {
-            self.health.set_service_status(name, ServingStatus::Serving).await;
+            self.health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
         }
     }
 
@@ -119,7 +145,10 @@ pub struct RpcTelemetry<S> {
 
 impl<S, B, ResBody> tower::Service<http::Request<B>> for RpcTelemetry<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {

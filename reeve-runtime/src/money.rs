@@ -125,7 +125,12 @@ impl fmt::Display for Micros {
         let sign = if self.0 < 0 { "-" } else { "" };
         let magnitude = self.0.unsigned_abs();
         let per_credit = MICROS_PER_CREDIT.unsigned_abs();
-        write!(f, "{sign}{}.{:06}", magnitude / per_credit, magnitude % per_credit)
+        write!(
+            f,
+            "{sign}{}.{:06}",
+            magnitude / per_credit,
+            magnitude % per_credit
+        )
     }
 }
 
@@ -145,13 +150,25 @@ mod tests {
 
     #[test]
     fn refuses_tricks() {
-        for text in ["", "1e3", "1E3", "+1", " 1", "1 ", "NaN", "inf", ".5", "5.", "1.2.3", "0x10", "1_000", "--1", "-"] {
+        for text in [
+            "", "1e3", "1E3", "+1", " 1", "1 ", "NaN", "inf", ".5", "5.", "1.2.3", "0x10", "1_000",
+            "--1", "-",
+        ] {
             assert!(text.parse::<Micros>().is_err(), "{text:?} must be refused");
         }
         assert_eq!("0.0000001".parse::<Micros>(), Err(AmountError::TooPrecise));
-        assert_eq!("9223372036855".parse::<Micros>(), Err(AmountError::Overflow));
-        assert_eq!(Micros::parse_positive_credits("0"), Err(AmountError::NotPositive));
-        assert_eq!(Micros::parse_positive_credits("-1"), Err(AmountError::NotPositive));
+        assert_eq!(
+            "9223372036855".parse::<Micros>(),
+            Err(AmountError::Overflow)
+        );
+        assert_eq!(
+            Micros::parse_positive_credits("0"),
+            Err(AmountError::NotPositive)
+        );
+        assert_eq!(
+            Micros::parse_positive_credits("-1"),
+            Err(AmountError::NotPositive)
+        );
     }
 
     #[test]

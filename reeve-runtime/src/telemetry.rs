@@ -33,7 +33,9 @@ static TRACER_PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Latency buckets (seconds) of every `*_seconds` histogram.
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Sets up logs, traces and metrics for a production binary (JSON logs by default).
 pub fn init(service_name: &'static str) -> Result<(), ConfigError> {
@@ -46,8 +48,15 @@ pub fn init_with(service_name: &'static str, default_format: LogFormat) -> Resul
     let format = match config::var("REEVE_LOG_FORMAT")?.as_deref().map(str::trim) {
         None => default_format,
         Some(v) if v.eq_ignore_ascii_case("json") => LogFormat::Json,
-        Some(v) if v.eq_ignore_ascii_case("pretty") || v.eq_ignore_ascii_case("text") => LogFormat::Pretty,
-        Some(_) => return Err(ConfigError::new("REEVE_LOG_FORMAT", "must be json or pretty")),
+        Some(v) if v.eq_ignore_ascii_case("pretty") || v.eq_ignore_ascii_case("text") => {
+            LogFormat::Pretty
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                "REEVE_LOG_FORMAT",
+                "must be json or pretty",
+            ));
+        }
     };
     let filter = match config::var("RUST_LOG")? {
         None => EnvFilter::new("info"),
@@ -59,7 +68,10 @@ pub fn init_with(service_name: &'static str, default_format: LogFormat) -> Resul
         Some(endpoint) => {
             let endpoint = endpoint.trim().to_owned();
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", "must be an http:// or https:// URL"));
+                return Err(ConfigError::new(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    "must be an http:// or https:// URL",
+                ));
             }
             let name = config::var("OTEL_SERVICE_NAME")?.unwrap_or_else(|| service_name.to_owned());
             let provider = tracer_provider(&endpoint, name)?;
@@ -76,9 +88,17 @@ pub fn init_with(service_name: &'static str, default_format: LogFormat) -> Resul
     let result = tracing_subscriber::registry()
         .with(filter)
         .with(json.then(|| {
-            tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false).with_writer(std::io::stderr)
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_writer(std::io::stderr)
         }))
-        .with((!json).then(|| tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)))
+        .with((!json).then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr)
+        }))
         .with(otel)
         .try_init();
     // A second set-up in one process (tests, `reeve up`) keeps the first subscriber.
@@ -93,9 +113,19 @@ fn tracer_provider(endpoint: &str, service_name: String) -> Result<SdkTracerProv
         .with_tonic()
         .with_endpoint(endpoint)
         .build()
-        .map_err(|e| ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", format!("cannot build the OTLP exporter: {e}")))?;
-    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name).build();
-    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+        .map_err(|e| {
+            ConfigError::new(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("cannot build the OTLP exporter: {e}"),
+            )
+        })?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name)
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }
 
 /// Flushes and stops trace export (call once, at exit).
@@ -134,9 +164,10 @@ pub fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
     struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
     impl Injector for MetadataInjector<'_> {
         fn set(&mut self, key: &str, value: String) {
-            if let (Ok(key), Ok(value)) =
-                (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), tonic::metadata::MetadataValue::try_from(value))
-            {
+            if let (Ok(key), Ok(value)) = (
+                tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+                tonic::metadata::MetadataValue::try_from(value),
+            ) {
                 self.0.insert(key, value);
             }
         }
@@ -185,8 +216,10 @@ pub fn sample_pool(
             }
             let PoolStats { open, idle } = stats();
             let in_use = f64::from(open) - idle as f64;
-            metrics::gauge!("reeve_db_pool_connections", "service" => service, "state" => "in_use").set(in_use.max(0.0));
-            metrics::gauge!("reeve_db_pool_connections", "service" => service, "state" => "idle").set(idle as f64);
+            metrics::gauge!("reeve_db_pool_connections", "service" => service, "state" => "in_use")
+                .set(in_use.max(0.0));
+            metrics::gauge!("reeve_db_pool_connections", "service" => service, "state" => "idle")
+                .set(idle as f64);
         }
     });
 }

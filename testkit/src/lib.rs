@@ -16,7 +16,8 @@ pub enum Backend {
 /// The PostgreSQL database the tests create their schemas in
 /// (`REEVE_TEST_DATABASE_URL`, default the local `test` database).
 pub fn postgres_base_url() -> String {
-    std::env::var("REEVE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("REEVE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -41,15 +42,31 @@ impl ScratchDb {
                     NEXT.fetch_add(1, Ordering::Relaxed),
                     rand::random::<u32>()
                 );
-                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url()).await.unwrap();
-                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
+                let mut conn =
+                    <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url())
+                        .await
+                        .unwrap();
+                sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
                 let url = format!("{}?options[search_path]={schema}", postgres_base_url());
-                ScratchDb { backend, url, schema: Some(schema), _dir: None }
+                ScratchDb {
+                    backend,
+                    url,
+                    schema: Some(schema),
+                    _dir: None,
+                }
             }
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().unwrap();
                 let url = format!("sqlite://{}/{prefix}.db", dir.path().display());
-                ScratchDb { backend, url, schema: None, _dir: Some(dir) }
+                ScratchDb {
+                    backend,
+                    url,
+                    schema: None,
+                    _dir: Some(dir),
+                }
             }
         }
     }
@@ -60,10 +77,18 @@ impl Drop for ScratchDb {
         if let Some(schema) = self.schema.take() {
             // A thread of its own: Drop may run inside the test's runtime.
             let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 runtime.block_on(async {
-                    if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url()).await {
-                        let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut conn).await;
+                    if let Ok(mut conn) =
+                        <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_base_url())
+                            .await
+                    {
+                        let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                            .execute(&mut conn)
+                            .await;
                     }
                 });
             })

@@ -18,20 +18,27 @@ pub fn parse_positive(raw: &RawValue) -> Result<Micros, ApiError> {
     } else {
         return Err(invalid());
     };
-    Micros::parse_positive_credits(&decimal).map_err(|error| ApiError::bad_request(error.code(), error.to_string()))
+    Micros::parse_positive_credits(&decimal)
+        .map_err(|error| ApiError::bad_request(error.code(), error.to_string()))
 }
 
 /// A positive whole number of credits (purchases).
 pub fn parse_whole_credits(raw: &RawValue) -> Result<i64, ApiError> {
     let amount = parse_positive(raw)?;
     if amount.0 % MICROS_PER_CREDIT != 0 {
-        return Err(ApiError::bad_request("amount_not_whole", "purchases are in whole credits (1 credit = 1 USD)"));
+        return Err(ApiError::bad_request(
+            "amount_not_whole",
+            "purchases are in whole credits (1 credit = 1 USD)",
+        ));
     }
     Ok(amount.0 / MICROS_PER_CREDIT)
 }
 
 fn invalid() -> ApiError {
-    ApiError::bad_request("invalid_amount", "amount must be a JSON number or a decimal string such as \"12.5\"")
+    ApiError::bad_request(
+        "invalid_amount",
+        "amount must be a JSON number or a decimal string such as \"12.5\"",
+    )
 }
 
 #[cfg(test)]
@@ -48,7 +55,10 @@ mod tests {
         assert_eq!(parse_positive(&raw("25")).unwrap(), Micros(25_000_000));
         assert_eq!(parse_positive(&raw("0.1")).unwrap(), Micros(100_000));
         assert_eq!(parse_positive(&raw("\"0.000001\"")).unwrap(), Micros(1));
-        assert_eq!(parse_positive(&raw("12.345678")).unwrap(), Micros(12_345_678));
+        assert_eq!(
+            parse_positive(&raw("12.345678")).unwrap(),
+            Micros(12_345_678)
+        );
         assert_eq!(parse_whole_credits(&raw("25")).unwrap(), 25);
         assert_eq!(parse_whole_credits(&raw("\"25.000\"")).unwrap(), 25);
     }
@@ -67,6 +77,9 @@ mod tests {
         assert_eq!(code("true"), "invalid_amount");
         assert_eq!(code("[1]"), "invalid_amount");
         assert_eq!(code("99999999999999999999"), "amount_overflow");
-        assert_eq!(parse_whole_credits(&raw("2.5")).unwrap_err().code(), "amount_not_whole");
+        assert_eq!(
+            parse_whole_credits(&raw("2.5")).unwrap_err().code(),
+            "amount_not_whole"
+        );
     }
 }

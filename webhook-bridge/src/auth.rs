@@ -54,17 +54,27 @@ struct Claims {
 impl JwtVerifier {
     /// `audience` / `issuer` (`REEVE_JWT_AUDIENCE`, `REEVE_JWT_ISSUER`), when set, must
     /// match the token's `aud` / `iss`; when unset those claims are not checked.
-    pub fn new(key: &JwtKey, audience: Option<&str>, issuer: Option<&str>) -> Result<JwtVerifier, ConfigError> {
+    pub fn new(
+        key: &JwtKey,
+        audience: Option<&str>,
+        issuer: Option<&str>,
+    ) -> Result<JwtVerifier, ConfigError> {
         let (key, algorithm) = match key {
             JwtKey::Hs256(secret) => {
                 if secret.len() < 16 {
-                    return Err(ConfigError::new("REEVE_JWT_HS256_SECRET", "must be at least 16 bytes"));
+                    return Err(ConfigError::new(
+                        "REEVE_JWT_HS256_SECRET",
+                        "must be at least 16 bytes",
+                    ));
                 }
                 (DecodingKey::from_secret(secret), Algorithm::HS256)
             }
             JwtKey::Rs256Pem(pem) => (
                 DecodingKey::from_rsa_pem(pem).map_err(|e| {
-                    ConfigError::new("REEVE_JWT_RS256_PUBLIC_KEY_FILE", format!("is not an RSA public key in PEM form: {e}"))
+                    ConfigError::new(
+                        "REEVE_JWT_RS256_PUBLIC_KEY_FILE",
+                        format!("is not an RSA public key in PEM form: {e}"),
+                    )
                 })?,
                 Algorithm::RS256,
             ),
@@ -91,40 +101,57 @@ impl JwtVerifier {
 
     /// The user id of a valid token.
     pub fn verify(&self, token: &str) -> Result<String, ApiError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|error| {
-            use jsonwebtoken::errors::ErrorKind;
-            let (code, message) = match error.kind() {
-                ErrorKind::ExpiredSignature => ("token_expired", "the token has expired"),
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    ("invalid_token", "the token's algorithm is not the one this server accepts")
-                }
-                ErrorKind::MissingRequiredClaim(_) => ("invalid_token", "the token lacks a required claim (exp, sub, and aud/iss when configured)"),
-                ErrorKind::InvalidAudience => ("invalid_token", "the token is meant for another audience"),
-                ErrorKind::InvalidIssuer => ("invalid_token", "the token comes from another issuer"),
-                ErrorKind::ImmatureSignature => ("invalid_token", "the token is not valid yet (nbf)"),
-                ErrorKind::InvalidSignature => ("invalid_token", "the token's signature does not verify"),
-                _ => ("invalid_token", "the token is not a valid JWT for this server"),
-            };
-            ApiError::unauthorized(code, message)
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |error| {
+                use jsonwebtoken::errors::ErrorKind;
+                let (code, message) = match error.kind() {
+                    ErrorKind::ExpiredSignature => ("token_expired", "the token has expired"),
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => (
+                        "invalid_token",
+                        "the token's algorithm is not the one this server accepts",
+                    ),
+                    ErrorKind::MissingRequiredClaim(_) => (
+                        "invalid_token",
+                        "the token lacks a required claim (exp, sub, and aud/iss when configured)",
+                    ),
+                    ErrorKind::InvalidAudience => {
+                        ("invalid_token", "the token is meant for another audience")
+                    }
+                    ErrorKind::InvalidIssuer => {
+                        ("invalid_token", "the token comes from another issuer")
+                    }
+                    ErrorKind::ImmatureSignature => {
+                        ("invalid_token", "the token is not valid yet (nbf)")
+                    }
+                    ErrorKind::InvalidSignature => {
+                        ("invalid_token", "the token's signature does not verify")
+                    }
+                    _ => (
+                        "invalid_token",
+                        "the token is not a valid JWT for this server",
+                    ),
+                };
+                ApiError::unauthorized(code, message)
+            },
+        )?;
         let sub = data.claims.sub;
         if sub.is_empty() || sub.len() > MAX_USER_ID_BYTES {
-            return Err(ApiError::unauthorized("invalid_token", "the token's sub must be 1 to 128 bytes"));
+            return Err(ApiError::unauthorized(
+                "invalid_token",
+                "the token's sub must be 1 to 128 bytes",
+            ));
         }
         Ok(sub)
     }
 }
 
 fn authorization(parts: &Parts) -> Result<&str, ApiError> {
-    let header = parts
-        .headers
-        .get(AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing_token", "Authorization: Bearer <token> is required"))?;
-    header
-        .to_str()
-        .ok()
-        .and_then(bearer_token)
-        .ok_or_else(|| ApiError::unauthorized("missing_token", "Authorization must be Bearer <token>"))
+    let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized("missing_token", "Authorization: Bearer <token> is required")
+    })?;
+    header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+        ApiError::unauthorized("missing_token", "Authorization must be Bearer <token>")
+    })
 }
 
 /// The signed-in user of a user route.
@@ -134,7 +161,10 @@ pub struct User(pub String);
 impl FromRequestParts<Arc<AppState>> for User {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<User, ApiError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<User, ApiError> {
         let token = authorization(parts)?;
         let user_id = state.jwt.verify(token)?;
         tracing::Span::current().record("user_id", user_id.as_str());
@@ -149,12 +179,18 @@ pub struct Service;
 impl FromRequestParts<Arc<AppState>> for Service {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Service, ApiError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Service, ApiError> {
         let token = authorization(parts)?;
         if state.service_tokens.accepts(token) {
             Ok(Service)
         } else {
-            Err(ApiError::unauthorized("invalid_service_token", "this route needs a service token"))
+            Err(ApiError::unauthorized(
+                "invalid_service_token",
+                "this route needs a service token",
+            ))
         }
     }
 }

@@ -38,15 +38,24 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad_request(code: impl Into<String>, message: impl Into<String>) -> ApiError {
-        ApiError::BadRequest { code: code.into(), message: message.into() }
+        ApiError::BadRequest {
+            code: code.into(),
+            message: message.into(),
+        }
     }
 
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::Unauthorized { code, message: message.into() }
+        ApiError::Unauthorized {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn unavailable(message: impl Into<String>) -> ApiError {
-        ApiError::Unavailable { code: "service_unavailable", message: message.into() }
+        ApiError::Unavailable {
+            code: "service_unavailable",
+            message: message.into(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -57,15 +66,22 @@ impl ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal { code: "backend_error", .. } => StatusCode::BAD_GATEWAY,
+            ApiError::Internal {
+                code: "backend_error",
+                ..
+            } => StatusCode::BAD_GATEWAY,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     pub fn code(&self) -> &str {
         match self {
-            ApiError::BadRequest { code, .. } | ApiError::NotFound { code, .. } | ApiError::Conflict { code, .. } => code,
-            ApiError::Unauthorized { code, .. } | ApiError::Unavailable { code, .. } | ApiError::Internal { code, .. } => code,
+            ApiError::BadRequest { code, .. }
+            | ApiError::NotFound { code, .. }
+            | ApiError::Conflict { code, .. } => code,
+            ApiError::Unauthorized { code, .. }
+            | ApiError::Unavailable { code, .. }
+            | ApiError::Internal { code, .. } => code,
             ApiError::InsufficientCredits { .. } => "insufficient_credits",
         }
     }
@@ -92,8 +108,12 @@ impl IntoResponse for ApiError {
 }
 
 /// The `ErrorInfo` reason and metadata a backend attached, if any.
-fn error_info(status: &tonic::Status) -> Option<(String, std::collections::HashMap<String, String>)> {
-    status.get_details_error_info().map(|info| (info.reason, info.metadata))
+fn error_info(
+    status: &tonic::Status,
+) -> Option<(String, std::collections::HashMap<String, String>)> {
+    status
+        .get_details_error_info()
+        .map(|info| (info.reason, info.metadata))
 }
 
 impl From<tonic::Status> for ApiError {
@@ -102,32 +122,64 @@ impl From<tonic::Status> for ApiError {
         let reason = info.as_ref().map(|(reason, _)| reason.to_ascii_lowercase());
         let message = status.message().to_owned();
         match status.code() {
-            Code::InvalidArgument => ApiError::BadRequest { code: reason.unwrap_or_else(|| "invalid_argument".to_owned()), message },
-            Code::AlreadyExists => ApiError::Conflict { code: reason.unwrap_or_else(|| "already_exists".to_owned()), message },
-            Code::NotFound => ApiError::NotFound { code: reason.unwrap_or_else(|| "not_found".to_owned()), message },
+            Code::InvalidArgument => ApiError::BadRequest {
+                code: reason.unwrap_or_else(|| "invalid_argument".to_owned()),
+                message,
+            },
+            Code::AlreadyExists => ApiError::Conflict {
+                code: reason.unwrap_or_else(|| "already_exists".to_owned()),
+                message,
+            },
+            Code::NotFound => ApiError::NotFound {
+                code: reason.unwrap_or_else(|| "not_found".to_owned()),
+                message,
+            },
             Code::FailedPrecondition => match info {
                 Some((reason, metadata)) if reason == "INSUFFICIENT_CREDITS" => {
-                    let micros = |key: &str| metadata.get(key).and_then(|v| v.parse::<i64>().ok()).map(Micros);
+                    let micros = |key: &str| {
+                        metadata
+                            .get(key)
+                            .and_then(|v| v.parse::<i64>().ok())
+                            .map(Micros)
+                    };
                     match (micros("balance_micros"), micros("required_micros")) {
-                        (Some(balance), Some(required)) => ApiError::InsufficientCredits { balance, required },
-                        _ => ApiError::Internal { code: "backend_error", message: "malformed insufficient-credits reply".to_owned() },
+                        (Some(balance), Some(required)) => {
+                            ApiError::InsufficientCredits { balance, required }
+                        }
+                        _ => ApiError::Internal {
+                            code: "backend_error",
+                            message: "malformed insufficient-credits reply".to_owned(),
+                        },
                     }
                 }
-                Some((reason, _)) if reason == "PURCHASES_DISABLED" => {
-                    ApiError::Unavailable { code: "purchases_disabled", message }
-                }
+                Some((reason, _)) if reason == "PURCHASES_DISABLED" => ApiError::Unavailable {
+                    code: "purchases_disabled",
+                    message,
+                },
                 other => ApiError::Conflict {
-                    code: other.map(|(r, _)| r.to_ascii_lowercase()).unwrap_or_else(|| "failed_precondition".to_owned()),
+                    code: other
+                        .map(|(r, _)| r.to_ascii_lowercase())
+                        .unwrap_or_else(|| "failed_precondition".to_owned()),
                     message,
                 },
             },
-            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted | Code::Cancelled => {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Cancelled => {
                 tracing::warn!(code = ?status.code(), %message, "backend unavailable");
-                ApiError::Unavailable { code: "backend_unavailable", message: "a backend service is unavailable; retry".to_owned() }
+                ApiError::Unavailable {
+                    code: "backend_unavailable",
+                    message: "a backend service is unavailable; retry".to_owned(),
+                }
             }
             code => {
                 tracing::error!(?code, %message, "backend call failed");
-                ApiError::Internal { code: "backend_error", message: "a backend service failed".to_owned() }
+                ApiError::Internal {
+                    code: "backend_error",
+                    message: "a backend service failed".to_owned(),
+                }
             }
         }
     }

@@ -93,19 +93,28 @@ pub fn grpc_url(variable: &'static str, value: &str) -> Result<String, ConfigErr
     } else {
         format!("http://{value}")
     };
-    let url = url.replacen("://0.0.0.0:", "://127.0.0.1:", 1).replacen("://[::]:", "://[::1]:", 1);
-    Endpoint::from_shared(url.clone()).map_err(|e| ConfigError::new(variable, format!("is not a host:port or URL: {e}")))?;
+    let url = url
+        .replacen("://0.0.0.0:", "://127.0.0.1:", 1)
+        .replacen("://[::]:", "://[::1]:", 1);
+    Endpoint::from_shared(url.clone())
+        .map_err(|e| ConfigError::new(variable, format!("is not a host:port or URL: {e}")))?;
     Ok(url)
 }
 
 impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
-        let default_http = DEFAULT_HTTP_ADDR.parse().map_err(|_| ConfigError::new("REEVE_HTTP_ADDR", "default is invalid"))?;
+        let default_http = DEFAULT_HTTP_ADDR
+            .parse()
+            .map_err(|_| ConfigError::new("REEVE_HTTP_ADDR", "default is invalid"))?;
         let http_addr = config::parse_or("REEVE_HTTP_ADDR", default_http)?;
-        let credits_url =
-            grpc_url("REEVE_CREDITS_ADDR", &config::var("REEVE_CREDITS_ADDR")?.unwrap_or_else(|| DEFAULT_CREDITS_ADDR.to_owned()))?;
-        let quota_url =
-            grpc_url("REEVE_QUOTA_ADDR", &config::var("REEVE_QUOTA_ADDR")?.unwrap_or_else(|| DEFAULT_QUOTA_ADDR.to_owned()))?;
+        let credits_url = grpc_url(
+            "REEVE_CREDITS_ADDR",
+            &config::var("REEVE_CREDITS_ADDR")?.unwrap_or_else(|| DEFAULT_CREDITS_ADDR.to_owned()),
+        )?;
+        let quota_url = grpc_url(
+            "REEVE_QUOTA_ADDR",
+            &config::var("REEVE_QUOTA_ADDR")?.unwrap_or_else(|| DEFAULT_QUOTA_ADDR.to_owned()),
+        )?;
         let tokens_text = config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default();
         let service_tokens = ServiceTokens::from_comma_separated(&tokens_text);
         if service_tokens.is_empty() {
@@ -116,15 +125,30 @@ impl Config {
         }
         let service_token = match config::var("REEVE_SERVICE_TOKEN")? {
             Some(token) => token.trim().to_owned(),
-            None => tokens_text.split(',').map(str::trim).find(|t| !t.is_empty()).map(str::to_owned).ok_or_else(|| {
-                ConfigError::new("REEVE_SERVICE_TOKEN", "is required (or REEVE_SERVICE_TOKENS, whose first token is then used)")
-            })?,
+            None => tokens_text
+                .split(',')
+                .map(str::trim)
+                .find(|t| !t.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        "REEVE_SERVICE_TOKEN",
+                        "is required (or REEVE_SERVICE_TOKENS, whose first token is then used)",
+                    )
+                })?,
         };
-        BearerToken::new(&service_token).map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))?;
-        let jwt = match (config::var("REEVE_JWT_HS256_SECRET")?, config::var("REEVE_JWT_RS256_PUBLIC_KEY_FILE")?) {
+        BearerToken::new(&service_token)
+            .map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))?;
+        let jwt = match (
+            config::var("REEVE_JWT_HS256_SECRET")?,
+            config::var("REEVE_JWT_RS256_PUBLIC_KEY_FILE")?,
+        ) {
             (Some(secret), None) => JwtKey::Hs256(secret.into_bytes()),
             (None, Some(path)) => JwtKey::Rs256Pem(std::fs::read(&path).map_err(|e| {
-                ConfigError::new("REEVE_JWT_RS256_PUBLIC_KEY_FILE", format!("cannot read {path}: {e}"))
+                ConfigError::new(
+                    "REEVE_JWT_RS256_PUBLIC_KEY_FILE",
+                    format!("cannot read {path}: {e}"),
+                )
             })?),
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new(
@@ -142,11 +166,22 @@ impl Config {
         let jwt_audience = config::var("REEVE_JWT_AUDIENCE")?;
         let jwt_issuer = config::var("REEVE_JWT_ISSUER")?;
         JwtVerifier::new(&jwt, jwt_audience.as_deref(), jwt_issuer.as_deref())?;
-        let webhook_secret = config::var("STRIPE_WEBHOOK_SECRET")?
-            .ok_or_else(|| ConfigError::new("STRIPE_WEBHOOK_SECRET", "is required to verify Stripe webhooks"))?;
-        let database_url = config::var("REEVE_DATABASE_URL")?.unwrap_or_else(|| "sqlite://reeve-data/reeve.db".to_owned());
-        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") || database_url.starts_with("sqlite:")) {
-            return Err(ConfigError::new("REEVE_DATABASE_URL", "must start with postgres://, postgresql:// or sqlite:"));
+        let webhook_secret = config::var("STRIPE_WEBHOOK_SECRET")?.ok_or_else(|| {
+            ConfigError::new(
+                "STRIPE_WEBHOOK_SECRET",
+                "is required to verify Stripe webhooks",
+            )
+        })?;
+        let database_url = config::var("REEVE_DATABASE_URL")?
+            .unwrap_or_else(|| "sqlite://reeve-data/reeve.db".to_owned());
+        if !(database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://")
+            || database_url.starts_with("sqlite:"))
+        {
+            return Err(ConfigError::new(
+                "REEVE_DATABASE_URL",
+                "must start with postgres://, postgresql:// or sqlite:",
+            ));
         }
         let currency = config::currency()?;
         Ok(Config {
@@ -206,16 +241,30 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/credits/balance", get(routes::credits::balance))
         .route("/api/credits/purchase", post(routes::credits::purchase))
         .route("/api/credits/deduct", post(routes::credits::deduct))
-        .route("/api/credits/deduct/batch", post(routes::credits::deduct_batch))
+        .route(
+            "/api/credits/deduct/batch",
+            post(routes::credits::deduct_batch),
+        )
         .route("/api/credits/history", get(routes::credits::history))
         .route("/api/credits/webhook", post(routes::webhook::receive))
         .route("/api/tier/usage", get(routes::tier::usage))
         .route("/api/tier/check", get(routes::tier::check))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
-        .route("/openapi.json", get(|| async { axum::Json(openapi::ApiDoc::openapi()) }))
-        .route("/metrics", get(|| async { reeve_runtime::telemetry::render_metrics() }))
-        .fallback(|| async { error::ApiError::NotFound { code: "not_found".to_owned(), message: "no such route".to_owned() } })
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(openapi::ApiDoc::openapi()) }),
+        )
+        .route(
+            "/metrics",
+            get(|| async { reeve_runtime::telemetry::render_metrics() }),
+        )
+        .fallback(|| async {
+            error::ApiError::NotFound {
+                code: "not_found".to_owned(),
+                message: "no such route".to_owned(),
+            }
+        })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(http_telemetry))
         .with_state(state)
@@ -224,7 +273,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// A span per request (a child of the caller's W3C trace context, if sent) with the
 /// user id recorded by the auth extractor, and `reeve_http_requests_total` /
 /// `reeve_http_request_duration_seconds` by route and status.
-async fn http_telemetry(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+async fn http_telemetry(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     use tracing::Instrument;
     let route = request
         .extensions()
@@ -273,11 +325,16 @@ impl RunningBridge {
 /// is cancelled; in-flight requests finish first.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningBridge> {
     let events = EventStore::open(&config.database_url).await?;
-    let token = BearerToken::new(&config.service_token).map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))?;
+    let token = BearerToken::new(&config.service_token)
+        .map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))?;
     let credits_channel = channel("REEVE_CREDITS_ADDR", &config.credits_url)?;
     let quota_channel = channel("REEVE_QUOTA_ADDR", &config.quota_url)?;
     let state = Arc::new(AppState {
-        jwt: JwtVerifier::new(&config.jwt, config.jwt_audience.as_deref(), config.jwt_issuer.as_deref())?,
+        jwt: JwtVerifier::new(
+            &config.jwt,
+            config.jwt_audience.as_deref(),
+            config.jwt_issuer.as_deref(),
+        )?,
         service_tokens: config.service_tokens.clone(),
         events: events.clone(),
         currency: config.currency.clone(),
@@ -290,13 +347,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         quota_channel,
     });
     let sampled = events.clone();
-    reeve_runtime::telemetry::sample_pool("webhook-bridge", shutdown.clone(), move || sampled.pool_stats());
+    reeve_runtime::telemetry::sample_pool("webhook-bridge", shutdown.clone(), move || {
+        sampled.pool_stats()
+    });
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
     let local_addr = listener.local_addr()?;
     let app = router(state);
     let task = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
     });
     tracing::info!(%local_addr, "webhook-bridge serving");
-    Ok(RunningBridge { local_addr, events, task })
+    Ok(RunningBridge {
+        local_addr,
+        events,
+        task,
+    })
 }

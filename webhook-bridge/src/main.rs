@@ -6,7 +6,9 @@ const NAME: &str = "webhook-bridge";
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    if let Err(error) = reeve_runtime::config::install(Default::default()).and_then(|()| reeve_runtime::telemetry::init(NAME)) {
+    if let Err(error) = reeve_runtime::config::install(Default::default())
+        .and_then(|()| reeve_runtime::telemetry::init(NAME))
+    {
         eprintln!("webhook-bridge: configuration error: {error}");
         return std::process::ExitCode::from(2);
     }

@@ -13,7 +13,9 @@ use async_trait::async_trait;
 use reeve_runtime::Micros;
 use sqlx::postgres::PgPool;
 
-use super::{BalanceAudit, ENTRY_COLUMNS, EntryRow, LedgerStore, StoreError, entries, entries_by_key};
+use super::{
+    BalanceAudit, ENTRY_COLUMNS, EntryRow, LedgerStore, StoreError, entries, entries_by_key,
+};
 use crate::ledger::{self, LedgerEntry, WriteOutcome, WriteRequest};
 
 /// How often a call is replanned after losing a key race before giving up.
@@ -39,7 +41,11 @@ impl PgLedger {
     }
 
     /// One attempt; `None` when a concurrent transaction took one of our keys first.
-    async fn try_apply(&self, writes: &[WriteRequest], now_us: i64) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
+    async fn try_apply(
+        &self,
+        writes: &[WriteRequest],
+        now_us: i64,
+    ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let to_create = ledger::users_to_create(writes);
         if !to_create.is_empty() {
@@ -124,16 +130,18 @@ impl PgLedger {
             return Ok(None);
         }
         tx.commit().await?;
-        let ids_by_key: HashMap<&str, i64> = inserted.iter().map(|(id, key)| (key.as_str(), *id)).collect();
-        let ids = keys
+        let ids_by_key: HashMap<&str, i64> = inserted
             .iter()
-            .map(|key| {
-                ids_by_key
-                    .get(key)
-                    .copied()
-                    .ok_or_else(|| StoreError::Corrupt(format!("no id returned for key {key:?}")))
-            })
-            .collect::<Result<Vec<i64>, StoreError>>()?;
+            .map(|(id, key)| (key.as_str(), *id))
+            .collect();
+        let ids =
+            keys.iter()
+                .map(|key| {
+                    ids_by_key.get(key).copied().ok_or_else(|| {
+                        StoreError::Corrupt(format!("no id returned for key {key:?}"))
+                    })
+                })
+                .collect::<Result<Vec<i64>, StoreError>>()?;
         Ok(Some(plan.finish(&ids)))
     }
 }
@@ -141,7 +149,10 @@ impl PgLedger {
 #[async_trait]
 impl LedgerStore for PgLedger {
     fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats {
-        reeve_runtime::telemetry::PoolStats { open: self.pool.size(), idle: self.pool.num_idle() }
+        reeve_runtime::telemetry::PoolStats {
+            open: self.pool.size(),
+            idle: self.pool.num_idle(),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -150,14 +161,19 @@ impl LedgerStore for PgLedger {
     }
 
     async fn balance(&self, user_id: &str) -> Result<Micros, StoreError> {
-        let balance: Option<i64> = sqlx::query_scalar("SELECT balance_micros FROM credit_accounts WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let balance: Option<i64> =
+            sqlx::query_scalar("SELECT balance_micros FROM credit_accounts WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(Micros(balance.unwrap_or(0)))
     }
 
-    async fn apply(&self, writes: &[WriteRequest], now_us: i64) -> Result<Vec<WriteOutcome>, StoreError> {
+    async fn apply(
+        &self,
+        writes: &[WriteRequest],
+        now_us: i64,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
@@ -169,7 +185,12 @@ impl LedgerStore for PgLedger {
         Err(StoreError::Contention)
     }
 
-    async fn history(&self, user_id: &str, before_id: Option<i64>, limit: u32) -> Result<Vec<LedgerEntry>, StoreError> {
+    async fn history(
+        &self,
+        user_id: &str,
+        before_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
         let rows = sqlx::query_as::<_, EntryRow>(&format!(
             "SELECT {ENTRY_COLUMNS} FROM credit_ledger \
              WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
@@ -192,6 +213,10 @@ impl LedgerStore for PgLedger {
         .bind(user_id)
         .fetch_one(&self.pool)
         .await?;
-        Ok(BalanceAudit { cached: Micros(cached), entries_sum: Micros(entries_sum), entries })
+        Ok(BalanceAudit {
+            cached: Micros(cached),
+            entries_sum: Micros(entries_sum),
+            entries,
+        })
     }
 }

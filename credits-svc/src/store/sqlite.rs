@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use reeve_runtime::Micros;
 use sqlx::sqlite::SqlitePool;
 
-use super::{BalanceAudit, ENTRY_COLUMNS, EntryRow, LedgerStore, StoreError, entries, entries_by_key};
+use super::{
+    BalanceAudit, ENTRY_COLUMNS, EntryRow, LedgerStore, StoreError, entries, entries_by_key,
+};
 use crate::ledger::{self, LedgerEntry, WriteOutcome, WriteRequest};
 
 /// Bound parameters per `IN (…)` list, well under SQLite's limit.
@@ -39,7 +41,10 @@ impl SqliteLedger {
 #[async_trait]
 impl LedgerStore for SqliteLedger {
     fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats {
-        reeve_runtime::telemetry::PoolStats { open: self.pool.size(), idle: self.pool.num_idle() }
+        reeve_runtime::telemetry::PoolStats {
+            open: self.pool.size(),
+            idle: self.pool.num_idle(),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -48,14 +53,19 @@ impl LedgerStore for SqliteLedger {
     }
 
     async fn balance(&self, user_id: &str) -> Result<Micros, StoreError> {
-        let balance: Option<i64> = sqlx::query_scalar("SELECT balance_micros FROM credit_accounts WHERE user_id = ?")
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let balance: Option<i64> =
+            sqlx::query_scalar("SELECT balance_micros FROM credit_accounts WHERE user_id = ?")
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(Micros(balance.unwrap_or(0)))
     }
 
-    async fn apply(&self, writes: &[WriteRequest], now_us: i64) -> Result<Vec<WriteOutcome>, StoreError> {
+    async fn apply(
+        &self,
+        writes: &[WriteRequest],
+        now_us: i64,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
@@ -77,7 +87,13 @@ impl LedgerStore for SqliteLedger {
             for user in users {
                 query = query.bind(user);
             }
-            balances.extend(query.fetch_all(&mut *tx).await?.into_iter().map(|(u, b)| (u, Micros(b))));
+            balances.extend(
+                query
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .map(|(u, b)| (u, Micros(b))),
+            );
         }
         let mut existing: HashMap<String, LedgerEntry> = HashMap::new();
         for keys in ledger::keys_of(writes).chunks(IN_LIST_CHUNK) {
@@ -123,7 +139,12 @@ impl LedgerStore for SqliteLedger {
         Ok(plan.finish(&ids))
     }
 
-    async fn history(&self, user_id: &str, before_id: Option<i64>, limit: u32) -> Result<Vec<LedgerEntry>, StoreError> {
+    async fn history(
+        &self,
+        user_id: &str,
+        before_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
         let rows = sqlx::query_as::<_, EntryRow>(&format!(
             "SELECT {ENTRY_COLUMNS} FROM credit_ledger \
              WHERE user_id = ? AND id < ? ORDER BY id DESC LIMIT ?"
@@ -146,6 +167,10 @@ impl LedgerStore for SqliteLedger {
         .bind(user_id)
         .fetch_one(&self.pool)
         .await?;
-        Ok(BalanceAudit { cached: Micros(cached), entries_sum: Micros(entries_sum), entries })
+        Ok(BalanceAudit {
+            cached: Micros(cached),
+            entries_sum: Micros(entries_sum),
+            entries,
+        })
     }
 }

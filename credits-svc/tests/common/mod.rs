@@ -28,7 +28,11 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new(backend: Backend) -> TestDb {
         let db = ScratchDb::new(backend, "credits").await;
-        TestDb { backend, url: db.url.clone(), _db: db }
+        TestDb {
+            backend,
+            url: db.url.clone(),
+            _db: db,
+        }
     }
 
     pub fn config(&self) -> Config {
@@ -42,14 +46,20 @@ impl TestDb {
     }
 
     pub async fn start(&self) -> RunningServer {
-        credits_svc::start(self.config(), CancellationToken::new()).await.unwrap()
+        credits_svc::start(self.config(), CancellationToken::new())
+            .await
+            .unwrap()
     }
 }
 
 pub type Client = CreditServiceClient<InterceptedService<Channel, BearerToken>>;
 
 pub async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 pub async fn client(addr: SocketAddr) -> Client {

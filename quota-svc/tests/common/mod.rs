@@ -41,7 +41,11 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new(backend: Backend) -> TestDb {
         let db = ScratchDb::new(backend, "quota").await;
-        TestDb { url: db.url.clone(), clock: TestClock(Arc::new(AtomicI64::new(T0))), _db: db }
+        TestDb {
+            url: db.url.clone(),
+            clock: TestClock(Arc::new(AtomicI64::new(T0))),
+            _db: db,
+        }
     }
 
     pub fn config(&self) -> Config {
@@ -50,13 +54,18 @@ impl TestDb {
             listen_addr: "127.0.0.1:0".parse().unwrap(),
             service_tokens: ServiceTokens::new([TOKEN]),
             registry_path: None,
-                batch_workers: quota_svc::store::DEFAULT_BATCH_WORKERS,
+            batch_workers: quota_svc::store::DEFAULT_BATCH_WORKERS,
         }
     }
 
     pub async fn start_with(&self, config: Config) -> anyhow::Result<RunningServer> {
         let clock = self.clock.0.clone();
-        quota_svc::start_with_clock(config, Arc::new(move || clock.load(Ordering::SeqCst)), CancellationToken::new()).await
+        quota_svc::start_with_clock(
+            config,
+            Arc::new(move || clock.load(Ordering::SeqCst)),
+            CancellationToken::new(),
+        )
+        .await
     }
 
     pub async fn start(&self) -> RunningServer {
@@ -67,7 +76,11 @@ impl TestDb {
 pub type Client = QuotaServiceClient<InterceptedService<Channel, BearerToken>>;
 
 pub async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 pub async fn client(addr: SocketAddr) -> Client {

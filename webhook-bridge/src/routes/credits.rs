@@ -32,9 +32,20 @@ pub struct Balance {
 #[utoipa::path(get, path = "/api/credits/balance", tag = "credits",
     responses((status = 200, body = Balance), (status = 401, body = crate::openapi::ErrorBody)),
     security(("user_jwt" = [])))]
-pub async fn balance(State(state): State<Arc<AppState>>, User(user_id): User) -> Result<Json<Balance>, ApiError> {
-    let reply = state.credits().get_balance(pb::GetBalanceRequest { user_id }).await?.into_inner();
-    Ok(Json(Balance { user_id: reply.user_id, balance: Micros(reply.balance_micros).to_string(), balance_micros: reply.balance_micros }))
+pub async fn balance(
+    State(state): State<Arc<AppState>>,
+    User(user_id): User,
+) -> Result<Json<Balance>, ApiError> {
+    let reply = state
+        .credits()
+        .get_balance(pb::GetBalanceRequest { user_id })
+        .await?
+        .into_inner();
+    Ok(Json(Balance {
+        user_id: reply.user_id,
+        balance: Micros(reply.balance_micros).to_string(),
+        balance_micros: reply.balance_micros,
+    }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -62,7 +73,14 @@ pub async fn purchase(
     JsonBody(body): JsonBody<PurchaseBody>,
 ) -> Result<Json<Purchase>, ApiError> {
     let amount_credits = amount::parse_whole_credits(&body.amount)?;
-    let reply = state.credits().purchase(pb::PurchaseRequest { user_id, amount_credits }).await?.into_inner();
+    let reply = state
+        .credits()
+        .purchase(pb::PurchaseRequest {
+            user_id,
+            amount_credits,
+        })
+        .await?
+        .into_inner();
     Ok(Json(Purchase {
         checkout_url: reply.checkout_url,
         session_id: reply.session_id,
@@ -132,7 +150,12 @@ pub struct Deducted {
 
 fn deduct_request(body: DeductBody) -> Result<pb::DeductRequest, ApiError> {
     let amount = amount::parse_positive(&body.amount)?;
-    Ok(pb::DeductRequest { user_id: body.user_id, amount_micros: amount.0, idempotency_key: body.idempotency_key, description: body.description })
+    Ok(pb::DeductRequest {
+        user_id: body.user_id,
+        amount_micros: amount.0,
+        idempotency_key: body.idempotency_key,
+        description: body.description,
+    })
 }
 
 #[utoipa::path(post, path = "/api/credits/deduct", tag = "credits", request_body = DeductBody,
@@ -147,8 +170,14 @@ pub async fn deduct(
 ) -> Result<Json<Deducted>, ApiError> {
     let request = deduct_request(body)?;
     let reply = state.credits().deduct(request).await?.into_inner();
-    let entry = reply.entry.ok_or_else(|| ApiError::Internal { code: "backend_error", message: "credits-svc sent no entry".to_owned() })?;
-    Ok(Json(Deducted { entry: entry.into(), duplicate: reply.duplicate }))
+    let entry = reply.entry.ok_or_else(|| ApiError::Internal {
+        code: "backend_error",
+        message: "credits-svc sent no entry".to_owned(),
+    })?;
+    Ok(Json(Deducted {
+        entry: entry.into(),
+        duplicate: reply.duplicate,
+    }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -178,11 +207,24 @@ pub struct Outcome {
 
 impl Outcome {
     fn new(idempotency_key: String, status: &'static str) -> Outcome {
-        Outcome { idempotency_key, status, entry_id: None, balance_after: None, balance: None, required: None, code: None, message: None }
+        Outcome {
+            idempotency_key,
+            status,
+            entry_id: None,
+            balance_after: None,
+            balance: None,
+            required: None,
+            code: None,
+            message: None,
+        }
     }
 
     fn invalid(idempotency_key: String, code: String, message: String) -> Outcome {
-        Outcome { code: Some(code), message: Some(message), ..Outcome::new(idempotency_key, "invalid") }
+        Outcome {
+            code: Some(code),
+            message: Some(message),
+            ..Outcome::new(idempotency_key, "invalid")
+        }
     }
 
     fn from_proto(outcome: pb::DeductOutcome) -> Outcome {
@@ -202,7 +244,11 @@ impl Outcome {
                 ..Outcome::new(key, "insufficient")
             },
             Some(R::Invalid(i)) => Outcome::invalid(key, i.code, i.message),
-            None => Outcome::invalid(key, "internal".to_owned(), "credits-svc sent no outcome".to_owned()),
+            None => Outcome::invalid(
+                key,
+                "internal".to_owned(),
+                "credits-svc sent no outcome".to_owned(),
+            ),
         }
     }
 }
@@ -226,7 +272,10 @@ pub async fn deduct_batch(
     if body.items.len() > MAX_BATCH_ITEMS {
         return Err(ApiError::bad_request(
             "batch_too_large",
-            format!("a batch holds at most {MAX_BATCH_ITEMS} items, got {}", body.items.len()),
+            format!(
+                "a batch holds at most {MAX_BATCH_ITEMS} items, got {}",
+                body.items.len()
+            ),
         ));
     }
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(body.items.len());
@@ -238,13 +287,22 @@ pub async fn deduct_batch(
                 valid.push(request);
                 outcomes.push(None);
             }
-            Err(error) => outcomes.push(Some(Outcome::invalid(key, error.code().to_owned(), error.to_string()))),
+            Err(error) => outcomes.push(Some(Outcome::invalid(
+                key,
+                error.code().to_owned(),
+                error.to_string(),
+            ))),
         }
     }
     let mut applied = if valid.is_empty() {
         Vec::new()
     } else {
-        state.credits().deduct_batch(pb::DeductBatchRequest { items: valid }).await?.into_inner().outcomes
+        state
+            .credits()
+            .deduct_batch(pb::DeductBatchRequest { items: valid })
+            .await?
+            .into_inner()
+            .outcomes
     }
     .into_iter();
     let outcomes = outcomes
@@ -254,7 +312,10 @@ pub async fn deduct_batch(
             None => applied
                 .next()
                 .map(Outcome::from_proto)
-                .ok_or_else(|| ApiError::Internal { code: "backend_error", message: "credits-svc sent too few outcomes".to_owned() }),
+                .ok_or_else(|| ApiError::Internal {
+                    code: "backend_error",
+                    message: "credits-svc sent too few outcomes".to_owned(),
+                }),
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(BatchOutcomes { outcomes }))
@@ -295,10 +356,16 @@ pub async fn history(
     let page_token = query.cursor.unwrap_or_default();
     let reply = state
         .credits()
-        .history(pb::HistoryRequest { user_id, page_size, page_token })
+        .history(pb::HistoryRequest {
+            user_id,
+            page_size,
+            page_token,
+        })
         .await
         .map_err(|status| match ApiError::from(status) {
-            ApiError::BadRequest { code, message } if code == "invalid_page_token" => ApiError::bad_request("invalid_cursor", message),
+            ApiError::BadRequest { code, message } if code == "invalid_page_token" => {
+                ApiError::bad_request("invalid_cursor", message)
+            }
             other => other,
         })?
         .into_inner();

@@ -8,9 +8,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 use crate::AppState;
 
@@ -22,7 +22,14 @@ pub async fn healthz() -> Json<Value> {
 
 async fn serving(channel: tonic::transport::Channel) -> Result<(), String> {
     let mut client = HealthClient::new(channel);
-    match tokio::time::timeout(PROBE_TIMEOUT, client.check(HealthCheckRequest { service: String::new() })).await {
+    match tokio::time::timeout(
+        PROBE_TIMEOUT,
+        client.check(HealthCheckRequest {
+            service: String::new(),
+        }),
+    )
+    .await
+    {
         Err(_) => Err("timed out".to_owned()),
         Ok(Err(status)) => {
             tracing::warn!(code = ?status.code(), "readiness: a backend did not answer");
@@ -38,11 +45,14 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Val
         serving(state.credits_channel.clone()),
         serving(state.quota_channel.clone()),
         async {
-            tokio::time::timeout(PROBE_TIMEOUT, state.events.ping()).await.map_err(|_| "timed out".to_owned())?.map_err(|error| {
-                // The details (host names, driver messages) go to the log, not to the caller.
-                tracing::warn!(%error, "readiness: the event store did not answer");
-                "unavailable".to_owned()
-            })
+            tokio::time::timeout(PROBE_TIMEOUT, state.events.ping())
+                .await
+                .map_err(|_| "timed out".to_owned())?
+                .map_err(|error| {
+                    // The details (host names, driver messages) go to the log, not to the caller.
+                    tracing::warn!(%error, "readiness: the event store did not answer");
+                    "unavailable".to_owned()
+                })
         },
     );
     let show = |r: &Result<(), String>| match r {
@@ -50,6 +60,15 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Val
         Err(e) => e.clone(),
     };
     let ready = credits.is_ok() && quota.is_ok() && store.is_ok();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"ready": ready, "credits_svc": show(&credits), "quota_svc": show(&quota), "event_store": show(&store)})))
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(
+            json!({"ready": ready, "credits_svc": show(&credits), "quota_svc": show(&quota), "event_store": show(&store)}),
+        ),
+    )
 }

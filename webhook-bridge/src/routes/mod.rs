@@ -22,9 +22,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let bytes = axum::body::Bytes::from_request(request, state)
             .await
             .map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not the expected JSON: {e}")))
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("the body is not the expected JSON: {e}"),
+            )
+        })
     }
 }
 

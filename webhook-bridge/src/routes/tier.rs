@@ -38,7 +38,9 @@ pub struct Usage {
 
 fn limit_of(limit: Option<pb::Limit>) -> (Option<i64>, bool) {
     match limit {
-        Some(pb::Limit { unlimited: true, .. }) => (None, true),
+        Some(pb::Limit {
+            unlimited: true, ..
+        }) => (None, true),
         Some(limit) => (Some(limit.units), false),
         None => (None, true),
     }
@@ -47,8 +49,15 @@ fn limit_of(limit: Option<pb::Limit>) -> (Option<i64>, bool) {
 #[utoipa::path(get, path = "/api/tier/usage", tag = "tier",
     responses((status = 200, body = Usage), (status = 401, body = crate::openapi::ErrorBody)),
     security(("user_jwt" = [])))]
-pub async fn usage(State(state): State<Arc<AppState>>, User(user_id): User) -> Result<Json<Usage>, ApiError> {
-    let reply = state.quota().get_usage(pb::GetUsageRequest { user_id }).await?.into_inner();
+pub async fn usage(
+    State(state): State<Arc<AppState>>,
+    User(user_id): User,
+) -> Result<Json<Usage>, ApiError> {
+    let reply = state
+        .quota()
+        .get_usage(pb::GetUsageRequest { user_id })
+        .await?
+        .into_inner();
     let features = reply
         .features
         .into_iter()
@@ -65,7 +74,11 @@ pub async fn usage(State(state): State<Arc<AppState>>, User(user_id): User) -> R
             }
         })
         .collect();
-    Ok(Json(Usage { user_id: reply.user_id, tier: reply.tier, features }))
+    Ok(Json(Usage {
+        user_id: reply.user_id,
+        tier: reply.tier,
+        features,
+    }))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -95,13 +108,17 @@ pub async fn check(
     User(user_id): User,
     Query(query): Query<CheckQuery>,
 ) -> Result<Json<Check>, ApiError> {
-    let feature = query
-        .feature
-        .filter(|f| !f.is_empty())
-        .ok_or_else(|| ApiError::bad_request("missing_feature", "the feature query parameter is required"))?;
+    let feature = query.feature.filter(|f| !f.is_empty()).ok_or_else(|| {
+        ApiError::bad_request("missing_feature", "the feature query parameter is required")
+    })?;
     let reply = state
         .quota()
-        .check_quota(pb::CheckQuotaRequest { user_id, feature: feature.clone(), consume: 0, idempotency_key: String::new() })
+        .check_quota(pb::CheckQuotaRequest {
+            user_id,
+            feature: feature.clone(),
+            consume: 0,
+            idempotency_key: String::new(),
+        })
         .await?
         .into_inner();
     let (limit, unlimited) = limit_of(reply.limit);

@@ -19,11 +19,21 @@ use crate::stripe::webhook::{self, Handled};
     responses((status = 200, body = crate::openapi::HandledBody),
         (status = 400, description = "missing, malformed, stale or wrong signature; nothing is recorded", body = crate::openapi::ErrorBody),
         (status = 503, description = "not durable yet: Stripe retries", body = crate::openapi::ErrorBody)))]
-pub async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Json<Handled>, ApiError> {
-    let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
+pub async fn receive(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Handled>, ApiError> {
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
     let event = webhook::verify(&body, signature, &state.webhook_secret).inspect_err(|error| {
         tracing::warn!(code = error.code(), "Stripe webhook refused");
     })?;
-    let span = tracing::info_span!("stripe_event", event_id = %event.id, event_type = %event.event_type);
-    webhook::handle(&state, event).instrument(span).await.map(Json)
+    let span =
+        tracing::info_span!("stripe_event", event_id = %event.id, event_type = %event.event_type);
+    webhook::handle(&state, event)
+        .instrument(span)
+        .await
+        .map(Json)
 }

@@ -84,16 +84,26 @@ impl EventStore {
 
     /// Connections of the pool, for metrics.
     pub fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats {
-        on_pool!(self, |pool| reeve_runtime::telemetry::PoolStats { open: pool.size(), idle: pool.num_idle() })
+        on_pool!(self, |pool| reeve_runtime::telemetry::PoolStats {
+            open: pool.size(),
+            idle: pool.num_idle()
+        })
     }
 
     pub async fn ping(&self) -> Result<(), EventStoreError> {
-        on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        on_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
         Ok(())
     }
 
     /// Records a delivery: the first stores the event, later ones count themselves.
-    pub async fn record_received(&self, event: &Received, now_us: i64) -> Result<(), EventStoreError> {
+    pub async fn record_received(
+        &self,
+        event: &Received,
+        now_us: i64,
+    ) -> Result<(), EventStoreError> {
         let sql = "INSERT INTO stripe_events \
                    (event_id, event_type, payload, received_at_us, last_received_at_us, payment_intent_id, charge_id, user_id) \
                    VALUES ($1, $2, $3, $4, $4, $5, $6, $7) \
@@ -116,8 +126,18 @@ impl EventStore {
     /// Records what was done. The first final outcome stays: a redelivery that finds the
     /// work already applied does not rewrite the audit trail; a retryable failure does
     /// not overwrite a final outcome either.
-    pub async fn record_outcome(&self, event_id: &str, outcome: &str, detail: &str, now_us: i64) -> Result<(), EventStoreError> {
-        let processed_at = if outcome == "failed" { None } else { Some(now_us) };
+    pub async fn record_outcome(
+        &self,
+        event_id: &str,
+        outcome: &str,
+        detail: &str,
+        now_us: i64,
+    ) -> Result<(), EventStoreError> {
+        let processed_at = if outcome == "failed" {
+            None
+        } else {
+            Some(now_us)
+        };
         let sql = format!(
             "UPDATE stripe_events SET outcome = $2, detail = $3, processed_at_us = $4 \
              WHERE event_id = $1 AND outcome IN {FINAL_OUTCOMES_EXCLUDED}"
@@ -134,7 +154,11 @@ impl EventStore {
     }
 
     /// The user who paid with this payment intent or charge, as an earlier event said.
-    pub async fn user_of_payment(&self, payment_intent_id: Option<&str>, charge_id: Option<&str>) -> Result<Option<String>, EventStoreError> {
+    pub async fn user_of_payment(
+        &self,
+        payment_intent_id: Option<&str>,
+        charge_id: Option<&str>,
+    ) -> Result<Option<String>, EventStoreError> {
         let sql = "SELECT user_id FROM stripe_events WHERE user_id IS NOT NULL AND \
                    ((payment_intent_id IS NOT NULL AND payment_intent_id = $1) OR (charge_id IS NOT NULL AND charge_id = $2)) \
                    ORDER BY received_at_us LIMIT 1";
@@ -148,7 +172,11 @@ impl EventStore {
 
     /// Refunds and disputes of this payment stored as needing attention (their user was
     /// not known yet), oldest first.
-    pub async fn waiting_for_payment(&self, payment_intent_id: Option<&str>, charge_id: Option<&str>) -> Result<Vec<StoredEvent>, EventStoreError> {
+    pub async fn waiting_for_payment(
+        &self,
+        payment_intent_id: Option<&str>,
+        charge_id: Option<&str>,
+    ) -> Result<Vec<StoredEvent>, EventStoreError> {
         let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
                    FROM stripe_events WHERE outcome = 'needs_attention' \
                    AND event_type IN ('charge.refunded', 'charge.dispute.created', 'charge.dispute.funds_withdrawn', \
@@ -165,7 +193,13 @@ impl EventStore {
 
     /// Records the outcome of an event that was waiting (`needs_attention`) and has now
     /// been applied.
-    pub async fn resolve(&self, event_id: &str, outcome: &str, detail: &str, now_us: i64) -> Result<(), EventStoreError> {
+    pub async fn resolve(
+        &self,
+        event_id: &str,
+        outcome: &str,
+        detail: &str,
+        now_us: i64,
+    ) -> Result<(), EventStoreError> {
         let sql = "UPDATE stripe_events SET outcome = $2, detail = $3, processed_at_us = $4 \
                    WHERE event_id = $1 AND outcome = 'needs_attention'";
         on_pool!(self, |pool| sqlx::query(sql)
@@ -182,7 +216,10 @@ impl EventStore {
     pub async fn get(&self, event_id: &str) -> Result<Option<StoredEvent>, EventStoreError> {
         let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
                    FROM stripe_events WHERE event_id = $1";
-        let event = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql).bind(event_id).fetch_optional(pool).await)?;
+        let event = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql)
+            .bind(event_id)
+            .fetch_optional(pool)
+            .await)?;
         Ok(event)
     }
 
@@ -191,7 +228,10 @@ impl EventStore {
     pub async fn needing_attention(&self, limit: i64) -> Result<Vec<StoredEvent>, EventStoreError> {
         let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
                    FROM stripe_events WHERE outcome IN ('needs_attention', 'failed', 'ignored_currency') ORDER BY received_at_us LIMIT $1";
-        let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql).bind(limit).fetch_all(pool).await)?;
+        let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?;
         Ok(events)
     }
 }

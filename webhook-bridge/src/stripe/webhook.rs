@@ -41,12 +41,20 @@ pub struct Verified {
 
 /// Checks the signature with async-stripe and reads the event.
 pub fn verify(payload: &[u8], signature: Option<&str>, secret: &str) -> Result<Verified, ApiError> {
-    let signature =
-        signature.ok_or_else(|| ApiError::bad_request("missing_signature", "the Stripe-Signature header is required"))?;
+    let signature = signature.ok_or_else(|| {
+        ApiError::bad_request(
+            "missing_signature",
+            "the Stripe-Signature header is required",
+        )
+    })?;
     if !well_formed(signature) {
-        return Err(ApiError::bad_request("malformed_signature", "the Stripe-Signature header is not t=<seconds>,v1=<hex>"));
+        return Err(ApiError::bad_request(
+            "malformed_signature",
+            "the Stripe-Signature header is not t=<seconds>,v1=<hex>",
+        ));
     }
-    let payload = std::str::from_utf8(payload).map_err(|_| ApiError::bad_request("invalid_payload", "the body is not UTF-8"))?;
+    let payload = std::str::from_utf8(payload)
+        .map_err(|_| ApiError::bad_request("invalid_payload", "the body is not UTF-8"))?;
     match stripe_webhook::Webhook::construct_event(payload, signature, secret) {
         // BadParse comes only after the signature and timestamp were accepted: the
         // event is genuine, but async-stripe's typed model does not know its shape.
@@ -56,26 +64,54 @@ pub fn verify(payload: &[u8], signature: Option<&str>, secret: &str) -> Result<V
             tracing::debug!(%reason, "verified Stripe event outside async-stripe's typed model");
         }
         Err(stripe_webhook::WebhookError::BadTimestamp(_)) => {
-            return Err(ApiError::bad_request("stale_signature", "the signature timestamp is outside the 5-minute tolerance"));
+            return Err(ApiError::bad_request(
+                "stale_signature",
+                "the signature timestamp is outside the 5-minute tolerance",
+            ));
         }
         Err(stripe_webhook::WebhookError::BadHeader(_)) => {
-            return Err(ApiError::bad_request("malformed_signature", "the Stripe-Signature header is malformed"));
+            return Err(ApiError::bad_request(
+                "malformed_signature",
+                "the Stripe-Signature header is malformed",
+            ));
         }
-        Err(_) => return Err(ApiError::bad_request("invalid_signature", "the Stripe-Signature does not verify")),
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_signature",
+                "the Stripe-Signature does not verify",
+            ));
+        }
     }
-    read_event(payload).ok_or_else(|| ApiError::bad_request("malformed_event", "the body is not a Stripe event with an id and a type"))
+    read_event(payload).ok_or_else(|| {
+        ApiError::bad_request(
+            "malformed_event",
+            "the body is not a Stripe event with an id and a type",
+        )
+    })
 }
 
 /// The fields acted upon, from an event's JSON; `None` without an id or a type.
 fn read_event(payload: &str) -> Option<Verified> {
     let event: Value = serde_json::from_str(payload).ok()?;
-    let text = |key: &str| event.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+    let text = |key: &str| {
+        event
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
     let data = event.get("data");
     Some(Verified {
         id: text("id")?,
         event_type: text("type")?,
-        object: data.and_then(|d| d.get("object")).cloned().unwrap_or(Value::Null),
-        previous: data.and_then(|d| d.get("previous_attributes")).cloned().filter(|v| !v.is_null()),
+        object: data
+            .and_then(|d| d.get("object"))
+            .cloned()
+            .unwrap_or(Value::Null),
+        previous: data
+            .and_then(|d| d.get("previous_attributes"))
+            .cloned()
+            .filter(|v| !v.is_null()),
         payload: payload.to_owned(),
     })
 }
@@ -88,7 +124,9 @@ fn well_formed(signature: &str) -> bool {
     for part in signature.split(',') {
         match part.trim().split_once('=') {
             Some(("t", t)) => timestamp |= !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()),
-            Some(("v1", hex)) => v1 |= !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            Some(("v1", hex)) => {
+                v1 |= !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit())
+            }
             _ => {}
         }
     }
@@ -96,7 +134,10 @@ fn well_formed(signature: &str) -> bool {
 }
 
 fn text<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
-    object.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+    object
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 fn metadata_user(object: &Value) -> Option<&str> {
@@ -111,7 +152,11 @@ fn cents(object: &Value, key: &str) -> Option<i64> {
 pub fn received(event: &Verified) -> Received {
     let object = &event.object;
     let (payment_intent_id, charge_id, user_id) = match event.event_type.as_str() {
-        "payment_intent.succeeded" => (text(object, "id"), text(object, "latest_charge"), metadata_user(object)),
+        "payment_intent.succeeded" => (
+            text(object, "id"),
+            text(object, "latest_charge"),
+            metadata_user(object),
+        ),
         "checkout.session.completed" => (
             text(object, "payment_intent"),
             None,
@@ -119,10 +164,18 @@ pub fn received(event: &Verified) -> Received {
         ),
         // Kept so that a refund or dispute that arrives before its payment can be
         // applied once the payment is known (see `apply_waiting`).
-        "charge.refunded" => (text(object, "payment_intent"), text(object, "id"), metadata_user(object)),
-        "charge.dispute.created" | "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
-            (text(object, "payment_intent"), text(object, "charge"), metadata_user(object))
-        }
+        "charge.refunded" => (
+            text(object, "payment_intent"),
+            text(object, "id"),
+            metadata_user(object),
+        ),
+        "charge.dispute.created"
+        | "charge.dispute.funds_withdrawn"
+        | "charge.dispute.funds_reinstated" => (
+            text(object, "payment_intent"),
+            text(object, "charge"),
+            metadata_user(object),
+        ),
         _ => (None, None, None),
     };
     Received {
@@ -138,12 +191,30 @@ pub fn received(event: &Verified) -> Received {
 /// The one thing an event makes the bridge do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Credit { user_id: String, amount: Micros, key: String, description: String },
-    Debit { user_id: String, amount: Micros, key: String, reason: String },
+    Credit {
+        user_id: String,
+        amount: Micros,
+        key: String,
+        description: String,
+    },
+    Debit {
+        user_id: String,
+        amount: Micros,
+        key: String,
+        reason: String,
+    },
     /// Gives back what a debit took (a dispute won): an adjustment, not a purchase.
-    Restore { user_id: String, amount: Micros, key: String, reason: String },
+    Restore {
+        user_id: String,
+        amount: Micros,
+        key: String,
+        reason: String,
+    },
     /// Stored, nothing to do; `outcome` is `ignored` or `ignored_currency`.
-    Ignore { outcome: &'static str, detail: String },
+    Ignore {
+        outcome: &'static str,
+        detail: String,
+    },
     /// Stored, cannot be acted upon without a person (e.g. no user id).
     NeedsAttention(String),
 }
@@ -152,10 +223,16 @@ pub enum Action {
 pub fn payment_of(event: &Verified) -> Option<(Option<String>, Option<String>)> {
     let object = &event.object;
     match event.event_type.as_str() {
-        "charge.refunded" => Some((text(object, "payment_intent").map(str::to_owned), text(object, "id").map(str::to_owned))),
-        "charge.dispute.created" | "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
-            Some((text(object, "payment_intent").map(str::to_owned), text(object, "charge").map(str::to_owned)))
-        }
+        "charge.refunded" => Some((
+            text(object, "payment_intent").map(str::to_owned),
+            text(object, "id").map(str::to_owned),
+        )),
+        "charge.dispute.created"
+        | "charge.dispute.funds_withdrawn"
+        | "charge.dispute.funds_reinstated" => Some((
+            text(object, "payment_intent").map(str::to_owned),
+            text(object, "charge").map(str::to_owned),
+        )),
         _ => None,
     }
 }
@@ -164,7 +241,12 @@ pub fn payment_of(event: &Verified) -> Option<(Option<String>, Option<String>)> 
 /// payment, when an earlier event named them.
 pub fn plan(event: &Verified, currency: &str, known_user: Option<String>) -> Action {
     let object = &event.object;
-    let currency_ok = || object.get("currency").and_then(Value::as_str).is_some_and(|c| c.eq_ignore_ascii_case(currency));
+    let currency_ok = || {
+        object
+            .get("currency")
+            .and_then(Value::as_str)
+            .is_some_and(|c| c.eq_ignore_ascii_case(currency))
+    };
     let wrong_currency = || Action::Ignore {
         outcome: "ignored_currency",
         detail: format!(
@@ -182,10 +264,14 @@ pub fn plan(event: &Verified, currency: &str, known_user: Option<String>) -> Act
                 return wrong_currency();
             }
             let Some(user_id) = metadata_user(object) else {
-                return Action::NeedsAttention(format!("payment intent {payment_intent} has no metadata.user_id"));
+                return Action::NeedsAttention(format!(
+                    "payment intent {payment_intent} has no metadata.user_id"
+                ));
             };
             let Some(amount) = cents(object, "amount_received").and_then(micros) else {
-                return Action::NeedsAttention(format!("payment intent {payment_intent} has no positive amount_received"));
+                return Action::NeedsAttention(format!(
+                    "payment intent {payment_intent} has no positive amount_received"
+                ));
             };
             Action::Credit {
                 user_id: user_id.to_owned(),
@@ -206,14 +292,25 @@ pub fn plan(event: &Verified, currency: &str, known_user: Option<String>) -> Act
                 return wrong_currency();
             }
             let Some(after) = cents(object, "amount_refunded") else {
-                return Action::NeedsAttention(format!("refunded charge {charge} has no amount_refunded"));
+                return Action::NeedsAttention(format!(
+                    "refunded charge {charge} has no amount_refunded"
+                ));
             };
-            let before = event.previous.as_ref().and_then(|p| cents(p, "amount_refunded")).unwrap_or(0);
+            let before = event
+                .previous
+                .as_ref()
+                .and_then(|p| cents(p, "amount_refunded"))
+                .unwrap_or(0);
             let Some(amount) = after.checked_sub(before).and_then(micros) else {
-                return Action::Ignore { outcome: "ignored", detail: format!("no new refund on {charge} ({before} → {after})") };
+                return Action::Ignore {
+                    outcome: "ignored",
+                    detail: format!("no new refund on {charge} ({before} → {after})"),
+                };
             };
             let Some(user_id) = metadata_user(object).map(str::to_owned).or(known_user) else {
-                return Action::NeedsAttention(format!("no user known for refunded charge {charge}"));
+                return Action::NeedsAttention(format!(
+                    "no user known for refunded charge {charge}"
+                ));
             };
             Action::Debit {
                 user_id,
@@ -224,7 +321,9 @@ pub fn plan(event: &Verified, currency: &str, known_user: Option<String>) -> Act
         }
         // Created (the contract) or funds withdrawn: one debit per dispute, by
         // the same key, whichever arrives first.
-        "charge.dispute.created" | "charge.dispute.funds_withdrawn" | "charge.dispute.funds_reinstated" => {
+        "charge.dispute.created"
+        | "charge.dispute.funds_withdrawn"
+        | "charge.dispute.funds_reinstated" => {
             let reinstated = event.event_type == "charge.dispute.funds_reinstated";
             let Some(dispute) = text(object, "id") else {
                 return Action::NeedsAttention("dispute without an id".to_owned());
@@ -236,7 +335,9 @@ pub fn plan(event: &Verified, currency: &str, known_user: Option<String>) -> Act
                 return Action::NeedsAttention(format!("dispute {dispute} has no positive amount"));
             };
             let Some(user_id) = metadata_user(object).map(str::to_owned).or(known_user) else {
-                return Action::NeedsAttention(format!("no user known for disputed payment of {dispute}"));
+                return Action::NeedsAttention(format!(
+                    "no user known for disputed payment of {dispute}"
+                ));
             };
             if reinstated {
                 // A dispute won: its funds come back, once.
@@ -254,7 +355,10 @@ pub fn plan(event: &Verified, currency: &str, known_user: Option<String>) -> Act
                 reason: format!("Stripe dispute {dispute}"),
             }
         }
-        other => Action::Ignore { outcome: "ignored", detail: format!("event type {other} is not acted upon") },
+        other => Action::Ignore {
+            outcome: "ignored",
+            detail: format!("event type {other} is not acted upon"),
+        },
     }
 }
 
@@ -274,18 +378,27 @@ pub async fn handle(state: &AppState, event: Verified) -> Result<Handled, ApiErr
         tracing::error!(%error, "cannot store Stripe event");
         ApiError::unavailable("the event store is unavailable; Stripe will retry")
     };
-    state.events.record_received(&received(&event), now).await.map_err(store_failed)?;
+    state
+        .events
+        .record_received(&received(&event), now)
+        .await
+        .map_err(store_failed)?;
     let known_user = match payment_of(&event) {
-        Some((payment_intent, charge)) => {
-            state.events.user_of_payment(payment_intent.as_deref(), charge.as_deref()).await.map_err(store_failed)?
-        }
+        Some((payment_intent, charge)) => state
+            .events
+            .user_of_payment(payment_intent.as_deref(), charge.as_deref())
+            .await
+            .map_err(store_failed)?,
         None => None,
     };
     let action = plan(&event, &state.currency, known_user);
     let (outcome, detail) = match apply(state, &action).await {
         Ok(done) => done,
         Err(error) if error.status().is_server_error() => {
-            let _ = state.events.record_outcome(&event.id, "failed", &error.to_string(), now).await;
+            let _ = state
+                .events
+                .record_outcome(&event.id, "failed", &error.to_string(), now)
+                .await;
             return Err(error);
         }
         // The backend refused the write itself (e.g. the key was used for another
@@ -295,34 +408,62 @@ pub async fn handle(state: &AppState, event: Verified) -> Result<Handled, ApiErr
     if outcome == "needs_attention" || outcome == "ignored_currency" {
         tracing::warn!(event_id = %event.id, event_type = %event.event_type, %detail, "Stripe event needs attention");
     }
-    state.events.record_outcome(&event.id, outcome, &detail, now).await.map_err(store_failed)?;
+    state
+        .events
+        .record_outcome(&event.id, outcome, &detail, now)
+        .await
+        .map_err(store_failed)?;
     tracing::info!(event_id = %event.id, event_type = %event.event_type, outcome, "Stripe event handled");
     metrics::counter!("reeve_webhook_events_total", "type" => event.event_type.clone(), "outcome" => outcome).increment(1);
     // A payment may unblock refunds and disputes that came first; a refund or dispute
     // left waiting looks once more, in case its payment was stored meanwhile (each side
     // looks after storing itself, so one of the two always sees the other).
-    let waiting_may_move = matches!(action, Action::Credit { .. }) || (outcome == "needs_attention" && payment_of(&event).is_some());
+    let waiting_may_move = matches!(action, Action::Credit { .. })
+        || (outcome == "needs_attention" && payment_of(&event).is_some());
     if waiting_may_move {
         let stored = received(&event);
-        apply_waiting(state, stored.payment_intent_id.as_deref(), stored.charge_id.as_deref()).await?;
+        apply_waiting(
+            state,
+            stored.payment_intent_id.as_deref(),
+            stored.charge_id.as_deref(),
+        )
+        .await?;
     }
-    Ok(Handled { received: true, event_id: event.id, outcome })
+    Ok(Handled {
+        received: true,
+        event_id: event.id,
+        outcome,
+    })
 }
 
 /// Applies the refunds and disputes of a payment that arrived before the payment itself
 /// (stored as needing attention, for want of a user). Their keys make this safe to run
 /// on every delivery of the payment, concurrently or not.
-async fn apply_waiting(state: &AppState, payment_intent: Option<&str>, charge: Option<&str>) -> Result<(), ApiError> {
+async fn apply_waiting(
+    state: &AppState,
+    payment_intent: Option<&str>,
+    charge: Option<&str>,
+) -> Result<(), ApiError> {
     let unavailable = |error: crate::stripe::events::EventStoreError| {
         tracing::error!(%error, "cannot read waiting Stripe events");
         ApiError::unavailable("the event store is unavailable; Stripe will retry")
     };
-    let waiting = state.events.waiting_for_payment(payment_intent, charge).await.map_err(unavailable)?;
+    let waiting = state
+        .events
+        .waiting_for_payment(payment_intent, charge)
+        .await
+        .map_err(unavailable)?;
     for stored in waiting {
         // Verified when it was received.
-        let Some(event) = read_event(&stored.payload) else { continue };
+        let Some(event) = read_event(&stored.payload) else {
+            continue;
+        };
         let known_user = match payment_of(&event) {
-            Some((pi, ch)) => state.events.user_of_payment(pi.as_deref(), ch.as_deref()).await.map_err(unavailable)?,
+            Some((pi, ch)) => state
+                .events
+                .user_of_payment(pi.as_deref(), ch.as_deref())
+                .await
+                .map_err(unavailable)?,
             None => None,
         };
         let action = plan(&event, &state.currency, known_user);
@@ -340,7 +481,11 @@ async fn apply_waiting(state: &AppState, payment_intent: Option<&str>, charge: O
             }
         };
         let now = reeve_runtime::clock::now_us();
-        state.events.resolve(&event.id, outcome, &detail, now).await.map_err(unavailable)?;
+        state
+            .events
+            .resolve(&event.id, outcome, &detail, now)
+            .await
+            .map_err(unavailable)?;
         tracing::info!(event_id = %event.id, event_type = %event.event_type, outcome, "waiting Stripe event applied");
     }
     Ok(())
@@ -348,7 +493,12 @@ async fn apply_waiting(state: &AppState, payment_intent: Option<&str>, charge: O
 
 async fn apply(state: &AppState, action: &Action) -> Result<(&'static str, String), ApiError> {
     match action {
-        Action::Credit { user_id, amount, key, description } => {
+        Action::Credit {
+            user_id,
+            amount,
+            key,
+            description,
+        } => {
             let reply = state
                 .credits()
                 .add_credits(credits::AddCreditsRequest {
@@ -360,15 +510,32 @@ async fn apply(state: &AppState, action: &Action) -> Result<(&'static str, Strin
                 })
                 .await?
                 .into_inner();
-            let note = if reply.duplicate { " (already applied)" } else { "" };
+            let note = if reply.duplicate {
+                " (already applied)"
+            } else {
+                ""
+            };
             Ok(("credited", format!("credited {amount} to {user_id}{note}")))
         }
-        Action::Debit { user_id, amount, key, reason } | Action::Restore { user_id, amount, key, reason } => {
+        Action::Debit {
+            user_id,
+            amount,
+            key,
+            reason,
+        }
+        | Action::Restore {
+            user_id,
+            amount,
+            key,
+            reason,
+        } => {
             let restore = matches!(action, Action::Restore { .. });
             let signed = if restore {
                 *amount
             } else {
-                amount.checked_neg().ok_or_else(|| ApiError::bad_request("invalid_amount", "amount overflows"))?
+                amount
+                    .checked_neg()
+                    .ok_or_else(|| ApiError::bad_request("invalid_amount", "amount overflows"))?
             };
             let reply = state
                 .credits()
@@ -380,7 +547,11 @@ async fn apply(state: &AppState, action: &Action) -> Result<(&'static str, Strin
                 })
                 .await?
                 .into_inner();
-            let note = if reply.duplicate { " (already applied)" } else { "" };
+            let note = if reply.duplicate {
+                " (already applied)"
+            } else {
+                ""
+            };
             if restore {
                 Ok(("credited", format!("gave {amount} back to {user_id}{note}")))
             } else {
@@ -398,7 +569,13 @@ mod tests {
     use serde_json::json;
 
     fn event(event_type: &str, object: Value, previous: Option<Value>) -> Verified {
-        Verified { id: "evt_1".to_owned(), event_type: event_type.to_owned(), object, previous, payload: String::new() }
+        Verified {
+            id: "evt_1".to_owned(),
+            event_type: event_type.to_owned(),
+            object,
+            previous,
+            payload: String::new(),
+        }
     }
 
     #[test]
@@ -418,18 +595,62 @@ mod tests {
     #[test]
     fn other_currency_and_missing_user_are_not_credited() {
         let eur = json!({"id": "pi_1", "amount_received": 2500, "currency": "eur", "metadata": {"user_id": "alice"}});
-        assert!(matches!(plan(&event("payment_intent.succeeded", eur, None), "usd", None), Action::Ignore { outcome: "ignored_currency", .. }));
-        let anonymous = json!({"id": "pi_1", "amount_received": 2500, "currency": "usd", "metadata": {}});
-        assert!(matches!(plan(&event("payment_intent.succeeded", anonymous, None), "usd", None), Action::NeedsAttention(_)));
+        assert!(matches!(
+            plan(&event("payment_intent.succeeded", eur, None), "usd", None),
+            Action::Ignore {
+                outcome: "ignored_currency",
+                ..
+            }
+        ));
+        let anonymous =
+            json!({"id": "pi_1", "amount_received": 2500, "currency": "usd", "metadata": {}});
+        assert!(matches!(
+            plan(
+                &event("payment_intent.succeeded", anonymous, None),
+                "usd",
+                None
+            ),
+            Action::NeedsAttention(_)
+        ));
     }
 
     #[test]
     fn partial_refunds_debit_each_step_once() {
         let charge = |after: i64| json!({"id": "ch_1", "amount_refunded": after, "currency": "usd", "payment_intent": "pi_1"});
-        let first = plan(&event("charge.refunded", charge(500), Some(json!({"amount_refunded": 0}))), "usd", Some("bob".to_owned()));
-        let second = plan(&event("charge.refunded", charge(800), Some(json!({"amount_refunded": 500}))), "usd", Some("bob".to_owned()));
-        let Action::Debit { amount: a1, key: k1, .. } = first else { panic!("{first:?}") };
-        let Action::Debit { amount: a2, key: k2, .. } = second else { panic!("{second:?}") };
+        let first = plan(
+            &event(
+                "charge.refunded",
+                charge(500),
+                Some(json!({"amount_refunded": 0})),
+            ),
+            "usd",
+            Some("bob".to_owned()),
+        );
+        let second = plan(
+            &event(
+                "charge.refunded",
+                charge(800),
+                Some(json!({"amount_refunded": 500})),
+            ),
+            "usd",
+            Some("bob".to_owned()),
+        );
+        let Action::Debit {
+            amount: a1,
+            key: k1,
+            ..
+        } = first
+        else {
+            panic!("{first:?}")
+        };
+        let Action::Debit {
+            amount: a2,
+            key: k2,
+            ..
+        } = second
+        else {
+            panic!("{second:?}")
+        };
         assert_eq!((a1, a2), (Micros(5_000_000), Micros(3_000_000)));
         assert_ne!(k1, k2);
     }
@@ -437,10 +658,24 @@ mod tests {
     #[test]
     fn dispute_needs_a_known_user() {
         let dispute = json!({"id": "dp_1", "amount": 1000, "currency": "usd", "charge": "ch_1"});
-        assert!(matches!(plan(&event("charge.dispute.created", dispute.clone(), None), "usd", None), Action::NeedsAttention(_)));
         assert!(matches!(
-            plan(&event("charge.dispute.created", dispute, None), "usd", Some("bob".to_owned())),
-            Action::Debit { amount: Micros(10_000_000), .. }
+            plan(
+                &event("charge.dispute.created", dispute.clone(), None),
+                "usd",
+                None
+            ),
+            Action::NeedsAttention(_)
+        ));
+        assert!(matches!(
+            plan(
+                &event("charge.dispute.created", dispute, None),
+                "usd",
+                Some("bob".to_owned())
+            ),
+            Action::Debit {
+                amount: Micros(10_000_000),
+                ..
+            }
         ));
     }
 }

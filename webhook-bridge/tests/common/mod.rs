@@ -41,7 +41,11 @@ impl Drop for Stack {
     }
 }
 
-pub fn credits_config(db_url: &str, addr: SocketAddr, stripe_api_base: String) -> credits_svc::Config {
+pub fn credits_config(
+    db_url: &str,
+    addr: SocketAddr,
+    stripe_api_base: String,
+) -> credits_svc::Config {
     credits_svc::Config {
         database_url: db_url.to_owned(),
         listen_addr: addr,
@@ -68,7 +72,11 @@ impl Stack {
         Stack::start_with_jwt_audience(backend, jwt, None).await
     }
 
-    pub async fn start_with_jwt_audience(backend: Backend, jwt: JwtKey, audience: Option<&str>) -> Stack {
+    pub async fn start_with_jwt_audience(
+        backend: Backend,
+        jwt: JwtKey,
+        audience: Option<&str>,
+    ) -> Stack {
         let db = ScratchDb::new(backend, "bridge").await;
         let shutdown = CancellationToken::new();
         let credits_shutdown = CancellationToken::new();
@@ -82,9 +90,12 @@ impl Stack {
         )
         .await
         .unwrap();
-        let credits = credits_svc::start(credits_config(&db.url, "127.0.0.1:0".parse().unwrap(), fake.api_base()), credits_shutdown.clone())
-            .await
-            .unwrap();
+        let credits = credits_svc::start(
+            credits_config(&db.url, "127.0.0.1:0".parse().unwrap(), fake.api_base()),
+            credits_shutdown.clone(),
+        )
+        .await
+        .unwrap();
         let quota = quota_svc::start(
             quota_svc::Config {
                 database_url: db.url.clone(),
@@ -120,14 +131,29 @@ impl Stack {
         fake.set_webhook_url(format!("{base}/api/credits/webhook"));
         // The servers live until the tokens are cancelled; their handles are not needed.
         drop((credits, quota));
-        Stack { db, base, http: reqwest::Client::new(), fake, bridge, credits_addr, credits_shutdown, shutdown }
+        Stack {
+            db,
+            base,
+            http: reqwest::Client::new(),
+            fake,
+            bridge,
+            credits_addr,
+            credits_shutdown,
+            shutdown,
+        }
     }
 
     pub fn token(&self, user_id: &str) -> String {
         hs256_token(json!({"sub": user_id, "exp": now() + 3600}), JWT_SECRET)
     }
 
-    pub async fn request(&self, method: reqwest::Method, path: &str, bearer: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(bearer) = bearer {
             request = request.bearer_auth(bearer);
@@ -138,15 +164,20 @@ impl Stack {
         let response = request.send().await.unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get(&self, path: &str, bearer: &str) -> (StatusCode, Value) {
-        self.request(reqwest::Method::GET, path, Some(bearer), None).await
+        self.request(reqwest::Method::GET, path, Some(bearer), None)
+            .await
     }
 
     pub async fn post(&self, path: &str, bearer: &str, body: Value) -> (StatusCode, Value) {
-        self.request(reqwest::Method::POST, path, Some(bearer), Some(body)).await
+        self.request(reqwest::Method::POST, path, Some(bearer), Some(body))
+            .await
     }
 
     /// The user's balance in micros, read through the REST API.
@@ -169,7 +200,10 @@ impl Stack {
         let response = request.send().await.unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Sends `event`, correctly signed now.
@@ -179,8 +213,17 @@ impl Stack {
         self.send_raw(&payload, Some(&signature)).await
     }
 
-    pub async fn credits_client(&self) -> CreditServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>> {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.credits_addr)).unwrap().connect().await.unwrap();
+    pub async fn credits_client(
+        &self,
+    ) -> CreditServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+    > {
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{}", self.credits_addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
         CreditServiceClient::with_interceptor(channel, BearerToken::new(SERVICE_TOKEN).unwrap())
     }
 
@@ -222,10 +265,12 @@ pub fn hs256_token(claims: Value, secret: &str) -> String {
 
 /// Stripe's own fixture objects, from `shared/stripe-fixtures` beside the checkout.
 pub fn fixture(name: &str) -> Value {
-    let dir = std::env::var("REEVE_STRIPE_FIXTURES")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/stripe-fixtures").to_owned());
+    let dir = std::env::var("REEVE_STRIPE_FIXTURES").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/stripe-fixtures").to_owned()
+    });
     let path = format!("{dir}/{name}.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("Stripe fixture {path}: {e} (set REEVE_STRIPE_FIXTURES)"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("Stripe fixture {path}: {e} (set REEVE_STRIPE_FIXTURES)"));
     serde_json::from_str(&text).unwrap()
 }
 
