@@ -12,6 +12,8 @@ use std::fmt;
 use serde::Deserialize;
 
 /// The tiers, in the order they are listed.
+/// PostgreSQL's `quota_consume_batch` (migration 2003) takes one limit array per tier
+/// in this order and knows these names: change them together (a test pins them).
 pub const TIERS: [&str; 3] = ["free", "pro", "enterprise"];
 pub const DEFAULT_TIER: &str = "free";
 
@@ -226,6 +228,35 @@ enum LimitValue {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tiers_match_the_batch_function() {
+        // quota_consume_batch (migrations/postgres/2003) hard-codes these, in this order.
+        assert_eq!(TIERS, ["free", "pro", "enterprise"]);
+        assert_eq!(DEFAULT_TIER, "free");
+        let sql = include_str!("../migrations/postgres/2003_quota_consume_batch.sql");
+        for tier in TIERS {
+            assert!(
+                sql.contains(&format!("v_tier = '{tier}'")),
+                "{tier} missing from the batch function"
+            );
+            assert!(
+                sql.contains(&format!("v_limit := p_{tier}[i]")),
+                "{tier} not mapped to its array"
+            );
+        }
+        let order: Vec<usize> = TIERS
+            .iter()
+            .map(|t| {
+                sql.find(&format!("p_{t:<10} BIGINT[]"))
+                    .unwrap_or(usize::MAX)
+            })
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "the limit arrays are in TIERS order"
+        );
+    }
     use super::*;
 
     #[test]

@@ -32,13 +32,22 @@ pub enum StoreError {
     UnsupportedUrl,
 }
 
+/// PostgreSQL errors worth a retry: deadlock detected, lock timeout, query cancelled,
+/// serialization failure.
+const RETRYABLE_SQLSTATES: &[&str] = &["40P01", "55P03", "57014", "40001"];
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> StoreError {
+        let retryable = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| RETRYABLE_SQLSTATES.contains(&code.as_ref()));
         match error {
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_) => StoreError::Unavailable(Arc::new(error)),
+            _ if retryable => StoreError::Unavailable(Arc::new(error)),
             other => StoreError::Database(Arc::new(other)),
         }
     }
@@ -434,7 +443,9 @@ struct ConsumeItem {
 }
 
 /// Concurrent consumes coalesced into one `quota_consume_batch` call.
-type ConsumeCommit = reeve_runtime::group_commit::GroupCommit<ConsumeItem, Checked, StoreError>;
+/// Each item's own result: a failed batch is re-run item by item (see [`consume_batch`]).
+type ConsumeCommit =
+    reeve_runtime::group_commit::GroupCommit<ConsumeItem, Result<Checked, StoreError>, StoreError>;
 
 /// One read-only check waiting for its batch (PostgreSQL).
 #[derive(Debug, Clone)]
@@ -499,11 +510,14 @@ pub const DEFAULT_BATCH_WORKERS: usize = 2;
 impl PgQuotaStore {
     fn new(pool: sqlx::PgPool, workers: usize) -> PgQuotaStore {
         let batch_pool = pool.clone();
-        let run: reeve_runtime::group_commit::BatchFn<ConsumeItem, Checked, StoreError> =
-            Arc::new(move |items| {
-                let pool = batch_pool.clone();
-                Box::pin(async move { consume_batch(&pool, items).await })
-            });
+        let run: reeve_runtime::group_commit::BatchFn<
+            ConsumeItem,
+            Result<Checked, StoreError>,
+            StoreError,
+        > = Arc::new(move |items| {
+            let pool = batch_pool.clone();
+            Box::pin(async move { consume_batch(&pool, items).await })
+        });
         let consumes = ConsumeCommit::start(workers, MAX_BATCH, run);
         let read_pool = pool.clone();
         let read: reeve_runtime::group_commit::BatchFn<ReadItem, CheckContext, StoreError> =
@@ -558,7 +572,7 @@ impl PgQuotaStore {
         self.consumes
             .submit(item)
             .await
-            .map_err(|_| StoreError::Unavailable(Arc::new(sqlx::Error::PoolClosed)))?
+            .map_err(|_| StoreError::Unavailable(Arc::new(sqlx::Error::PoolClosed)))??
     }
 }
 
@@ -575,9 +589,37 @@ type BatchRow = (
     Option<i64>,
 );
 
+/// Runs a batch; if the batch fails as a whole (a lock wait past `lock_timeout`, a
+/// lost connection), its items are run again one by one, so one user's trouble fails
+/// that user's call only. Each run is its own transaction: a failed one changed nothing.
 async fn consume_batch(
     pool: &sqlx::PgPool,
     items: Vec<ConsumeItem>,
+) -> Result<Vec<Result<Checked, StoreError>>, StoreError> {
+    match run_consume_batch(pool, &items).await {
+        Ok(results) => Ok(results.into_iter().map(Ok).collect()),
+        Err(error) if items.len() > 1 => {
+            tracing::warn!(%error, items = items.len(), "quota consume batch failed; running its items one by one");
+            let mut results = Vec::with_capacity(items.len());
+            for item in &items {
+                let result = run_consume_batch(pool, std::slice::from_ref(item)).await;
+                results.push(result.and_then(|mut one| {
+                    one.pop().ok_or_else(|| {
+                        StoreError::Database(Arc::new(sqlx::Error::Protocol(
+                            "empty batch answer".to_owned(),
+                        )))
+                    })
+                }));
+            }
+            Ok(results)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+async fn run_consume_batch(
+    pool: &sqlx::PgPool,
+    items: &[ConsumeItem],
 ) -> Result<Vec<Checked>, StoreError> {
     let column = |f: fn(&ConsumeItem) -> String| items.iter().map(f).collect::<Vec<String>>();
     let numbers = |f: fn(&ConsumeItem) -> i64| items.iter().map(f).collect::<Vec<i64>>();

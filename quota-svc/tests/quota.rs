@@ -614,3 +614,60 @@ async fn mixed_concurrent_consumes_count_each_key_once_per_feature(backend: Back
     // Every applied key's twin came back as a duplicate: 8 users × (3 + 6) keys.
     assert_eq!(duplicates, 8 * (3 + 6));
 }
+
+/// A counter row held by a stuck transaction elsewhere (a crashed caller, an operator's
+/// open session): the consumes that need it fail as UNAVAILABLE after the lock timeout,
+/// the others in the same batches still go through, and once the row is free the
+/// retry counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_counter_row_fails_only_its_own_consumes() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let server = db.start().await;
+    let addr = server.local_addr;
+    // Create alice's counter, then hold its lock in a transaction of our own.
+    let mut alice = client(addr).await;
+    assert!(
+        check(&mut alice, consume("alice", "ad_generations", "first"))
+            .await
+            .allowed
+    );
+    let mut holder = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT used FROM quota_counters WHERE user_id = 'alice' AND feature = 'ad_generations' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let stuck = tokio::spawn(async move {
+        client(addr)
+            .await
+            .check_quota(consume("alice", "ad_generations", "second"))
+            .await
+    });
+    let others = (0..6).map(|i| async move {
+        client(addr)
+            .await
+            .check_quota(consume(&format!("user-{i}"), "ad_generations", "k"))
+            .await
+    });
+    for reply in join_all(others).await {
+        assert!(
+            reply.unwrap().into_inner().allowed,
+            "other users are not held up for good"
+        );
+    }
+    let status = stuck.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let retried = check(&mut alice, consume("alice", "ad_generations", "second")).await;
+    assert!(retried.allowed && !retried.duplicate);
+    assert_eq!(
+        feature_usage(&mut alice, "alice", "ad_generations")
+            .await
+            .used,
+        2
+    );
+}

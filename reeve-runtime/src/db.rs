@@ -14,12 +14,16 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-/// A PostgreSQL pool of at most `max_connections`.
+/// A PostgreSQL pool of at most `max_connections`. A session left idle inside a
+/// transaction (a crashed or cut-off caller) is ended after a minute, so the row locks
+/// it holds cannot stall everyone else for hours.
 pub async fn postgres_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options =
+        PgConnectOptions::from_str(url)?.options([("idle_in_transaction_session_timeout", "60s")]);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_with(PgConnectOptions::from_str(url)?)
+        .connect_with(options)
         .await
 }
 

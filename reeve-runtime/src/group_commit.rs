@@ -77,7 +77,9 @@ async fn run_worker<T, R, E>(
     max_batch: usize,
     run: BatchFn<T, R, E>,
 ) where
-    E: Clone + std::fmt::Display,
+    T: Send + 'static,
+    R: Send + 'static,
+    E: Clone + std::fmt::Display + Send + 'static,
 {
     loop {
         let jobs = {
@@ -97,8 +99,24 @@ async fn run_worker<T, R, E>(
         let (items, replies): (Vec<T>, Vec<_>) =
             jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
         let size = items.len();
-        match run(items).await {
+        // A task of its own: a panicking batch drops its replies (callers see `Stopped`)
+        // and the worker lives on.
+        let outcome = match tokio::spawn(run(items)).await {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                tracing::error!(error = %panic, batch = size, "group commit batch panicked");
+                continue;
+            }
+        };
+        match outcome {
             Ok(outputs) => {
+                if outputs.len() != size {
+                    tracing::error!(
+                        batch = size,
+                        outputs = outputs.len(),
+                        "group commit batch answered the wrong number of items"
+                    );
+                }
                 for (reply, output) in replies.into_iter().zip(outputs) {
                     // A caller that went away still had its item applied; a retry with
                     // the same idempotency key gets this outcome back as a duplicate.

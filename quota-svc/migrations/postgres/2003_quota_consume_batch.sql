@@ -7,7 +7,9 @@
 -- in the same order and cannot deadlock; items of one user and feature keep their
 -- request order, so each gets the outcome it would have had alone. One row per item:
 -- `idx` is its 1-based position; outcome 'unknown_tier' when the stored tier is not
--- one of free, pro, enterprise.
+-- one of free, pro, enterprise (the tiers of quota-svc's registry::TIERS, in order).
+-- A lock wait longer than lock_timeout fails the batch, whose items the service then
+-- runs one by one, so a stuck row stalls only the calls that need it.
 CREATE FUNCTION quota_consume_batch(
     p_user_ids   TEXT[],
     p_features   TEXT[],
@@ -27,7 +29,9 @@ CREATE FUNCTION quota_consume_batch(
     tier           TEXT,
     limit_units    BIGINT
 )
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET lock_timeout = '2s'
+AS $$
 DECLARE
     i           INT;
     v_tier      TEXT;
