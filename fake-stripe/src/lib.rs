@@ -387,31 +387,51 @@ fn paid_answer(
     .into_response()
 }
 
+/// The paid payment intent a refund or dispute request names (secret key checked).
+fn requested_payment(
+    state: &FakeState,
+    headers: &HeaderMap,
+    fields: &Fields,
+) -> Result<String, Box<Response>> {
+    if !has_key(headers) {
+        return Err(Box::new(invalid_key()));
+    }
+    let Some(payment_intent) = field(fields, "payment_intent") else {
+        return Err(Box::new(stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "payment_intent is required",
+        )));
+    };
+    if !lock(&state.payments).contains_key(payment_intent) {
+        return Err(Box::new(no_such_payment()));
+    }
+    Ok(payment_intent.to_owned())
+}
+
+fn no_such_payment() -> Response {
+    stripe_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "No such payment_intent",
+    )
+}
+
 /// `POST /v1/refunds` with `payment_intent` and an optional `amount` (default: the rest).
 async fn refund(
     State(state): State<Arc<FakeState>>,
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> Response {
-    if !has_key(&headers) {
-        return invalid_key();
-    }
-    let Some(payment_intent) = field(&fields, "payment_intent").map(str::to_owned) else {
-        return stripe_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "payment_intent is required",
-        );
+    let payment_intent = match requested_payment(&state, &headers, &fields) {
+        Ok(payment_intent) => payment_intent,
+        Err(refused) => return *refused,
     };
     let requested = field(&fields, "amount").map(|v| v.parse::<i64>());
     let (payment, previous) = {
         let mut payments = lock(&state.payments);
         let Some(payment) = payments.get_mut(&payment_intent) else {
-            return stripe_error(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "No such payment_intent",
-            );
+            return no_such_payment();
         };
         let left = payment.amount - payment.amount_refunded;
         let amount = match requested {
@@ -469,22 +489,12 @@ async fn dispute(
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> Response {
-    if !has_key(&headers) {
-        return invalid_key();
-    }
-    let Some(payment_intent) = field(&fields, "payment_intent").map(str::to_owned) else {
-        return stripe_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "payment_intent is required",
-        );
+    let payment_intent = match requested_payment(&state, &headers, &fields) {
+        Ok(payment_intent) => payment_intent,
+        Err(refused) => return *refused,
     };
     let Some(payment) = lock(&state.payments).get(&payment_intent).cloned() else {
-        return stripe_error(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "No such payment_intent",
-        );
+        return no_such_payment();
     };
     let now = now_secs();
     let dispute_id = random_id("dp");

@@ -138,15 +138,35 @@ impl EventStore {
         } else {
             Some(now_us)
         };
+        self.set_outcome(
+            event_id,
+            outcome,
+            detail,
+            processed_at,
+            &format!("IN {FINAL_OUTCOMES_EXCLUDED}"),
+        )
+        .await
+    }
+
+    /// Moves an event to `outcome` if its current outcome matches `from` (an SQL
+    /// condition on `outcome`, from the constants of this module only).
+    async fn set_outcome(
+        &self,
+        event_id: &str,
+        outcome: &str,
+        detail: &str,
+        processed_at_us: Option<i64>,
+        from: &str,
+    ) -> Result<(), EventStoreError> {
         let sql = format!(
             "UPDATE stripe_events SET outcome = $2, detail = $3, processed_at_us = $4 \
-             WHERE event_id = $1 AND outcome IN {FINAL_OUTCOMES_EXCLUDED}"
+             WHERE event_id = $1 AND outcome {from}"
         );
         on_pool!(self, |pool| sqlx::query(&sql)
             .bind(event_id)
             .bind(outcome)
             .bind(detail)
-            .bind(processed_at)
+            .bind(processed_at_us)
             .execute(pool)
             .await
             .map(|_| ()))?;
@@ -200,17 +220,14 @@ impl EventStore {
         detail: &str,
         now_us: i64,
     ) -> Result<(), EventStoreError> {
-        let sql = "UPDATE stripe_events SET outcome = $2, detail = $3, processed_at_us = $4 \
-                   WHERE event_id = $1 AND outcome = 'needs_attention'";
-        on_pool!(self, |pool| sqlx::query(sql)
-            .bind(event_id)
-            .bind(outcome)
-            .bind(detail)
-            .bind(now_us)
-            .execute(pool)
-            .await
-            .map(|_| ()))?;
-        Ok(())
+        self.set_outcome(
+            event_id,
+            outcome,
+            detail,
+            Some(now_us),
+            "= 'needs_attention'",
+        )
+        .await
     }
 
     pub async fn get(&self, event_id: &str) -> Result<Option<StoredEvent>, EventStoreError> {
