@@ -132,6 +132,19 @@ fn user(index: u64, users: usize) -> String {
     format!("u{:06}", index % users as u64)
 }
 
+/// The HTTP/2 connections the callers share (one is a bottleneck of its own).
+pub(crate) async fn connect_channels(addr: std::net::SocketAddr) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(
+            Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?,
+        );
+    }
+    Ok(channels)
+}
+
 /// A cheap deterministic spread of users (no RNG state shared between workers).
 pub(crate) fn pick(worker: usize, sequence: u64, item: u64) -> u64 {
     let mut x = (worker as u64) << 40 ^ sequence << 16 ^ item;
@@ -208,17 +221,7 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         args.users
     );
 
-    let channels: Vec<Channel> = {
-        let mut channels = Vec::new();
-        for _ in 0..8 {
-            channels.push(
-                Channel::from_shared(format!("http://{}", server.local_addr))?
-                    .connect()
-                    .await?,
-            );
-        }
-        channels
-    };
+    let channels = connect_channels(server.local_addr).await?;
     let token = BearerToken::new(TOKEN)?;
     let client = move |worker: usize| {
         CreditServiceClient::with_interceptor(

@@ -9,7 +9,6 @@ use reeve_proto::quota::v1::quota_service_client::QuotaServiceClient;
 use reeve_runtime::auth::{BearerToken, ServiceTokens};
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::{Args, drive, pick};
 
@@ -45,14 +44,7 @@ pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         args.quota_users
     );
 
-    let mut channels = Vec::new();
-    for _ in 0..8 {
-        channels.push(
-            Channel::from_shared(format!("http://{}", server.local_addr))?
-                .connect()
-                .await?,
-        );
-    }
+    let channels = crate::connect_channels(server.local_addr).await?;
     let token = BearerToken::new(TOKEN)?;
     let client = move |worker: usize| {
         QuotaServiceClient::with_interceptor(

@@ -227,18 +227,11 @@ async fn users_see_only_their_own(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{purchase}");
-    let paid: Value = stack
-        .http
-        .post(format!(
-            "{}/pay",
-            purchase["checkout_url"].as_str().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let paid: Value = common::json_of(stack.http.post(format!(
+        "{}/pay",
+        purchase["checkout_url"].as_str().unwrap()
+    )))
+    .await;
     assert_eq!(paid["deliveries"][1]["status"], 200);
     assert_eq!(stack.balance("alice").await, 12 * CREDIT);
     assert_eq!(stack.balance("bob").await, 3 * CREDIT);

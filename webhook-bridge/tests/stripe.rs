@@ -31,15 +31,7 @@ async fn full_purchase_flow(backend: Backend) {
         "nothing is credited before payment"
     );
 
-    let paid: serde_json::Value = stack
-        .http
-        .post(checkout_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let paid: serde_json::Value = common::json_of(stack.http.post(checkout_url)).await;
     for delivery in paid["deliveries"].as_array().unwrap() {
         assert_eq!(delivery["status"], 200, "{paid}");
     }
@@ -52,15 +44,7 @@ async fn full_purchase_flow(backend: Backend) {
 
     // Paying again (here with a GET on the URL itself) answers the same payment and
     // sends nothing new.
-    let again: serde_json::Value = stack
-        .http
-        .get(checkout_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again: serde_json::Value = common::json_of(stack.http.get(checkout_url)).await;
     assert_eq!(
         (again["already_paid"].as_bool(), &again["payment_intent"]),
         (Some(true), &paid["payment_intent"])
@@ -70,30 +54,24 @@ async fn full_purchase_flow(backend: Backend) {
 
     // A partial refund of 10.00 and a dispute of the whole 25.00, through the fake.
     let pi = paid["payment_intent"].as_str().unwrap();
-    let refund: serde_json::Value = stack
-        .http
-        .post(format!("{}v1/refunds", stack.fake.api_base()))
-        .bearer_auth(common::STRIPE_KEY)
-        .form(&[("payment_intent", pi), ("amount", "1000")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let refund: serde_json::Value = common::json_of(
+        stack
+            .http
+            .post(format!("{}v1/refunds", stack.fake.api_base()))
+            .bearer_auth(common::STRIPE_KEY)
+            .form(&[("payment_intent", pi), ("amount", "1000")]),
+    )
+    .await;
     assert_eq!(refund["delivery"]["status"], 200, "{refund}");
     assert_eq!(stack.balance("alice").await, 15 * CREDIT);
-    let dispute: serde_json::Value = stack
-        .http
-        .post(format!("{}v1/test_helpers/disputes", stack.fake.api_base()))
-        .bearer_auth(common::STRIPE_KEY)
-        .form(&[("payment_intent", pi)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dispute: serde_json::Value = common::json_of(
+        stack
+            .http
+            .post(format!("{}v1/test_helpers/disputes", stack.fake.api_base()))
+            .bearer_auth(common::STRIPE_KEY)
+            .form(&[("payment_intent", pi)]),
+    )
+    .await;
     assert_eq!(dispute["delivery"]["status"], 200, "{dispute}");
     assert_eq!(
         stack.balance("alice").await,

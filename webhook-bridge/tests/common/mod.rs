@@ -250,6 +250,11 @@ impl Stack {
     }
 }
 
+/// Sends `request` and reads its JSON answer (the fake Stripe's, the bridge's).
+pub async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 pub fn now() -> i64 {
     fake_stripe::now_secs()
 }
