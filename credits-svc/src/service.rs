@@ -349,4 +349,11 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             amount_micros: started.amount.0,
         }))
     }
+
+    async fn record_payment_event(
+        &self,
+        _request: Request<pb::PaymentEventRequest>,
+    ) -> Result<Response<pb::PaymentEventResponse>, Status> {
+        Err(Status::unimplemented("RecordPaymentEvent is being built"))
+    }
 }

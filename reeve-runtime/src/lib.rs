@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod group_commit;
 pub mod grpc;
+pub mod ids;
 pub mod money;
 pub mod shutdown;
 pub mod telemetry;
