@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use reeve_proto::credits::v1::credit_service_server::CreditServiceServer;
-use reeve_runtime::auth::ServiceTokens;
+use reeve_runtime::auth::{Scope, ScopeTable, ServiceTokens};
 use reeve_runtime::config::{self, ConfigError};
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,20 @@ pub const DEFAULT_CREDITS_ADDR: &str = "127.0.0.1:50051";
 pub const SERVICE_NAME: &str = "reeve.credits.v1.CreditService";
 /// Largest gRPC message accepted: a full batch with long descriptions fits.
 const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The scope each RPC needs: the only place credits-svc's authorisation is decided
+/// (checked by [`reeve_runtime::auth::ScopeGuard`]; a method missing here cannot be
+/// called).
+pub const METHOD_SCOPES: ScopeTable = &[
+    ("GetBalance", Scope::Deduct),
+    ("Deduct", Scope::Deduct),
+    ("DeductBatch", Scope::Deduct),
+    ("History", Scope::Deduct),
+    ("AddCredits", Scope::Admin),
+    ("Adjust", Scope::Admin),
+    ("Purchase", Scope::Stripe),
+    ("RecordPaymentEvent", Scope::Stripe),
+];
 
 /// Everything credits-svc needs to start.
 #[derive(Debug, Clone)]
@@ -63,15 +77,7 @@ impl Config {
                 ConfigError::new("REEVE_CREDITS_ADDR", "default address is invalid")
             })?,
         )?;
-        let service_tokens = ServiceTokens::from_comma_separated(
-            &config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default(),
-        );
-        if service_tokens.is_empty() {
-            return Err(ConfigError::new(
-                "REEVE_SERVICE_TOKENS",
-                "is required: a comma-separated list of bearer tokens that callers present",
-            ));
-        }
+        let service_tokens = ServiceTokens::from_config()?;
         let deduct_workers = match config::var("REEVE_DEDUCT_WORKERS")? {
             None => None,
             Some(_) => Some(config::parse_or("REEVE_DEDUCT_WORKERS", 0usize)?)
@@ -112,10 +118,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let credits = CreditServiceServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let credits = tonic::service::interceptor::InterceptedService::new(
-        credits,
-        config.service_tokens.interceptor(),
-    );
+    let credits = config.service_tokens.guard(credits, METHOD_SCOPES);
     let server = reeve_runtime::grpc::serve(
         config.listen_addr,
         SERVICE_NAME,

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use reeve_proto::quota::v1::quota_service_server::QuotaServiceServer;
-use reeve_runtime::auth::ServiceTokens;
+use reeve_runtime::auth::{Scope, ScopeTable, ServiceTokens};
 use reeve_runtime::config::{self, ConfigError};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +24,19 @@ pub const SERVICE_NAME: &str = "reeve.quota.v1.QuotaService";
 
 /// Microseconds since the Unix epoch; injected so tests control time.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The scope each RPC needs: the only place quota-svc's authorisation is decided
+/// (checked by [`reeve_runtime::auth::ScopeGuard`]; a method missing here cannot be
+/// called).
+pub const METHOD_SCOPES: ScopeTable = &[
+    ("CheckQuota", Scope::Quota),
+    ("GetUsage", Scope::Quota),
+    ("GetTier", Scope::Quota),
+    ("Release", Scope::Quota),
+    ("SetTier", Scope::Admin),
+    ("SetOverride", Scope::Admin),
+    ("ClearOverride", Scope::Admin),
+];
 
 /// Everything quota-svc needs to start.
 #[derive(Debug, Clone)]
@@ -57,15 +70,7 @@ impl Config {
             .parse()
             .map_err(|_| ConfigError::new("REEVE_QUOTA_ADDR", "default address is invalid"))?;
         let listen_addr = config::parse_or("REEVE_QUOTA_ADDR", default_addr)?;
-        let service_tokens = ServiceTokens::from_comma_separated(
-            &config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default(),
-        );
-        if service_tokens.is_empty() {
-            return Err(ConfigError::new(
-                "REEVE_SERVICE_TOKENS",
-                "is required: a comma-separated list of bearer tokens that callers present",
-            ));
-        }
+        let service_tokens = ServiceTokens::from_config()?;
         let registry_path = config::var("REEVE_QUOTA_CONFIG")?;
         let batch_workers =
             config::parse_or("REEVE_QUOTA_BATCH_WORKERS", store::DEFAULT_BATCH_WORKERS)?;
@@ -116,10 +121,9 @@ pub async fn start_with_clock(
     let registry = Arc::new(config.registry()?);
     let store = store::open(&config.database_url, config.batch_workers).await?;
     let api = QuotaApi::new(Arc::clone(&store), registry, clock);
-    let quota = tonic::service::interceptor::InterceptedService::new(
-        QuotaServiceServer::new(api),
-        config.service_tokens.interceptor(),
-    );
+    let quota = config
+        .service_tokens
+        .guard(QuotaServiceServer::new(api), METHOD_SCOPES);
     let server = reeve_runtime::grpc::serve(
         config.listen_addr,
         SERVICE_NAME,

@@ -17,6 +17,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "REEVE_CREDITS_ADDR",
     "REEVE_QUOTA_ADDR",
     "REEVE_SERVICE_TOKENS",
+    "REEVE_SERVICE_TOKENS_FILE",
     "REEVE_SERVICE_TOKEN",
     "REEVE_JWT_HS256_SECRET",
     "REEVE_JWT_RS256_PUBLIC_KEY_FILE",
@@ -67,17 +68,8 @@ pub fn install(defaults: HashMap<String, String>) -> Result<(), ConfigError> {
 pub fn read_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new("REEVE_CONFIG_FILE", format!("cannot read {path}: {e}")))?;
-    // The error names the line but never quotes it: the line may hold a secret.
-    let table: toml::Table = toml::from_str(&text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
-        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
-        ConfigError::new(
-            "REEVE_CONFIG_FILE",
-            format!("{path} is not valid TOML{at}: {}", e.message()),
-        )
-    })?;
+    let table = parse_toml(&text)
+        .map_err(|e| ConfigError::new("REEVE_CONFIG_FILE", format!("{path}: {e}")))?;
     let mut values = HashMap::new();
     for (key, value) in table {
         if !KNOWN_VARIABLES.contains(&key.as_str()) {
@@ -100,6 +92,18 @@ pub fn read_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
         values.insert(key, value);
     }
     Ok(values)
+}
+
+/// Parses a TOML document whose values may be secrets: an error names the line but
+/// never quotes it.
+pub fn parse_toml(text: &str) -> Result<toml::Table, String> {
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+        format!("not valid TOML{at}: {}", e.message())
+    })
 }
 
 /// Where a variable's value came from, for start-up summaries.
