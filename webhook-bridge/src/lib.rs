@@ -12,8 +12,10 @@ pub mod error;
 pub mod openapi;
 pub mod routes;
 pub mod stripe {
+    pub mod apply;
     pub mod events;
-    pub mod webhook;
+    pub mod interpret;
+    pub mod verify;
 }
 
 use std::fmt;
@@ -116,13 +118,9 @@ impl Config {
             &config::var("REEVE_QUOTA_ADDR")?.unwrap_or_else(|| DEFAULT_QUOTA_ADDR.to_owned()),
         )?;
         let tokens_text = config::var("REEVE_SERVICE_TOKENS")?.unwrap_or_default();
-        let service_tokens = ServiceTokens::from_comma_separated(&tokens_text);
-        if service_tokens.is_empty() {
-            return Err(ConfigError::new(
-                "REEVE_SERVICE_TOKENS",
-                "is required: the bearer tokens the service routes (deduct) accept",
-            ));
-        }
+        // REEVE_SERVICE_TOKENS (every scope) and REEVE_SERVICE_TOKENS_FILE (named,
+        // scoped): the tokens the service routes (deduct) accept.
+        let service_tokens = ServiceTokens::from_config()?;
         let service_token = match config::var("REEVE_SERVICE_TOKEN")? {
             Some(token) => token.trim().to_owned(),
             None => tokens_text
@@ -133,7 +131,7 @@ impl Config {
                 .ok_or_else(|| {
                     ConfigError::new(
                         "REEVE_SERVICE_TOKEN",
-                        "is required (or REEVE_SERVICE_TOKENS, whose first token is then used)",
+                        "is required (or REEVE_SERVICE_TOKENS, whose first token is then used): the file of REEVE_SERVICE_TOKENS_FILE holds only digests",
                     )
                 })?,
         };
@@ -309,6 +307,7 @@ async fn http_telemetry(
 pub struct RunningBridge {
     pub local_addr: SocketAddr,
     pub events: EventStore,
+    state: Arc<AppState>,
     task: JoinHandle<std::io::Result<()>>,
 }
 
@@ -318,6 +317,13 @@ impl RunningBridge {
     pub async fn wait(self) -> anyhow::Result<()> {
         self.task.await??;
         Ok(())
+    }
+
+    /// Acts again, now, on Stripe events left without a final outcome whose last
+    /// delivery was before `before_us` (what the retry task does every 30 s for those
+    /// a minute old); how many reached a final outcome.
+    pub async fn retry_unfinished_events(&self, before_us: i64) -> Result<usize, error::ApiError> {
+        stripe::apply::retry_unfinished(&self.state, before_us).await
     }
 }
 
@@ -352,7 +358,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
     let local_addr = listener.local_addr()?;
-    let app = router(state);
+    stripe::apply::spawn_retry(Arc::clone(&state), shutdown.clone());
+    let app = router(Arc::clone(&state));
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -362,6 +369,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     Ok(RunningBridge {
         local_addr,
         events,
+        state,
         task,
     })
 }

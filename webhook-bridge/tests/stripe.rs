@@ -52,7 +52,9 @@ async fn full_purchase_flow(backend: Backend) {
     assert_eq!(again["deliveries"].as_array().map(Vec::len), Some(0));
     assert_eq!(stack.balance("alice").await, 25 * CREDIT);
 
-    // A partial refund of 10.00 and a dispute of the whole 25.00, through the fake.
+    // A partial refund of 10.00, 5.00 spent, then a dispute of the whole 25.00, through
+    // the fake: the dispute is capped at what the payment still had (15.00), so the
+    // user owes what was spent.
     let pi = paid["payment_intent"].as_str().unwrap();
     let refund: serde_json::Value = common::json_of(
         stack
@@ -64,6 +66,15 @@ async fn full_purchase_flow(backend: Backend) {
     .await;
     assert_eq!(refund["delivery"]["status"], 200, "{refund}");
     assert_eq!(stack.balance("alice").await, 15 * CREDIT);
+    let service = common::SERVICE_TOKEN;
+    let (status, body) = stack
+        .post(
+            "/api/credits/deduct",
+            service,
+            json!({"user_id": "alice", "amount": "5", "idempotency_key": "spent-before-dispute"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let dispute: serde_json::Value = common::json_of(
         stack
             .http
@@ -75,12 +86,11 @@ async fn full_purchase_flow(backend: Backend) {
     assert_eq!(dispute["delivery"]["status"], 200, "{dispute}");
     assert_eq!(
         stack.balance("alice").await,
-        -10 * CREDIT,
-        "a dispute may leave a debt"
+        -5 * CREDIT,
+        "a dispute may leave a debt, never more than the payment"
     );
 
     // With a debt, deductions fail until it is repaid.
-    let service = common::SERVICE_TOKEN;
     let (status, body) = stack
         .post(
             "/api/credits/deduct",
@@ -89,7 +99,7 @@ async fn full_purchase_flow(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
-    assert_eq!(body["error"]["balance"], "-10.000000");
+    assert_eq!(body["error"]["balance"], "-5.000000");
 }
 
 /// The same payment_intent.succeeded ten times at once, plus its
@@ -184,8 +194,10 @@ async fn refunds_and_disputes_debit_once(backend: Backend) {
     }
     assert_eq!(stack.balance("carol").await, 30 * CREDIT);
 
-    // The dispute fixture names the charge, not the payment intent.
+    // The dispute fixture names the charge, not the payment intent; its status is an
+    // inquiry's, which withdraws nothing: this one withdrew funds.
     let mut dispute = fixture("dispute");
+    dispute["status"] = json!("needs_response");
     dispute["id"] = json!("dp_carol");
     dispute["charge"] = json!("ch_for_pi_refunded");
     dispute["amount"] = json!(1500);
@@ -209,7 +221,9 @@ async fn refunds_and_disputes_debit_once(backend: Backend) {
     );
     assert_eq!(stack.send_event(&withdrawn).await.0, StatusCode::OK);
     assert_eq!(stack.balance("carol").await, 15 * CREDIT);
-    assert_eq!(stack.history("carol").await.len(), 4);
+    // The payment, one refund entry (the second step arrived first and carried the
+    // cumulative 20.00; the first then had nothing new) and the dispute.
+    assert_eq!(stack.history("carol").await.len(), 3);
     // The dispute is won: its funds come back, once.
     let mut won = dispute["data"]["object"].clone();
     won["status"] = json!("won");
@@ -245,6 +259,7 @@ async fn refund_before_its_payment_is_applied_later(backend: Backend) {
         Some(json!({"amount_refunded": 0})),
     );
     let mut dispute = fixture("dispute");
+    dispute["status"] = json!("needs_response");
     dispute["id"] = json!("dp_early");
     dispute["charge"] = json!("ch_for_pi_early");
     dispute["amount"] = json!(200);

@@ -1,5 +1,6 @@
 //! `POST /api/credits/webhook`: Stripe's deliveries. Authenticated by the
-//! `Stripe-Signature` alone; see [`crate::stripe::webhook`] for what each event does.
+//! `Stripe-Signature` alone; see [`crate::stripe::interpret`] for what each event means and
+//! [`crate::stripe::apply`] for how it is applied.
 
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use tracing::Instrument;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::stripe::webhook::{self, Handled};
+use crate::stripe::apply::{self, Handled};
+use crate::stripe::verify;
 
 #[utoipa::path(post, path = "/api/credits/webhook", tag = "stripe",
     request_body(content = String, description = "A Stripe event, exactly as Stripe sends it", content_type = "application/json"),
@@ -27,12 +29,12 @@ pub async fn receive(
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
-    let event = webhook::verify(&body, signature, &state.webhook_secret).inspect_err(|error| {
+    let event = verify::verify(&body, signature, &state.webhook_secret).inspect_err(|error| {
         tracing::warn!(code = error.code(), "Stripe webhook refused");
     })?;
     let span =
         tracing::info_span!("stripe_event", event_id = %event.id, event_type = %event.event_type);
-    webhook::handle(&state, event)
+    apply::handle(&state, event)
         .instrument(span)
         .await
         .map(Json)

@@ -58,8 +58,80 @@ pub struct StoredEvent {
     pub user_id: Option<String>,
 }
 
+/// What became of an event, stored as text in `stripe_events.outcome` (a CHECK
+/// constraint keeps the column to these values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Stored, not acted upon yet (or the process stopped before its outcome).
+    Received,
+    /// Acting failed for a reason that may pass (a service or the store was down):
+    /// retried, by Stripe and by the bridge.
+    Failed,
+    /// Money went to the user (a payment, a failed refund given back, a won dispute).
+    Credited,
+    /// Money was taken from the user (a refund, a dispute).
+    Debited,
+    /// Acted upon, nothing to move (a refund step already debited, a reinstatement of
+    /// a dispute never debited, a debit absorbed by the per-payment cap).
+    Unchanged,
+    /// Nothing to do for this event.
+    Ignored,
+    /// Another currency than the configured one: paid but not credited.
+    IgnoredCurrency,
+    /// For a person (or waiting for its payment to arrive).
+    NeedsAttention,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Received,
+        Outcome::Failed,
+        Outcome::Credited,
+        Outcome::Debited,
+        Outcome::Unchanged,
+        Outcome::Ignored,
+        Outcome::IgnoredCurrency,
+        Outcome::NeedsAttention,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Received => "received",
+            Outcome::Failed => "failed",
+            Outcome::Credited => "credited",
+            Outcome::Debited => "debited",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Ignored => "ignored",
+            Outcome::IgnoredCurrency => "ignored_currency",
+            Outcome::NeedsAttention => "needs_attention",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == text)
+    }
+
+    /// Whether the event is done with: a redelivery does not rewrite it.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Outcome::Received | Outcome::Failed)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Outcomes after which a redelivery changes nothing on record.
 const FINAL_OUTCOMES_EXCLUDED: &str = "('received', 'failed')";
+
+/// How long an event may stay without a final outcome before the bridge retries it
+/// and lists it for attention.
+pub const UNFINISHED_AFTER_US: i64 = 60_000_000;
+
+const COLUMNS: &str = "event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id";
 
 impl EventStore {
     /// Opens the store named by `REEVE_DATABASE_URL` and brings its table up to date.
@@ -129,15 +201,11 @@ impl EventStore {
     pub async fn record_outcome(
         &self,
         event_id: &str,
-        outcome: &str,
+        outcome: Outcome,
         detail: &str,
         now_us: i64,
     ) -> Result<(), EventStoreError> {
-        let processed_at = if outcome == "failed" {
-            None
-        } else {
-            Some(now_us)
-        };
+        let processed_at = outcome.is_final().then_some(now_us);
         self.set_outcome(
             event_id,
             outcome,
@@ -153,7 +221,7 @@ impl EventStore {
     async fn set_outcome(
         &self,
         event_id: &str,
-        outcome: &str,
+        outcome: Outcome,
         detail: &str,
         processed_at_us: Option<i64>,
         from: &str,
@@ -164,7 +232,7 @@ impl EventStore {
         );
         on_pool!(self, |pool| sqlx::query(&sql)
             .bind(event_id)
-            .bind(outcome)
+            .bind(outcome.as_str())
             .bind(detail)
             .bind(processed_at_us)
             .execute(pool)
@@ -173,21 +241,20 @@ impl EventStore {
         Ok(())
     }
 
-    /// The user who paid with this payment intent or charge, as an earlier event said.
-    pub async fn user_of_payment(
+    /// The payment intent of a charge, as an earlier event of Stripe's said (a
+    /// dispute often names only its charge).
+    pub async fn payment_intent_of_charge(
         &self,
-        payment_intent_id: Option<&str>,
-        charge_id: Option<&str>,
+        charge_id: &str,
     ) -> Result<Option<String>, EventStoreError> {
-        let sql = "SELECT user_id FROM stripe_events WHERE user_id IS NOT NULL AND \
-                   ((payment_intent_id IS NOT NULL AND payment_intent_id = $1) OR (charge_id IS NOT NULL AND charge_id = $2)) \
+        let sql = "SELECT payment_intent_id FROM stripe_events \
+                   WHERE charge_id = $1 AND payment_intent_id IS NOT NULL \
                    ORDER BY received_at_us LIMIT 1";
-        let user: Option<Option<String>> = on_pool!(self, |pool| sqlx::query_scalar(sql)
-            .bind(payment_intent_id)
+        let payment: Option<Option<String>> = on_pool!(self, |pool| sqlx::query_scalar(sql)
             .bind(charge_id)
             .fetch_optional(pool)
             .await)?;
-        Ok(user.flatten())
+        Ok(payment.flatten())
     }
 
     /// Refunds and disputes of this payment stored as needing attention (their user was
@@ -197,13 +264,16 @@ impl EventStore {
         payment_intent_id: Option<&str>,
         charge_id: Option<&str>,
     ) -> Result<Vec<StoredEvent>, EventStoreError> {
-        let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
-                   FROM stripe_events WHERE outcome = 'needs_attention' \
-                   AND event_type IN ('charge.refunded', 'charge.dispute.created', 'charge.dispute.funds_withdrawn', \
-                   'charge.dispute.funds_reinstated') \
-                   AND ((payment_intent_id IS NOT NULL AND payment_intent_id = $1) OR (charge_id IS NOT NULL AND charge_id = $2)) \
-                   ORDER BY received_at_us";
-        let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql)
+        let followers = crate::stripe::interpret::PAYMENT_FOLLOWERS
+            .map(|t| format!("'{t}'"))
+            .join(", ");
+        let sql = format!(
+            "SELECT {COLUMNS} FROM stripe_events WHERE outcome = 'needs_attention' \
+             AND event_type IN ({followers}) \
+             AND ((payment_intent_id IS NOT NULL AND payment_intent_id = $1) OR (charge_id IS NOT NULL AND charge_id = $2)) \
+             ORDER BY received_at_us"
+        );
+        let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(&sql)
             .bind(payment_intent_id)
             .bind(charge_id)
             .fetch_all(pool)
@@ -216,7 +286,7 @@ impl EventStore {
     pub async fn resolve(
         &self,
         event_id: &str,
-        outcome: &str,
+        outcome: Outcome,
         detail: &str,
         now_us: i64,
     ) -> Result<(), EventStoreError> {
@@ -231,21 +301,48 @@ impl EventStore {
     }
 
     pub async fn get(&self, event_id: &str) -> Result<Option<StoredEvent>, EventStoreError> {
-        let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
-                   FROM stripe_events WHERE event_id = $1";
-        let event = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql)
+        let sql = format!("SELECT {COLUMNS} FROM stripe_events WHERE event_id = $1");
+        let event = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(&sql)
             .bind(event_id)
             .fetch_optional(pool)
             .await)?;
         Ok(event)
     }
 
-    /// Events a person should look at (`needs_attention`, `failed`, and payments in
-    /// another currency, which were paid but not credited), oldest first.
+    /// Events a person should look at, oldest first: `needs_attention`, `failed`,
+    /// payments in another currency (paid but not credited), and events still
+    /// `received` a minute after their last delivery (the bridge stopped before their
+    /// outcome; its retry task takes them up again).
     pub async fn needing_attention(&self, limit: i64) -> Result<Vec<StoredEvent>, EventStoreError> {
-        let sql = "SELECT event_id, event_type, payload, received_at_us, deliveries, processed_at_us, outcome, detail, user_id \
-                   FROM stripe_events WHERE outcome IN ('needs_attention', 'failed', 'ignored_currency') ORDER BY received_at_us LIMIT $1";
-        let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(sql)
+        let stuck_before_us = reeve_runtime::clock::now_us().saturating_sub(UNFINISHED_AFTER_US);
+        let sql = format!(
+            "SELECT {COLUMNS} FROM stripe_events \
+             WHERE outcome IN ('needs_attention', 'failed', 'ignored_currency') \
+             OR (outcome = 'received' AND last_received_at_us < $2) \
+             ORDER BY received_at_us LIMIT $1"
+        );
+        let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(&sql)
+            .bind(limit)
+            .bind(stuck_before_us)
+            .fetch_all(pool)
+            .await)?;
+        Ok(events)
+    }
+
+    /// Events without a final outcome (`received` or `failed`) whose last delivery was
+    /// before `before_us`, oldest first: what the retry task acts upon again.
+    pub async fn unfinished(
+        &self,
+        before_us: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, EventStoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM stripe_events \
+             WHERE outcome IN {FINAL_OUTCOMES_EXCLUDED} AND last_received_at_us < $1 \
+             ORDER BY received_at_us LIMIT $2"
+        );
+        let events = on_pool!(self, |pool| sqlx::query_as::<_, StoredEvent>(&sql)
+            .bind(before_us)
             .bind(limit)
             .fetch_all(pool)
             .await)?;

@@ -1,0 +1,566 @@
+//! What a Stripe event means for the ledger, decided without I/O and without a clock.
+//!
+//! [`interpret`] reads one plain Stripe object (the `data.object` of an event, or an
+//! object listed from Stripe's API by a reconciliation) and says which
+//! `RecordPaymentEvent` it asks of credits-svc, or why it asks none. It must never look
+//! anything up, read the time, or decide *who* a refund or dispute belongs to: the
+//! user of a refund or dispute is the user credits-svc credited for that payment, found
+//! there from its own record, never from the event. Nor does it compute the step of a
+//! refund: `charge.refunded` carries the charge's cumulative `amount_refunded`, and
+//! credits-svc debits what refunds of that payment have not debited yet, so
+//! `previous_attributes` is not needed and any order or redelivery is safe.
+//!
+//! | event (object) | asks | amount, object id |
+//! |---|---|---|
+//! | `payment_intent.succeeded` (payment intent) | `PAYMENT_SUCCEEDED` for `metadata.user_id` | `amount_received`, the payment intent |
+//! | `charge.refunded` (charge) | `REFUNDED` | the cumulative `amount_refunded`, the charge |
+//! | `charge.refund.updated`, `refund.updated`, `refund.failed` (refund, status `failed`) | `REFUND_FAILED` | the refund's amount, the refund |
+//! | `charge.dispute.created` (dispute, status not `warning_*`), `charge.dispute.funds_withdrawn` | `DISPUTE_FUNDS_WITHDRAWN` | the disputed amount, the dispute |
+//! | `charge.dispute.funds_reinstated` | `DISPUTE_FUNDS_REINSTATED` | the disputed amount, the dispute |
+//! | `charge.dispute.created` with a `warning_*` status (an inquiry) | nothing: no funds were withdrawn | — |
+//! | `checkout.session.completed` | nothing: the payment intent credits | — |
+//!
+//! Anything in another currency than the configured one is ignored as
+//! `ignored_currency` (a person sees it); an object lacking what its action needs is
+//! `needs_attention`.
+
+use reeve_proto::credits::v1 as credits;
+use reeve_runtime::Micros;
+use serde_json::Value;
+
+use crate::stripe::events::Outcome;
+
+/// One `RecordPaymentEvent` to ask of credits-svc, before the payment intent of a
+/// charge is resolved (a dispute or a refund may name only its charge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerAction {
+    pub kind: credits::PaymentEventKind,
+    /// The payment intent (`pi_…`), when the object names it.
+    pub payment_intent: Option<String>,
+    /// The charge (`ch_…`), when the object names it: how a payment intent is found
+    /// for an object that names only its charge.
+    pub charge: Option<String>,
+    /// `PAYMENT_SUCCEEDED` only: who paid. Never set for refunds and disputes.
+    pub user_id: Option<String>,
+    /// See `PaymentEventRequest.amount_micros`: for `REFUNDED`, the cumulative amount.
+    pub amount: Micros,
+    /// The payment intent, charge, refund or dispute id, per kind.
+    pub object_id: String,
+    pub description: String,
+}
+
+impl LedgerAction {
+    /// The request, once the payment intent is known.
+    pub fn request(&self, payment_id: &str) -> credits::PaymentEventRequest {
+        credits::PaymentEventRequest {
+            kind: self.kind.into(),
+            payment_id: payment_id.to_owned(),
+            user_id: self.user_id.clone().unwrap_or_default(),
+            amount_micros: self.amount.0,
+            object_id: self.object_id.clone(),
+            description: self.description.clone(),
+        }
+    }
+
+    /// Whether applying it moves money towards the user (a credit) or away (a debit).
+    pub fn credits_user(&self) -> bool {
+        matches!(
+            self.kind,
+            credits::PaymentEventKind::PaymentSucceeded
+                | credits::PaymentEventKind::RefundFailed
+                | credits::PaymentEventKind::DisputeFundsReinstated
+        )
+    }
+}
+
+/// What one event asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interpretation {
+    /// One ledger action through credits-svc.
+    Record(LedgerAction),
+    /// Nothing to do; `outcome` is [`Outcome::Ignored`] or [`Outcome::IgnoredCurrency`].
+    Ignore { outcome: Outcome, detail: String },
+    /// Cannot be acted upon without a person (e.g. a payment without a user id).
+    NeedsAttention(String),
+}
+
+/// Event types whose object belongs to a payment that may arrive after them: stored
+/// as needing attention until it does, then applied.
+pub const PAYMENT_FOLLOWERS: [&str; 7] = [
+    "charge.refunded",
+    "charge.refund.updated",
+    "refund.updated",
+    "refund.failed",
+    "charge.dispute.created",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.funds_reinstated",
+];
+
+fn text<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
+    object
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+fn owned(object: &Value, key: &str) -> Option<String> {
+    text(object, key).map(str::to_owned)
+}
+
+fn cents(object: &Value, key: &str) -> Option<i64> {
+    object.get(key).and_then(Value::as_i64)
+}
+
+fn positive_micros(cents: i64) -> Option<Micros> {
+    Micros::from_cents(cents).filter(|m| m.0 > 0)
+}
+
+/// The payment intent and charge an object names (a charge names itself).
+pub fn payment_of(event_type: &str, object: &Value) -> (Option<String>, Option<String>) {
+    match event_type {
+        "payment_intent.succeeded" => (owned(object, "id"), owned(object, "latest_charge")),
+        "checkout.session.completed" => (owned(object, "payment_intent"), None),
+        "charge.refunded" => (owned(object, "payment_intent"), owned(object, "id")),
+        t if PAYMENT_FOLLOWERS.contains(&t) => {
+            (owned(object, "payment_intent"), owned(object, "charge"))
+        }
+        _ => (None, None),
+    }
+}
+
+/// Decides what an event of `event_type` about `object` asks of the ledger.
+pub fn interpret(event_type: &str, object: &Value, currency: &str) -> Interpretation {
+    let currency_ok = object
+        .get("currency")
+        .and_then(Value::as_str)
+        .is_some_and(|c| c.eq_ignore_ascii_case(currency));
+    let wrong_currency = || Interpretation::Ignore {
+        outcome: Outcome::IgnoredCurrency,
+        detail: format!(
+            "currency {:?} is not the configured {currency}; not applied",
+            object.get("currency").and_then(Value::as_str).unwrap_or("")
+        ),
+    };
+    let ignore = |detail: String| Interpretation::Ignore {
+        outcome: Outcome::Ignored,
+        detail,
+    };
+    let (payment_intent, charge) = payment_of(event_type, object);
+    let action = |kind, amount, object_id: &str, description: String| {
+        Interpretation::Record(LedgerAction {
+            kind,
+            payment_intent: payment_intent.clone(),
+            charge: charge.clone(),
+            // Only a payment names its user (below); never a refund or a dispute.
+            user_id: None,
+            amount,
+            object_id: object_id.to_owned(),
+            description,
+        })
+    };
+    match event_type {
+        "payment_intent.succeeded" => {
+            let Some(id) = text(object, "id") else {
+                return Interpretation::NeedsAttention("payment intent without an id".to_owned());
+            };
+            if !currency_ok {
+                return wrong_currency();
+            }
+            let Some(user_id) = object.get("metadata").and_then(|m| text(m, "user_id")) else {
+                return Interpretation::NeedsAttention(format!(
+                    "payment intent {id} has no metadata.user_id"
+                ));
+            };
+            let Some(amount) = cents(object, "amount_received").and_then(positive_micros) else {
+                return Interpretation::NeedsAttention(format!(
+                    "payment intent {id} has no positive amount_received"
+                ));
+            };
+            Interpretation::Record(LedgerAction {
+                kind: credits::PaymentEventKind::PaymentSucceeded,
+                payment_intent: Some(id.to_owned()),
+                charge: charge.clone(),
+                user_id: Some(user_id.to_owned()),
+                amount,
+                object_id: id.to_owned(),
+                description: format!("Stripe payment {id}"),
+            })
+        }
+        "checkout.session.completed" => {
+            ignore("credited through payment_intent.succeeded".to_owned())
+        }
+        "charge.refunded" => {
+            let Some(charge_id) = text(object, "id") else {
+                return Interpretation::NeedsAttention("refunded charge without an id".to_owned());
+            };
+            if !currency_ok {
+                return wrong_currency();
+            }
+            let Some(refunded) = cents(object, "amount_refunded") else {
+                return Interpretation::NeedsAttention(format!(
+                    "refunded charge {charge_id} has no amount_refunded"
+                ));
+            };
+            let Some(amount) = positive_micros(refunded) else {
+                return ignore(format!("charge {charge_id} has nothing refunded"));
+            };
+            action(
+                credits::PaymentEventKind::Refunded,
+                amount,
+                charge_id,
+                format!("Stripe refunds of {charge_id}"),
+            )
+        }
+        "charge.refund.updated" | "refund.updated" | "refund.failed" => {
+            let Some(refund) = text(object, "id") else {
+                return Interpretation::NeedsAttention("refund without an id".to_owned());
+            };
+            match text(object, "status") {
+                Some("failed") => {}
+                // Stripe cancels only refunds that needed an action and never
+                // completed; whether the charge reported them as refunded is for a
+                // person to check against the ledger.
+                Some("canceled") => {
+                    return Interpretation::NeedsAttention(format!(
+                        "refund {refund} was canceled; check whether it was debited"
+                    ));
+                }
+                status => {
+                    return ignore(format!(
+                        "refund {refund} is {}: charge.refunded carries refunds",
+                        status.unwrap_or("without a status")
+                    ));
+                }
+            }
+            if !currency_ok {
+                return wrong_currency();
+            }
+            let Some(amount) = cents(object, "amount").and_then(positive_micros) else {
+                return Interpretation::NeedsAttention(format!(
+                    "failed refund {refund} has no positive amount"
+                ));
+            };
+            action(
+                credits::PaymentEventKind::RefundFailed,
+                amount,
+                refund,
+                format!("Stripe refund {refund} failed: given back"),
+            )
+        }
+        "charge.dispute.created"
+        | "charge.dispute.funds_withdrawn"
+        | "charge.dispute.funds_reinstated" => {
+            let Some(dispute) = text(object, "id") else {
+                return Interpretation::NeedsAttention("dispute without an id".to_owned());
+            };
+            let status = text(object, "status");
+            if event_type == "charge.dispute.created" {
+                match status {
+                    Some(s) if s.starts_with("warning_") => {
+                        return ignore(format!(
+                            "dispute {dispute} is an inquiry ({s}): no funds withdrawn, not debited"
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        return Interpretation::NeedsAttention(format!(
+                            "dispute {dispute} has no status: inquiry or withdrawal?"
+                        ));
+                    }
+                }
+            }
+            if !currency_ok {
+                return wrong_currency();
+            }
+            let Some(amount) = cents(object, "amount").and_then(positive_micros) else {
+                return Interpretation::NeedsAttention(format!(
+                    "dispute {dispute} has no positive amount"
+                ));
+            };
+            if event_type == "charge.dispute.funds_reinstated" {
+                action(
+                    credits::PaymentEventKind::DisputeFundsReinstated,
+                    amount,
+                    dispute,
+                    format!("Stripe dispute {dispute} won: funds reinstated"),
+                )
+            } else {
+                action(
+                    credits::PaymentEventKind::DisputeFundsWithdrawn,
+                    amount,
+                    dispute,
+                    format!("Stripe dispute {dispute}"),
+                )
+            }
+        }
+        other => ignore(format!("event type {other} is not acted upon")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use credits::PaymentEventKind as Kind;
+    use serde_json::json;
+
+    const CREDIT: i64 = 1_000_000;
+
+    fn charge(refunded: i64) -> Value {
+        json!({"id": "ch_1", "object": "charge", "amount": 2500, "amount_refunded": refunded,
+               "currency": "usd", "payment_intent": "pi_1", "metadata": {}})
+    }
+
+    fn dispute(status: &str) -> Value {
+        json!({"id": "dp_1", "object": "dispute", "amount": 1000, "currency": "usd",
+               "charge": "ch_1", "payment_intent": null, "status": status, "metadata": {}})
+    }
+
+    fn refund(status: &str) -> Value {
+        json!({"id": "re_1", "object": "refund", "amount": 500, "currency": "usd",
+               "charge": "ch_1", "payment_intent": "pi_1", "status": status})
+    }
+
+    fn recorded(event_type: &str, object: &Value) -> LedgerAction {
+        match interpret(event_type, object, "usd") {
+            Interpretation::Record(action) => action,
+            other => panic!("{event_type}: {other:?}"),
+        }
+    }
+
+    fn outcome(event_type: &str, object: &Value) -> Option<Outcome> {
+        match interpret(event_type, object, "usd") {
+            Interpretation::Record(_) => None,
+            Interpretation::Ignore { outcome, .. } => Some(outcome),
+            Interpretation::NeedsAttention(_) => Some(Outcome::NeedsAttention),
+        }
+    }
+
+    #[test]
+    fn payment_intent_credits_amount_received_to_its_metadata_user() {
+        let pi = json!({"id": "pi_1", "amount_received": 2500, "currency": "usd",
+                        "latest_charge": "ch_1", "metadata": {"user_id": "alice"}});
+        let action = recorded("payment_intent.succeeded", &pi);
+        assert_eq!(
+            action,
+            LedgerAction {
+                kind: Kind::PaymentSucceeded,
+                payment_intent: Some("pi_1".to_owned()),
+                charge: Some("ch_1".to_owned()),
+                user_id: Some("alice".to_owned()),
+                amount: Micros(25 * CREDIT),
+                object_id: "pi_1".to_owned(),
+                description: "Stripe payment pi_1".to_owned(),
+            }
+        );
+        let request = action.request("pi_1");
+        assert_eq!(
+            (
+                request.kind,
+                request.user_id.as_str(),
+                request.amount_micros
+            ),
+            (Kind::PaymentSucceeded as i32, "alice", 25 * CREDIT)
+        );
+    }
+
+    #[test]
+    fn unusable_payments_are_not_credited() {
+        let eur = json!({"id": "pi_1", "amount_received": 2500, "currency": "eur", "metadata": {"user_id": "alice"}});
+        let anonymous =
+            json!({"id": "pi_1", "amount_received": 2500, "currency": "usd", "metadata": {}});
+        let nothing = json!({"id": "pi_1", "amount_received": 0, "currency": "usd", "metadata": {"user_id": "alice"}});
+        let table = [
+            (eur, Outcome::IgnoredCurrency),
+            (anonymous, Outcome::NeedsAttention),
+            (nothing, Outcome::NeedsAttention),
+        ];
+        for (pi, expected) in table {
+            assert_eq!(
+                outcome("payment_intent.succeeded", &pi),
+                Some(expected),
+                "{pi}"
+            );
+        }
+        // The session's client_reference_id never credits: the payment intent does.
+        let session = json!({"id": "cs_1", "payment_intent": "pi_1", "client_reference_id": "alice", "currency": "usd"});
+        assert_eq!(
+            outcome("checkout.session.completed", &session),
+            Some(Outcome::Ignored)
+        );
+    }
+
+    /// Item 1: a refund or dispute never names a user, whatever its metadata says.
+    #[test]
+    fn refunds_and_disputes_never_carry_a_user() {
+        let mut named = charge(2500);
+        named["metadata"] = json!({"user_id": "mallory"});
+        let mut dispute_named = dispute("needs_response");
+        dispute_named["metadata"] = json!({"user_id": "mallory"});
+        for (event_type, object) in [
+            ("charge.refunded", named),
+            ("charge.dispute.created", dispute_named.clone()),
+            ("charge.dispute.funds_withdrawn", dispute_named.clone()),
+            ("charge.dispute.funds_reinstated", dispute_named),
+            ("charge.refund.updated", refund("failed")),
+        ] {
+            let action = recorded(event_type, &object);
+            assert_eq!(action.user_id, None, "{event_type}");
+            assert_eq!(action.request("pi_1").user_id, "", "{event_type}");
+        }
+    }
+
+    /// Item 2: every `charge.refunded` asks for the cumulative amount refunded, with or
+    /// without `previous_attributes` (which the interpretation never reads).
+    #[test]
+    fn refunds_ask_for_the_cumulative_amount_refunded() {
+        let table = [(500, 5 * CREDIT), (1300, 13 * CREDIT), (2500, 25 * CREDIT)];
+        for (refunded, micros) in table {
+            let action = recorded("charge.refunded", &charge(refunded));
+            assert_eq!(
+                (
+                    action.kind,
+                    action.amount,
+                    action.object_id.as_str(),
+                    action.payment_intent.as_deref()
+                ),
+                (Kind::Refunded, Micros(micros), "ch_1", Some("pi_1")),
+            );
+        }
+        assert_eq!(
+            outcome("charge.refunded", &charge(0)),
+            Some(Outcome::Ignored)
+        );
+        let mut missing = charge(500);
+        missing.as_object_mut().map(|o| o.remove("amount_refunded"));
+        assert_eq!(
+            outcome("charge.refunded", &missing),
+            Some(Outcome::NeedsAttention)
+        );
+        let mut eur = charge(500);
+        eur["currency"] = json!("eur");
+        assert_eq!(
+            outcome("charge.refunded", &eur),
+            Some(Outcome::IgnoredCurrency)
+        );
+    }
+
+    /// Items 3 and 4: inquiries withdraw nothing; a withdrawal and a reinstatement are
+    /// keyed by the dispute, so credits-svc can give back exactly what it took.
+    #[test]
+    fn disputes_debit_only_when_funds_are_withdrawn() {
+        let table: [(&str, &str, Option<Kind>); 10] = [
+            ("charge.dispute.created", "warning_needs_response", None),
+            ("charge.dispute.created", "warning_under_review", None),
+            ("charge.dispute.created", "warning_closed", None),
+            (
+                "charge.dispute.created",
+                "needs_response",
+                Some(Kind::DisputeFundsWithdrawn),
+            ),
+            (
+                "charge.dispute.created",
+                "under_review",
+                Some(Kind::DisputeFundsWithdrawn),
+            ),
+            (
+                "charge.dispute.created",
+                "lost",
+                Some(Kind::DisputeFundsWithdrawn),
+            ),
+            (
+                "charge.dispute.funds_withdrawn",
+                "needs_response",
+                Some(Kind::DisputeFundsWithdrawn),
+            ),
+            (
+                "charge.dispute.funds_reinstated",
+                "won",
+                Some(Kind::DisputeFundsReinstated),
+            ),
+            ("charge.dispute.closed", "lost", None),
+            ("charge.dispute.updated", "under_review", None),
+        ];
+        for (event_type, status, expected) in table {
+            match (interpret(event_type, &dispute(status), "usd"), expected) {
+                (Interpretation::Record(action), Some(kind)) => {
+                    assert_eq!(
+                        (
+                            action.kind,
+                            action.amount,
+                            action.object_id.as_str(),
+                            action.charge.as_deref(),
+                            action.payment_intent
+                        ),
+                        (kind, Micros(10 * CREDIT), "dp_1", Some("ch_1"), None),
+                        "{event_type} {status}"
+                    );
+                }
+                (Interpretation::Ignore { outcome, .. }, None) => {
+                    assert_eq!(outcome, Outcome::Ignored, "{event_type} {status}")
+                }
+                (other, expected) => panic!("{event_type} {status}: {other:?}, not {expected:?}"),
+            }
+        }
+        let mut unknown = dispute("needs_response");
+        unknown.as_object_mut().map(|o| o.remove("status"));
+        assert_eq!(
+            outcome("charge.dispute.created", &unknown),
+            Some(Outcome::NeedsAttention)
+        );
+    }
+
+    /// Item 16: a failed refund gives its amount back; other refund updates do nothing.
+    #[test]
+    fn failed_refunds_give_back_their_amount() {
+        for event_type in ["charge.refund.updated", "refund.updated", "refund.failed"] {
+            let action = recorded(event_type, &refund("failed"));
+            assert_eq!(
+                (
+                    action.kind,
+                    action.amount,
+                    action.object_id.as_str(),
+                    action.payment_intent.as_deref(),
+                    action.charge.as_deref()
+                ),
+                (
+                    Kind::RefundFailed,
+                    Micros(5 * CREDIT),
+                    "re_1",
+                    Some("pi_1"),
+                    Some("ch_1")
+                ),
+            );
+            assert!(action.credits_user());
+        }
+        for status in ["succeeded", "pending", "requires_action"] {
+            assert_eq!(
+                outcome("charge.refund.updated", &refund(status)),
+                Some(Outcome::Ignored)
+            );
+        }
+        assert_eq!(
+            outcome("charge.refund.updated", &refund("canceled")),
+            Some(Outcome::NeedsAttention)
+        );
+        assert_eq!(
+            outcome("refund.created", &refund("succeeded")),
+            Some(Outcome::Ignored)
+        );
+    }
+
+    #[test]
+    fn objects_are_found_by_their_payment() {
+        assert_eq!(
+            payment_of("charge.dispute.created", &dispute("lost")),
+            (None, Some("ch_1".to_owned()))
+        );
+        assert_eq!(
+            payment_of("charge.refunded", &charge(1)),
+            (Some("pi_1".to_owned()), Some("ch_1".to_owned()))
+        );
+        assert_eq!(
+            payment_of("customer.created", &json!({"id": "cus_1"})),
+            (None, None)
+        );
+    }
+}
