@@ -4,6 +4,7 @@
 //! with a clock they move, so window edges are tested without sleeping.
 
 pub mod registry;
+pub mod rules;
 pub mod service;
 pub mod store;
 pub mod window;

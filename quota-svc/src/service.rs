@@ -1,5 +1,6 @@
-//! The gRPC face of quota-svc: resolve the user's limit (tier, then override), ask or
-//! consume through the store, encode. Errors map to statuses in one place, below.
+//! The gRPC face of quota-svc: validate (identifiers by the workspace's one rule,
+//! `reeve_runtime::ids`, before any SQL), ask or consume through the store with the
+//! rules of [`crate::rules`], encode. Errors map to statuses in one place, below.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,11 +11,11 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::Clock;
 use crate::registry::{self, DEFAULT_TIER, Limit, Registry, RegistryError};
+use crate::rules;
 use crate::store::{Checked, Consume, Consumed, QuotaStore, StoreError, Usage};
 use crate::window;
 
 pub const ERROR_DOMAIN: &str = "quota.reeve.v1";
-const MAX_ID_BYTES: usize = 256;
 
 /// Every quota-svc error, mapped to a status by the `From` impl below.
 #[derive(Debug, thiserror::Error)]
@@ -71,14 +72,24 @@ fn invalid(code: &'static str, message: impl Into<String>) -> QuotaError {
     }
 }
 
-fn check_id(field: &'static str, value: &str) -> Result<(), QuotaError> {
-    if value.is_empty() || value.len() > MAX_ID_BYTES || value.chars().any(char::is_control) {
-        return Err(invalid(
-            "invalid_argument",
-            format!("{field} must be 1 to {MAX_ID_BYTES} printable bytes"),
-        ));
+impl From<reeve_runtime::ids::InvalidId> for QuotaError {
+    fn from(error: reeve_runtime::ids::InvalidId) -> QuotaError {
+        QuotaError::Invalid {
+            code: error.code,
+            message: error.message,
+        }
     }
-    Ok(())
+}
+
+/// A user id by the workspace's rule (1 to 128 characters, no control character).
+fn check_user_id(user_id: &str) -> Result<(), QuotaError> {
+    Ok(reeve_runtime::ids::check_user_id(user_id)?)
+}
+
+/// An idempotency key by the workspace's rule (1 to 256 characters, no control
+/// character).
+fn check_key(key: &str) -> Result<(), QuotaError> {
+    Ok(reeve_runtime::ids::check_key(key, "idempotency_key")?)
 }
 
 /// Most units one check may consume: far above any limit, far below an overflow.
@@ -162,7 +173,7 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         request: Request<pb::CheckQuotaRequest>,
     ) -> Result<Response<pb::CheckQuotaResponse>, Status> {
         let request = request.into_inner();
-        check_id("user_id", &request.user_id)?;
+        check_user_id(&request.user_id)?;
         if !(0..=MAX_CONSUME).contains(&request.consume) {
             return Err(invalid(
                 "invalid_consume",
@@ -170,8 +181,9 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
             )
             .into());
         }
-        if request.consume > 0 {
-            check_id("idempotency_key", &request.idempotency_key)?;
+        // A question needs no key, but one it carries must be storable too.
+        if request.consume > 0 || !request.idempotency_key.is_empty() {
+            check_key(&request.idempotency_key)?;
         }
         // An unknown feature is refused before any database work.
         let tier_limits = self
@@ -189,19 +201,21 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
                 .check_context(&request.user_id, &request.feature, Some(cutoff_us))
                 .await
                 .map_err(QuotaError::from)?;
-            let tier = context.tier.unwrap_or_else(|| DEFAULT_TIER.to_owned());
             // The tier is checked against the registry even when an override decides.
-            let tier_limit = self
-                .registry
-                .limit(&request.feature, &tier)
-                .map_err(QuotaError::from)?;
-            let limit = context.override_limit.unwrap_or(tier_limit);
+            let (tier, limit) = rules::resolve_limit(
+                context.tier.as_deref(),
+                context.override_limit,
+                &tier_limits,
+            )
+            .map_err(|tier| QuotaError::from(RegistryError::UnknownTier(tier)))?;
             let usage = context.usage;
-            let allowed = match limit {
-                Limit::Unlimited => true,
-                Limit::Units(max) => usage.used < max,
-            };
-            (allowed, false, usage, tier, limit)
+            (
+                rules::allows_more(limit, usage.used),
+                false,
+                usage,
+                tier,
+                limit,
+            )
         } else {
             let checked = self
                 .store
@@ -265,7 +279,7 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         let user_id = request.into_inner().user_id;
-        check_id("user_id", &user_id)?;
+        check_user_id(&user_id)?;
         let tier = self.tier_of(&user_id).await?;
         let overrides = self
             .store
@@ -311,7 +325,7 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         request: Request<pb::SetTierRequest>,
     ) -> Result<Response<pb::SetTierResponse>, Status> {
         let request = request.into_inner();
-        check_id("user_id", &request.user_id)?;
+        check_user_id(&request.user_id)?;
         registry::tier_index(&request.tier).map_err(QuotaError::from)?;
         let previous = self
             .store
@@ -330,7 +344,7 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         request: Request<pb::GetTierRequest>,
     ) -> Result<Response<pb::GetTierResponse>, Status> {
         let user_id = request.into_inner().user_id;
-        check_id("user_id", &user_id)?;
+        check_user_id(&user_id)?;
         let tier = self.tier_of(&user_id).await?;
         Ok(Response::new(pb::GetTierResponse { user_id, tier }))
     }
@@ -341,7 +355,7 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         request: Request<pb::SetOverrideRequest>,
     ) -> Result<Response<pb::SetOverrideResponse>, Status> {
         let request = request.into_inner();
-        check_id("user_id", &request.user_id)?;
+        check_user_id(&request.user_id)?;
         if !self.registry.contains(&request.feature) {
             return Err(QuotaError::from(RegistryError::UnknownFeature(request.feature)).into());
         }
@@ -358,7 +372,7 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         request: Request<pb::ClearOverrideRequest>,
     ) -> Result<Response<pb::ClearOverrideResponse>, Status> {
         let request = request.into_inner();
-        check_id("user_id", &request.user_id)?;
+        check_user_id(&request.user_id)?;
         if !self.registry.contains(&request.feature) {
             return Err(QuotaError::from(RegistryError::UnknownFeature(request.feature)).into());
         }
@@ -376,14 +390,19 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let request = request.into_inner();
-        check_id("user_id", &request.user_id)?;
-        check_id("idempotency_key", &request.idempotency_key)?;
+        check_user_id(&request.user_id)?;
+        check_key(&request.idempotency_key)?;
         if !self.registry.contains(&request.feature) {
             return Err(QuotaError::from(RegistryError::UnknownFeature(request.feature)).into());
         }
         let units = self
             .store
-            .release(&request.user_id, &request.feature, &request.idempotency_key)
+            .release(
+                &request.user_id,
+                &request.feature,
+                &request.idempotency_key,
+                window::cutoff_us((self.clock)()),
+            )
             .await
             .map_err(QuotaError::from)?;
         Ok(Response::new(pb::ReleaseResponse {

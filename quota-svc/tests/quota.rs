@@ -22,6 +22,10 @@ on_both_stores!(
     retried_consume_counts_once_and_release_gives_back_once,
     the_guard_maps_refusals_to_http_statuses,
     mixed_concurrent_consumes_count_each_key_once_per_feature,
+    a_consume_retried_after_its_release_is_counted_again,
+    a_consume_retried_after_its_release_is_refused_when_full,
+    a_key_that_left_the_window_is_counted_again,
+    a_release_after_the_window_gives_back_nothing,
 );
 
 fn consume(user: &str, feature: &str, key: &str) -> pb::CheckQuotaRequest {
@@ -431,9 +435,10 @@ async fn retried_consume_counts_once_and_release_gives_back_once(backend: Backen
     let twice = quota.release(release()).await.unwrap().into_inner();
     assert!(!twice.released);
     assert_eq!(check(&mut quota, ask("r", "ab_tests")).await.used, 0);
-    // The released key stays spent: a late retry of that consume is not counted again.
+    // A released key is forgotten: a late retry of that consume is a new consume,
+    // counted again (never allowed uncounted).
     let late = check(&mut quota, consume("r", "ab_tests", "job-1")).await;
-    assert_eq!((late.duplicate, late.used), (true, 0));
+    assert_eq!((late.allowed, late.duplicate, late.used), (true, false, 1));
     let unknown = quota
         .release(pb::ReleaseRequest {
             user_id: "r".into(),
@@ -670,4 +675,158 @@ async fn a_stuck_counter_row_fails_only_its_own_consumes() {
             .used,
         2
     );
+}
+
+fn release(user: &str, feature: &str, key: &str) -> pb::ReleaseRequest {
+    pb::ReleaseRequest {
+        user_id: user.into(),
+        feature: feature.into(),
+        idempotency_key: key.into(),
+    }
+}
+
+/// Issue 8, item 10: consume → release → the same consume again, ten times over on a
+/// limit of 3. Every allowed consume is counted; the released units come back each time.
+async fn a_consume_retried_after_its_release_is_counted_again(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let mut quota = client(server.local_addr).await;
+    for cycle in 0..10 {
+        let taken = check(&mut quota, consume("c", "agent_creations", "job")).await;
+        assert_eq!(
+            (taken.allowed, taken.duplicate, taken.used),
+            (true, false, 1),
+            "cycle {cycle}"
+        );
+        let retried = check(&mut quota, consume("c", "agent_creations", "job")).await;
+        assert_eq!(
+            (retried.allowed, retried.duplicate, retried.used),
+            (true, true, 1),
+            "cycle {cycle}"
+        );
+        let given = quota
+            .release(release("c", "agent_creations", "job"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((given.released, given.units), (true, 1), "cycle {cycle}");
+        assert_eq!(check(&mut quota, ask("c", "agent_creations")).await.used, 0);
+    }
+    let usage = feature_usage(&mut quota, "c", "agent_creations").await;
+    assert_eq!((usage.used, usage.remaining), (0, 3));
+}
+
+/// A released key that comes back when the window is full is refused, not waved
+/// through as a duplicate.
+async fn a_consume_retried_after_its_release_is_refused_when_full(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let mut quota = client(server.local_addr).await;
+    // agent_creations: free limit 3.
+    for key in ["job", "a", "b"] {
+        assert!(
+            check(&mut quota, consume("f", "agent_creations", key))
+                .await
+                .allowed
+        );
+    }
+    let given = quota
+        .release(release("f", "agent_creations", "job"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(given.released);
+    assert!(
+        check(&mut quota, consume("f", "agent_creations", "c"))
+            .await
+            .allowed
+    );
+    let late = check(&mut quota, consume("f", "agent_creations", "job")).await;
+    assert_eq!(
+        (late.allowed, late.duplicate, late.used, late.remaining),
+        (false, false, 3, 0)
+    );
+    assert_eq!(
+        feature_usage(&mut quota, "f", "agent_creations").await.used,
+        3
+    );
+}
+
+/// Issue 8, item 11: a key is remembered while its units count. Once its row has left
+/// the 30-day window, the same key is a new consume: counted, or refused when full.
+async fn a_key_that_left_the_window_is_counted_again(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let mut quota = client(server.local_addr).await;
+    // video_generations: free limit 2. "old" at T0, "mid" at T0 + 10 s.
+    assert!(
+        check(&mut quota, consume("o", "video_generations", "old"))
+            .await
+            .allowed
+    );
+    db.clock.set(T0 + 10 * SECOND);
+    assert!(
+        check(&mut quota, consume("o", "video_generations", "mid"))
+            .await
+            .allowed
+    );
+    // One second before the edge "old" still counts: its retry is a duplicate.
+    db.clock.set(T0 + WINDOW_US - SECOND);
+    let inside = check(&mut quota, consume("o", "video_generations", "old")).await;
+    assert_eq!(
+        (inside.allowed, inside.duplicate, inside.used),
+        (true, true, 2)
+    );
+    // At the edge it has left: the retry is counted as new.
+    db.clock.set(T0 + WINDOW_US);
+    let again = check(&mut quota, consume("o", "video_generations", "old")).await;
+    assert_eq!(
+        (again.allowed, again.duplicate, again.used),
+        (true, false, 2)
+    );
+    assert!(
+        !check(&mut quota, consume("o", "video_generations", "new"))
+            .await
+            .allowed
+    );
+    // "mid" leaves too; the window now holds only the second "old".
+    db.clock.set(T0 + 10 * SECOND + WINDOW_US);
+    let mid = check(&mut quota, consume("o", "video_generations", "mid")).await;
+    assert_eq!((mid.allowed, mid.duplicate, mid.used), (true, false, 2));
+    let full = check(&mut quota, consume("o", "video_generations", "old")).await;
+    assert_eq!((full.allowed, full.duplicate, full.used), (true, true, 2));
+    assert_eq!(
+        feature_usage(&mut quota, "o", "video_generations")
+            .await
+            .used,
+        2
+    );
+}
+
+/// A release of a key whose units no longer count gives back nothing, and the live
+/// usage is not moved by it.
+async fn a_release_after_the_window_gives_back_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let mut quota = client(server.local_addr).await;
+    assert!(
+        check(&mut quota, consume("e", "ab_tests", "early"))
+            .await
+            .allowed
+    );
+    db.clock.set(T0 + 10 * SECOND);
+    assert!(
+        check(&mut quota, consume("e", "ab_tests", "late"))
+            .await
+            .allowed
+    );
+    // "early" has left the window (its row not yet pruned: no consume since).
+    db.clock.set(T0 + WINDOW_US);
+    let given = quota
+        .release(release("e", "ab_tests", "early"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((given.released, given.units), (false, 0));
+    assert_eq!(check(&mut quota, ask("e", "ab_tests")).await.used, 1);
 }
