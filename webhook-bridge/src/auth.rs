@@ -2,24 +2,32 @@
 //! bearer service token, compared in constant time).
 //!
 //! The JWT algorithm is pinned by configuration (HS256 with a secret, or RS256 with a
-//! public key), so `alg: none` and algorithm swaps fail; `exp` and `sub` are required
-//! and expiry has no leeway. Tokens are never logged; a refusal says why in a stable
-//! code without echoing the token.
+//! public key), so `alg: none` and algorithm swaps fail; `exp` and `sub` are required,
+//! expiry has no leeway (a token is refused from the second its `exp` names), and
+//! `sub` must be a user id the ledger can credit (`reeve_runtime::ids::check_user_id`).
+//! A service route needs a service token holding the scope [`ROUTE_SCOPES`] names for
+//! it. Tokens are never logged; a refusal says why in a stable code without echoing
+//! the token.
 
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, MatchedPath};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use reeve_runtime::auth::bearer_token;
+use reeve_runtime::auth::{Caller, Scope, bearer_token};
 use reeve_runtime::config::ConfigError;
 
 use crate::AppState;
 use crate::error::ApiError;
 
-/// The longest user id the ledger accepts.
-const MAX_USER_ID_BYTES: usize = 128;
+/// The scope each service route needs: the only place the REST side's service
+/// authorisation is decided (checked by the [`Service`] extractor). A service route
+/// missing here refuses every token.
+pub const ROUTE_SCOPES: &[(&str, Scope)] = &[
+    ("/api/credits/deduct", Scope::Deduct),
+    ("/api/credits/deduct/batch", Scope::Deduct),
+];
 
 /// The key user tokens are verified with.
 #[derive(Clone)]
@@ -96,6 +104,10 @@ impl JwtVerifier {
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.leeway = 0;
+        // jsonwebtoken refuses only when `exp < now` (whole seconds), so a token would
+        // still pass during the second its `exp` names. Refusing tokens that expire
+        // in less than one second makes that `exp <= now`: expired at `exp` exactly.
+        validation.reject_tokens_expiring_in_less_than = 1;
         Ok(JwtVerifier { key, validation })
     }
 
@@ -135,12 +147,17 @@ impl JwtVerifier {
             },
         )?;
         let sub = data.claims.sub;
-        if sub.is_empty() || sub.len() > MAX_USER_ID_BYTES {
-            return Err(ApiError::unauthorized(
+        // The ledger's one rule for user ids: a sub it could not credit never starts a
+        // purchase or reads a balance.
+        reeve_runtime::ids::check_user_id(&sub).map_err(|invalid| {
+            ApiError::unauthorized(
                 "invalid_token",
-                "the token's sub must be 1 to 128 bytes",
-            ));
-        }
+                format!(
+                    "the token's sub is not a valid user id: {}",
+                    invalid.message
+                ),
+            )
+        })?;
         Ok(sub)
     }
 }
@@ -172,9 +189,11 @@ impl FromRequestParts<Arc<AppState>> for User {
     }
 }
 
-/// A caller holding one of `REEVE_SERVICE_TOKENS`.
-#[derive(Debug, Clone, Copy)]
-pub struct Service;
+/// A caller holding a service token with the scope this route needs
+/// ([`ROUTE_SCOPES`]): an unknown token is 401 `invalid_service_token`, a known one
+/// without the scope 403 `insufficient_scope`.
+#[derive(Debug, Clone)]
+pub struct Service(pub Caller);
 
 impl FromRequestParts<Arc<AppState>> for Service {
     type Rejection = ApiError;
@@ -184,13 +203,28 @@ impl FromRequestParts<Arc<AppState>> for Service {
         state: &Arc<AppState>,
     ) -> Result<Service, ApiError> {
         let token = authorization(parts)?;
-        if state.service_tokens.accepts(token) {
-            Ok(Service)
-        } else {
-            Err(ApiError::unauthorized(
-                "invalid_service_token",
-                "this route needs a service token",
-            ))
+        let caller = state.service_tokens.authenticate(token).ok_or_else(|| {
+            ApiError::unauthorized("invalid_service_token", "this route needs a service token")
+        })?;
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str)
+            .unwrap_or_default();
+        let scope = ROUTE_SCOPES
+            .iter()
+            .find(|(path, _)| *path == route)
+            .map(|(_, scope)| *scope);
+        match scope {
+            Some(scope) if caller.scopes.contains(scope) => Ok(Service(caller.clone())),
+            Some(scope) => Err(ApiError::Forbidden {
+                code: "insufficient_scope",
+                message: format!("this service token lacks the {scope} scope this route needs"),
+            }),
+            None => Err(ApiError::Forbidden {
+                code: "insufficient_scope",
+                message: "no service token may call this route".to_owned(),
+            }),
         }
     }
 }

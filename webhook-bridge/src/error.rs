@@ -19,6 +19,9 @@ pub enum ApiError {
     /// 401: no valid credentials for this route.
     #[error("{message}")]
     Unauthorized { code: &'static str, message: String },
+    /// 403: a service token without the scope this route needs.
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     /// 402: a deduction larger than the balance.
     #[error("insufficient credits: balance {balance}, required {required}")]
     InsufficientCredits { balance: Micros, required: Micros },
@@ -62,6 +65,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
@@ -80,6 +84,7 @@ impl ApiError {
             | ApiError::NotFound { code, .. }
             | ApiError::Conflict { code, .. } => code,
             ApiError::Unauthorized { code, .. }
+            | ApiError::Forbidden { code, .. }
             | ApiError::Unavailable { code, .. }
             | ApiError::Internal { code, .. } => code,
             ApiError::InsufficientCredits { .. } => "insufficient_credits",
