@@ -1,8 +1,10 @@
 //! Serving one Reeve gRPC service the same way everywhere: health
 //! (`grpc.health.v1.Health`) and reflection (v1 and v1alpha) beside it, Prometheus
 //! metrics at `GET /metrics` (HTTP/1.1 on the same port), a span and metrics per call
-//! (parented on the caller's W3C trace context), TCP_NODELAY on accepted sockets, and a
-//! graceful stop that turns health NOT_SERVING first and then drains in-flight calls.
+//! (parented on the caller's W3C trace context), TCP_NODELAY on accepted sockets, the
+//! connection limits of [`crate::connections`] (a cap, header and idle deadlines, the
+//! descriptor limit raised), and a graceful stop that turns health NOT_SERVING first and
+//! then drains in-flight calls.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,10 +16,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
+
+use crate::connections::{GuardedListener, Limits, TrackRequests};
 
 /// A started gRPC server.
 pub struct GrpcServer {
@@ -74,8 +77,8 @@ pub async fn serve(
         addr: listen_addr,
         source,
     })?;
-    // Without TCP_NODELAY a reply waits ~40 ms for the peer's delayed ACK.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    crate::connections::raise_fd_limit();
+    let incoming = GuardedListener::new(listener, Limits::GRPC, service_name);
     let shutdown = shutdown.child_token();
     let stopping = shutdown.clone();
     let stopping_health = health.clone();
@@ -91,6 +94,7 @@ pub async fn serve(
     let task = tokio::spawn(
         tonic::transport::Server::builder()
             .accept_http1(true)
+            .layer(TrackRequests)
             .layer(tower::layer::layer_fn(|inner| RpcTelemetry { inner }))
             .add_routes(Routes::from(router))
             .serve_with_incoming_shutdown(incoming, async move {

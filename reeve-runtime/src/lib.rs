@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod db;
 pub mod group_commit;
 pub mod grpc;

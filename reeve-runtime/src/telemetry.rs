@@ -1,12 +1,14 @@
 //! Telemetry of every Reeve process, set up once: logs (`tracing`, JSON lines in
 //! production, pretty text in dev, filtered by `RUST_LOG`), traces exported over OTLP
 //! when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (W3C trace context carried across gRPC),
-//! and Prometheus metrics rendered at `/metrics`.
+//! and Prometheus metrics rendered at `/metrics`, whose memory stays bounded whether or
+//! not anything scrapes it.
 //!
 //! Nothing here logs a request body, a header value or a configuration value: tokens
 //! and secrets never reach a log line or a span.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -145,12 +147,37 @@ pub fn metrics() -> &'static PrometheusHandle {
         let builder = builder
             .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
             .unwrap_or_else(|_| PrometheusBuilder::new());
-        match builder.install_recorder() {
+        let handle = match builder.install_recorder() {
             Ok(handle) => handle,
             // Another recorder is installed: keep a private one so rendering still works.
             Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-        }
+        };
+        spawn_upkeep(handle.clone());
+        handle
     })
+}
+
+/// How often histogram samples are folded into their buckets.
+pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The exporter keeps every histogram sample until it is folded into the buckets,
+/// which happens on a scrape or an upkeep. Without a scraper that would be never, and
+/// memory would grow with every request; this thread folds them every
+/// [`METRICS_UPKEEP_INTERVAL`], so what is held is bounded by the samples of one
+/// interval. A thread, not a task: the recorder may be created outside a runtime and
+/// must outlive any one runtime (tests start many).
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the metrics upkeep thread");
+    }
 }
 
 /// The Prometheus text exposition of every metric of this process.
