@@ -1,11 +1,16 @@
 //! What the services' integration tests share: a scratch database per test (a new
 //! PostgreSQL schema, dropped afterwards, or a SQLite file in a temporary folder), so
 //! tests run in parallel, and [`on_both_stores!`] to run one test body on both stores.
-//! Test-only: no service depends on this crate.
+//! Test-only: no service depends on this crate. [`proxy::FaultProxy`] cuts the
+//! network between a service and its database for fault tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod proxy;
+
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use proxy::FaultProxy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
