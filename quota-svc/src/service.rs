@@ -54,8 +54,12 @@ impl From<QuotaError> for Status {
             }
             QuotaError::Store(_) => (Code::Internal, "STORE_ERROR".to_owned()),
         };
-        if let QuotaError::Store(store) = &error {
-            tracing::error!(error = %store, "store failure");
+        match &error {
+            QuotaError::Store(store @ StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %store, "store unavailable or busy; the caller may retry");
+            }
+            QuotaError::Store(store) => tracing::error!(error = %store, "store failure"),
+            _ => {}
         }
         Status::with_error_details(
             code,

@@ -304,3 +304,91 @@ async fn a_release_or_tier_change_of_a_held_row_answers_unavailable() {
         .into_inner();
     assert_eq!((given.released, given.units), (true, 1));
 }
+
+/// Real PostgreSQL contention (a lock wait past `lock_timeout`, a deadlock, a
+/// serialization failure) is classified as a retryable `StoreError::Unavailable`,
+/// which the service answers as UNAVAILABLE, never INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_contention_errors_are_retryable() {
+    use quota_svc::store::StoreError;
+    use sqlx::Connection;
+
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut a = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut b = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE contention (id INT PRIMARY KEY, v INT NOT NULL); \
+         INSERT INTO contention VALUES (1, 0), (2, 0)",
+    )
+    .execute(&mut a)
+    .await
+    .unwrap();
+    let retryable = |error: sqlx::Error| {
+        let code = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.into_owned());
+        assert!(
+            matches!(StoreError::from(error), StoreError::Unavailable(_)),
+            "SQLSTATE {code:?} must be retryable"
+        );
+        code
+    };
+
+    // Lock timeout (55P03).
+    sqlx::raw_sql("BEGIN; UPDATE contention SET v = 1 WHERE id = 1")
+        .execute(&mut a)
+        .await
+        .unwrap();
+    let error =
+        sqlx::raw_sql("SET lock_timeout = '100ms'; UPDATE contention SET v = 2 WHERE id = 1")
+            .execute(&mut b)
+            .await
+            .unwrap_err();
+    assert_eq!(retryable(error).as_deref(), Some("55P03"));
+    sqlx::raw_sql("ROLLBACK; RESET lock_timeout")
+        .execute(&mut a)
+        .await
+        .unwrap();
+    sqlx::raw_sql("RESET lock_timeout")
+        .execute(&mut b)
+        .await
+        .unwrap();
+
+    // Deadlock (40P01): each holds one row and wants the other's.
+    sqlx::raw_sql("BEGIN; UPDATE contention SET v = 1 WHERE id = 1")
+        .execute(&mut a)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; UPDATE contention SET v = 1 WHERE id = 2")
+        .execute(&mut b)
+        .await
+        .unwrap();
+    let (first, second) = tokio::join!(
+        sqlx::raw_sql("UPDATE contention SET v = 2 WHERE id = 2").execute(&mut a),
+        sqlx::raw_sql("UPDATE contention SET v = 2 WHERE id = 1").execute(&mut b),
+    );
+    let error = first
+        .err()
+        .or(second.err())
+        .expect("one side is the victim");
+    assert_eq!(retryable(error).as_deref(), Some("40P01"));
+    sqlx::raw_sql("ROLLBACK").execute(&mut a).await.unwrap();
+    sqlx::raw_sql("ROLLBACK").execute(&mut b).await.unwrap();
+
+    // Serialization failure (40001): a row changed under a repeatable-read snapshot.
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT v FROM contention WHERE id = 1")
+        .execute(&mut a)
+        .await
+        .unwrap();
+    sqlx::raw_sql("UPDATE contention SET v = 3 WHERE id = 1")
+        .execute(&mut b)
+        .await
+        .unwrap();
+    let error = sqlx::raw_sql("UPDATE contention SET v = 4 WHERE id = 1")
+        .execute(&mut a)
+        .await
+        .unwrap_err();
+    assert_eq!(retryable(error).as_deref(), Some("40001"));
+    sqlx::raw_sql("ROLLBACK").execute(&mut a).await.unwrap();
+}

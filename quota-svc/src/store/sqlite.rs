@@ -42,9 +42,9 @@ impl SqliteQuotaStore {
         self.context_single(user_id, feature, cutoff_us).await
     }
 
-    /// Resolve the limit (tier, override), then: lock the counter (the write lock of
-    /// `BEGIN IMMEDIATE`), read the key's row, prune what left the window, plan, and
-    /// record and move the counter as planned.
+    /// Under the write lock of `BEGIN IMMEDIATE`: resolve the limit (tier, override),
+    /// read the counter and the key's row, prune what left the window, plan, and record
+    /// and move the counter as planned.
     async fn consume_units(&self, request: &Consume<'_>) -> Result<Checked, StoreError> {
         let Consume {
             user_id,
@@ -55,7 +55,15 @@ impl SqliteQuotaStore {
             now_us,
             cutoff_us,
         } = *request;
-        let context = self.check_context(user_id, feature, None).await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Tier and override are read under the write lock, as PostgreSQL reads them
+        // inside quota_consume_batch: a concurrent tier change is before or after.
+        let context: ContextRow = sqlx::query_as(CONTEXT_SQL)
+            .bind(user_id)
+            .bind(feature)
+            .fetch_one(&mut *tx)
+            .await?;
+        let context = context_from_row(context);
         let (tier, limit) = match rules::resolve_limit(
             context.tier.as_deref(),
             context.override_limit,
@@ -64,7 +72,6 @@ impl SqliteQuotaStore {
             Ok(resolved) => resolved,
             Err(tier) => return Ok(Checked::UnknownTier(tier)),
         };
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO quota_counters (user_id, feature, used) VALUES ($1, $2, 0) \
              ON CONFLICT (user_id, feature) DO NOTHING",
