@@ -111,7 +111,9 @@ impl From<CreditsError> for Status {
             }
             CreditsError::Store(store) => {
                 let code = match store {
-                    StoreError::Unavailable(_) | StoreError::ShuttingDown => Code::Unavailable,
+                    StoreError::Unavailable(_) | StoreError::ShuttingDown | StoreError::Busy(_) => {
+                        Code::Unavailable
+                    }
                     StoreError::Contention => Code::Aborted,
                     _ => Code::Internal,
                 };

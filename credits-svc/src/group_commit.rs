@@ -26,7 +26,16 @@ impl GroupCommit {
                 Box::pin(async move { store.apply(&writes, clock()).await })
             });
         GroupCommit {
-            inner: reeve_runtime::group_commit::GroupCommit::start(workers, max_batch, run),
+            // A batch the database refuses (anything but "unavailable") is re-run item
+            // by item, so the one write it refuses fails alone.
+            inner: reeve_runtime::group_commit::GroupCommit::start_isolating(
+                workers,
+                max_batch,
+                run,
+                |error: &StoreError| {
+                    !matches!(error, StoreError::Unavailable(_) | StoreError::ShuttingDown)
+                },
+            ),
         }
     }
 

@@ -11,9 +11,38 @@ use reeve_runtime::Micros;
 
 /// The largest amount one write may move: one billion credits.
 pub const MAX_WRITE_MICROS: i64 = 1_000_000_000 * reeve_runtime::money::MICROS_PER_CREDIT;
-pub const MAX_USER_ID_BYTES: usize = 128;
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
-pub const MAX_DESCRIPTION_BYTES: usize = 1024;
+
+/// Who chose an idempotency key. Keys are unique per source, so a key a caller picks
+/// (`pi_…`, `stripe:refund:…`, anything) can never collide with a key the service
+/// derives from Stripe's ids or writes for its own jobs. Stored as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeySource {
+    /// Chosen by a caller of the API (Deduct, DeductBatch, grants, adjustments).
+    Caller,
+    /// Derived by credits-svc from a Stripe object id (payments, refunds, disputes).
+    Stripe,
+    /// Written by credits-svc's own jobs.
+    System,
+}
+
+impl KeySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySource::Caller => "caller",
+            KeySource::Stripe => "stripe",
+            KeySource::System => "system",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<KeySource> {
+        Some(match text {
+            "caller" => KeySource::Caller,
+            "stripe" => KeySource::Stripe,
+            "system" => KeySource::System,
+            _ => return None,
+        })
+    }
+}
 
 /// Why an entry exists. Stored as text; the names are part of the schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,7 +86,36 @@ pub struct WriteRequest {
     pub kind: EntryKind,
     pub amount: Micros,
     pub idempotency_key: String,
+    pub key_source: KeySource,
+    /// The Stripe payment intent the entry belongs to (purchases, refunds, disputes).
+    pub payment_id: Option<String>,
     pub description: String,
+}
+
+impl WriteRequest {
+    /// A write whose key the caller chose.
+    pub fn caller(
+        user_id: impl Into<String>,
+        kind: EntryKind,
+        amount: Micros,
+        idempotency_key: impl Into<String>,
+        description: impl Into<String>,
+    ) -> WriteRequest {
+        WriteRequest {
+            user_id: user_id.into(),
+            kind,
+            amount,
+            idempotency_key: idempotency_key.into(),
+            key_source: KeySource::Caller,
+            payment_id: None,
+            description: description.into(),
+        }
+    }
+
+    /// The key as the ledger makes it unique: with its source.
+    pub fn key(&self) -> (KeySource, &str) {
+        (self.key_source, self.idempotency_key.as_str())
+    }
 }
 
 /// One appended line of the ledger.
@@ -69,6 +127,8 @@ pub struct LedgerEntry {
     pub amount: Micros,
     pub balance_after: Micros,
     pub idempotency_key: String,
+    pub key_source: KeySource,
+    pub payment_id: Option<String>,
     pub description: String,
     pub created_at_us: i64,
 }
@@ -82,8 +142,17 @@ pub struct InvalidWrite {
 
 pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";
 
+impl From<reeve_runtime::ids::InvalidId> for InvalidWrite {
+    fn from(invalid: reeve_runtime::ids::InvalidId) -> InvalidWrite {
+        InvalidWrite {
+            code: invalid.code,
+            message: invalid.message,
+        }
+    }
+}
+
 impl InvalidWrite {
-    fn new(code: &'static str, message: impl Into<String>) -> InvalidWrite {
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> InvalidWrite {
         InvalidWrite {
             code,
             message: message.into(),
@@ -107,30 +176,11 @@ pub enum WriteOutcome {
 impl WriteRequest {
     /// Checks the shape of the write; balances are checked by [`plan`].
     pub fn validate(&self) -> Result<(), InvalidWrite> {
-        if self.user_id.is_empty() || self.user_id.len() > MAX_USER_ID_BYTES {
-            return Err(InvalidWrite::new(
-                "invalid_user_id",
-                format!("user_id must be 1 to {MAX_USER_ID_BYTES} bytes"),
-            ));
-        }
-        if self.user_id.chars().any(char::is_control) {
-            return Err(InvalidWrite::new(
-                "invalid_user_id",
-                "user_id must not contain control characters",
-            ));
-        }
-        if self.idempotency_key.is_empty() || self.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES
-        {
-            return Err(InvalidWrite::new(
-                "invalid_idempotency_key",
-                format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
-            ));
-        }
-        if self.description.len() > MAX_DESCRIPTION_BYTES {
-            return Err(InvalidWrite::new(
-                "invalid_description",
-                format!("description must be at most {MAX_DESCRIPTION_BYTES} bytes"),
-            ));
+        reeve_runtime::ids::check_user_id(&self.user_id)?;
+        reeve_runtime::ids::check_key(&self.idempotency_key, "idempotency_key")?;
+        reeve_runtime::ids::check_description(&self.description)?;
+        if let Some(payment_id) = &self.payment_id {
+            reeve_runtime::ids::check_key(payment_id, "payment_id")?;
         }
         let amount = self.amount.0;
         let sign_ok = match self.kind {
@@ -168,20 +218,32 @@ impl WriteRequest {
         self.user_id == entry.user_id && self.kind == entry.kind && self.amount == entry.amount
     }
 
+    /// The entry this write records once it has `id`.
+    fn entry(&self, id: i64, balance_after: Micros, created_at_us: i64) -> LedgerEntry {
+        LedgerEntry {
+            id,
+            user_id: self.user_id.clone(),
+            kind: self.kind,
+            amount: self.amount,
+            balance_after,
+            idempotency_key: self.idempotency_key.clone(),
+            key_source: self.key_source,
+            payment_id: self.payment_id.clone(),
+            description: self.description.clone(),
+            created_at_us,
+        }
+    }
+
     fn same_request(&self, other: &WriteRequest) -> bool {
         self.user_id == other.user_id && self.kind == other.kind && self.amount == other.amount
     }
 }
 
-/// An entry the store must append, in this order.
+/// An entry the store must append, in this order: the write and the balance after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEntry {
-    pub user_id: String,
-    pub kind: EntryKind,
-    pub amount: Micros,
+    pub write: WriteRequest,
     pub balance_after: Micros,
-    pub idempotency_key: String,
-    pub description: String,
 }
 
 #[derive(Debug, Clone)]
@@ -207,16 +269,8 @@ impl Plan {
     pub fn finish(self, ids: &[i64]) -> Vec<WriteOutcome> {
         let entry = |index: usize| {
             let new = &self.inserts[index];
-            LedgerEntry {
-                id: ids[index],
-                user_id: new.user_id.clone(),
-                kind: new.kind,
-                amount: new.amount,
-                balance_after: new.balance_after,
-                idempotency_key: new.idempotency_key.clone(),
-                description: new.description.clone(),
-                created_at_us: self.created_at_us,
-            }
+            new.write
+                .entry(ids[index], new.balance_after, self.created_at_us)
         };
         self.outcomes
             .iter()
@@ -232,25 +286,29 @@ impl Plan {
     pub fn deltas(&self) -> HashMap<&str, i64> {
         let mut deltas: HashMap<&str, i64> = HashMap::new();
         for entry in &self.inserts {
-            *deltas.entry(entry.user_id.as_str()).or_default() += entry.amount.0;
+            *deltas.entry(entry.write.user_id.as_str()).or_default() += entry.write.amount.0;
         }
         deltas
     }
 }
 
+/// Ledger entries already holding some keys, by source and key.
+pub type ExistingEntries = HashMap<(KeySource, String), LedgerEntry>;
+
 /// Applies `writes` in order against `balances` (the locked current balances; a
 /// missing user has zero) and `existing` (ledger entries already holding some of the
 /// writes' keys). Each write stands alone: one that is invalid or short of credits
-/// does not stop the others.
+/// does not stop the others, and a batch gives every write the outcome it would have
+/// had as a call of its own, in the same order.
 pub fn plan(
     writes: &[WriteRequest],
     balances: &HashMap<String, Micros>,
-    existing: &HashMap<String, LedgerEntry>,
+    existing: &ExistingEntries,
     created_at_us: i64,
 ) -> Plan {
     let mut current: HashMap<&str, Micros> = HashMap::new();
-    // Keys seen earlier in this list: the write that used them and the insert it made.
-    let mut seen: HashMap<&str, (&WriteRequest, Option<usize>)> = HashMap::new();
+    // Keys applied earlier in this list: the write that used them and its insert.
+    let mut seen: HashMap<(KeySource, &str), (&WriteRequest, usize)> = HashMap::new();
     let mut inserts = Vec::new();
     let mut outcomes = Vec::with_capacity(writes.len());
 
@@ -259,26 +317,25 @@ pub fn plan(
             outcomes.push(Planned::Done(WriteOutcome::Invalid(invalid)));
             continue;
         }
-        let key = write.idempotency_key.as_str();
-        if let Some(entry) = existing.get(key) {
+        let key = write.key();
+        if let Some(entry) = existing.get(&(key.0, key.1.to_owned())) {
             outcomes.push(Planned::Done(if write.same_request_as(entry) {
                 WriteOutcome::Duplicate(entry.clone())
             } else {
-                WriteOutcome::Invalid(key_reused(key))
+                WriteOutcome::Invalid(key_reused(key.1))
             }));
             continue;
         }
-        if let Some((earlier, applied)) = seen.get(key) {
-            if !write.same_request(earlier) {
-                outcomes.push(Planned::Done(WriteOutcome::Invalid(key_reused(key))));
-                continue;
-            }
-            if let Some(index) = applied {
-                outcomes.push(Planned::DuplicateOfInsert(*index));
-                continue;
-            }
-            // The earlier identical write was not applied: nothing was recorded, so this
-            // one is judged afresh.
+        // Only an applied write claims its key: one refused (short of credits, or an
+        // overflow) recorded nothing, so a later write with that key is judged afresh,
+        // exactly as a retried call would be.
+        if let Some((earlier, index)) = seen.get(&key) {
+            outcomes.push(if write.same_request(earlier) {
+                Planned::DuplicateOfInsert(*index)
+            } else {
+                Planned::Done(WriteOutcome::Invalid(key_reused(key.1)))
+            });
+            continue;
         }
         let balance = *current.entry(write.user_id.as_str()).or_insert_with(|| {
             balances
@@ -291,7 +348,6 @@ pub fn plan(
                 "balance_overflow",
                 "the balance would overflow",
             ))));
-            seen.insert(key, (write, None));
             continue;
         };
         if write.kind == EntryKind::Deduction && balance_after < Micros::ZERO {
@@ -299,19 +355,14 @@ pub fn plan(
                 balance,
                 required: Micros(write.amount.0.saturating_neg()),
             }));
-            seen.insert(key, (write, None));
             continue;
         }
         current.insert(write.user_id.as_str(), balance_after);
-        seen.insert(key, (write, Some(inserts.len())));
+        seen.insert(key, (write, inserts.len()));
         outcomes.push(Planned::Insert(inserts.len()));
         inserts.push(NewEntry {
-            user_id: write.user_id.clone(),
-            kind: write.kind,
-            amount: write.amount,
+            write: write.clone(),
             balance_after,
-            idempotency_key: write.idempotency_key.clone(),
-            description: write.description.clone(),
         });
     }
     Plan {
@@ -329,9 +380,14 @@ fn key_reused(key: &str) -> InvalidWrite {
 }
 
 /// The users whose balances `writes` may read or change, sorted and distinct: the
-/// order in which stores lock them, so concurrent transactions never deadlock.
+/// order in which stores lock them, so concurrent transactions never deadlock. Invalid
+/// writes are left out: their text never reaches the database.
 pub fn users_to_lock(writes: &[WriteRequest]) -> Vec<String> {
-    let mut users: Vec<String> = writes.iter().map(|w| w.user_id.clone()).collect();
+    let mut users: Vec<String> = writes
+        .iter()
+        .filter(|w| w.validate().is_ok())
+        .map(|w| w.user_id.clone())
+        .collect();
     users.sort_unstable();
     users.dedup();
     users
@@ -350,9 +406,13 @@ pub fn users_to_create(writes: &[WriteRequest]) -> Vec<String> {
     users
 }
 
-/// The distinct idempotency keys of `writes`.
+/// The distinct idempotency keys of the valid `writes`.
 pub fn keys_of(writes: &[WriteRequest]) -> Vec<String> {
-    let mut keys: Vec<String> = writes.iter().map(|w| w.idempotency_key.clone()).collect();
+    let mut keys: Vec<String> = writes
+        .iter()
+        .filter(|w| w.validate().is_ok())
+        .map(|w| w.idempotency_key.clone())
+        .collect();
     keys.sort_unstable();
     keys.dedup();
     keys
@@ -363,13 +423,7 @@ mod tests {
     use super::*;
 
     fn deduct(user: &str, micros: i64, key: &str) -> WriteRequest {
-        WriteRequest {
-            user_id: user.into(),
-            kind: EntryKind::Deduction,
-            amount: Micros(-micros),
-            idempotency_key: key.into(),
-            description: String::new(),
-        }
+        WriteRequest::caller(user, EntryKind::Deduction, Micros(-micros), key, "")
     }
 
     fn balances(pairs: &[(&str, i64)]) -> HashMap<String, Micros> {
@@ -426,9 +480,7 @@ mod tests {
 
     #[test]
     fn an_unapplied_key_is_judged_again_later_in_the_batch() {
-        let mut grant = deduct("a", 0, "g");
-        grant.kind = EntryKind::Grant;
-        grant.amount = Micros(50);
+        let grant = WriteRequest::caller("a", EntryKind::Grant, Micros(50), "g", "");
         let writes = vec![deduct("a", 50, "k"), grant, deduct("a", 50, "k")];
         let plan = plan(&writes, &HashMap::new(), &HashMap::new(), 0);
         let outcomes = plan.finish(&[1, 2]);
@@ -454,10 +506,67 @@ mod tests {
     }
 
     #[test]
+    fn a_key_refused_for_want_of_credits_is_free_again_whatever_the_amount() {
+        // The same rule as two calls: the refused deduction recorded nothing, so the
+        // key may be used again, even for another amount.
+        let writes = vec![
+            deduct("a", 50, "k"),
+            deduct("a", 30, "k"),
+            deduct("a", 30, "k"),
+        ];
+        let outcomes = plan(&writes, &balances(&[("a", 40)]), &HashMap::new(), 0).finish(&[3]);
+        assert!(matches!(outcomes[0], WriteOutcome::Insufficient { .. }));
+        assert!(matches!(&outcomes[1], WriteOutcome::Applied(e) if e.balance_after == Micros(10)));
+        assert!(matches!(&outcomes[2], WriteOutcome::Duplicate(e) if e.id == 3));
+    }
+
+    #[test]
+    fn keys_of_different_sources_never_collide() {
+        let mut stripe = WriteRequest::caller("a", EntryKind::Purchase, Micros(25), "pi_1", "");
+        stripe.key_source = KeySource::Stripe;
+        let existing: ExistingEntries = HashMap::from([(
+            (KeySource::Stripe, "pi_1".to_owned()),
+            stripe.entry(1, Micros(25), 0),
+        )]);
+        // A gateway deduction keyed with the payment intent id is its own write…
+        let outcomes = plan(
+            &[deduct("a", 5, "pi_1"), stripe.clone()],
+            &balances(&[("a", 25)]),
+            &existing,
+            0,
+        )
+        .finish(&[2]);
+        assert!(
+            matches!(&outcomes[0], WriteOutcome::Applied(e) if e.key_source == KeySource::Caller)
+        );
+        // …and the payment stays a duplicate of itself, not a key conflict.
+        assert!(matches!(&outcomes[1], WriteOutcome::Duplicate(e) if e.id == 1));
+    }
+
+    #[test]
+    fn nul_and_control_characters_are_refused_before_any_write() {
+        let mut described = deduct("a", 5, "k3");
+        described.description = "x\0y".to_owned();
+        let writes = vec![
+            deduct("a\0", 5, "k1"),
+            deduct("a", 5, "k\0"),
+            described,
+            deduct("a", 5, "k4"),
+        ];
+        let outcomes = plan(&writes, &balances(&[("a", 5)]), &HashMap::new(), 0).finish(&[1]);
+        assert!(matches!(&outcomes[0], WriteOutcome::Invalid(i) if i.code == "invalid_user_id"));
+        assert!(
+            matches!(&outcomes[1], WriteOutcome::Invalid(i) if i.code == "invalid_idempotency_key")
+        );
+        assert!(
+            matches!(&outcomes[2], WriteOutcome::Invalid(i) if i.code == "invalid_description")
+        );
+        assert!(matches!(&outcomes[3], WriteOutcome::Applied(_)));
+    }
+
+    #[test]
     fn credits_that_would_overflow_are_refused() {
-        let mut grant = deduct("a", 0, "g");
-        grant.kind = EntryKind::Grant;
-        grant.amount = Micros(MAX_WRITE_MICROS);
+        let grant = WriteRequest::caller("a", EntryKind::Grant, Micros(MAX_WRITE_MICROS), "g", "");
         let outcomes = plan(
             &[grant],
             &balances(&[("a", i64::MAX - 1)]),

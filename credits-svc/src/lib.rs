@@ -7,6 +7,7 @@ pub mod checkout;
 pub mod error;
 pub mod group_commit;
 pub mod ledger;
+pub mod payments;
 pub mod service;
 pub mod store;
 

@@ -11,7 +11,8 @@ use crate::checkout::Checkout;
 use crate::error::CreditsError;
 use crate::group_commit::GroupCommit;
 use crate::ledger::{EntryKind, LedgerEntry, WriteOutcome, WriteRequest};
-use crate::store::LedgerStore;
+use crate::payments::{PaymentEvent, PaymentEventKind};
+use crate::store::{LedgerStore, PaymentOutcome};
 
 /// Most items one `DeductBatch` may carry.
 pub const MAX_BATCH_ITEMS: usize = 10_000;
@@ -38,6 +39,25 @@ impl CreditsApi {
             checkout,
             clock,
         }
+    }
+
+    async fn record_payment(&self, event: &PaymentEvent) -> Result<PaymentOutcome, CreditsError> {
+        let outcome = self
+            .store
+            .record_payment_event(event, (self.clock)())
+            .await?;
+        let label = match &outcome {
+            PaymentOutcome::Applied { .. } => "applied",
+            PaymentOutcome::Duplicate(_) => "duplicate",
+            PaymentOutcome::Nothing { .. } => "nothing",
+            PaymentOutcome::UnknownPayment => "unknown_payment",
+            PaymentOutcome::Invalid(_) => "invalid",
+        };
+        metrics::counter!("reeve_payment_events_total", "outcome" => label).increment(1);
+        if let PaymentOutcome::Applied { entry, .. } = &outcome {
+            record(entry.kind, &WriteOutcome::Applied(entry.clone()));
+        }
+        Ok(outcome)
     }
 
     async fn apply_one(&self, write: WriteRequest) -> Result<(LedgerEntry, bool), CreditsError> {
@@ -87,15 +107,15 @@ fn single_result(outcome: WriteOutcome) -> Result<(LedgerEntry, bool), CreditsEr
 }
 
 fn deduction(item: pb::DeductRequest) -> WriteRequest {
-    WriteRequest {
-        user_id: item.user_id,
-        kind: EntryKind::Deduction,
+    WriteRequest::caller(
+        item.user_id,
+        EntryKind::Deduction,
         // A non-positive request amount stays non-negative here and fails validation;
         // i64::MIN cannot be negated and is mapped to a positive value for the same end.
-        amount: Micros(item.amount_micros.checked_neg().unwrap_or(i64::MAX)),
-        idempotency_key: item.idempotency_key,
-        description: item.description,
-    }
+        Micros(item.amount_micros.checked_neg().unwrap_or(i64::MAX)),
+        item.idempotency_key,
+        item.description,
+    )
 }
 
 pub fn entry_to_proto(entry: LedgerEntry) -> pb::LedgerEntry {
@@ -147,13 +167,69 @@ fn outcome_to_proto(key: String, outcome: WriteOutcome) -> pb::DeductOutcome {
 }
 
 fn check_user_id(user_id: &str) -> Result<(), CreditsError> {
-    if user_id.is_empty() || user_id.len() > crate::ledger::MAX_USER_ID_BYTES {
-        return Err(CreditsError::invalid(
-            "invalid_user_id",
-            "user_id must be 1 to 128 bytes",
-        ));
-    }
-    Ok(())
+    reeve_runtime::ids::check_user_id(user_id)
+        .map_err(|invalid| CreditsError::Invalid(invalid.into()))
+}
+
+fn payment_event(request: pb::PaymentEventRequest) -> Result<PaymentEvent, CreditsError> {
+    let kind = match pb::PaymentEventKind::try_from(request.kind) {
+        Ok(pb::PaymentEventKind::PaymentSucceeded) => PaymentEventKind::PaymentSucceeded,
+        Ok(pb::PaymentEventKind::Refunded) => PaymentEventKind::Refunded,
+        Ok(pb::PaymentEventKind::RefundFailed) => PaymentEventKind::RefundFailed,
+        Ok(pb::PaymentEventKind::DisputeFundsWithdrawn) => PaymentEventKind::DisputeFundsWithdrawn,
+        Ok(pb::PaymentEventKind::DisputeFundsReinstated) => {
+            PaymentEventKind::DisputeFundsReinstated
+        }
+        _ => {
+            return Err(CreditsError::invalid(
+                "invalid_kind",
+                "kind must be one of the PAYMENT_EVENT_KIND_* values",
+            ));
+        }
+    };
+    Ok(PaymentEvent {
+        kind,
+        payment_id: request.payment_id,
+        user_id: request.user_id,
+        amount: Micros(request.amount_micros),
+        object_id: request.object_id,
+        description: request.description,
+    })
+}
+
+fn payment_response(outcome: PaymentOutcome) -> Result<pb::PaymentEventResponse, CreditsError> {
+    use pb::PaymentEventOutcome as O;
+    let (outcome, entry, user_id, capped, detail) = match outcome {
+        PaymentOutcome::Applied { entry, capped } => {
+            (O::Applied, Some(entry), None, capped, String::new())
+        }
+        PaymentOutcome::Duplicate(entry) => {
+            (O::Duplicate, Some(entry), None, Micros::ZERO, String::new())
+        }
+        PaymentOutcome::Nothing {
+            user_id,
+            detail,
+            capped,
+        } => (O::NothingToApply, None, Some(user_id), capped, detail),
+        PaymentOutcome::UnknownPayment => (
+            O::UnknownPayment,
+            None,
+            None,
+            Micros::ZERO,
+            "no payment with this id was credited".to_owned(),
+        ),
+        PaymentOutcome::Invalid(invalid) => return Err(CreditsError::Invalid(invalid)),
+    };
+    let user_id = user_id
+        .or_else(|| entry.as_ref().map(|e| e.user_id.clone()))
+        .unwrap_or_default();
+    Ok(pb::PaymentEventResponse {
+        outcome: outcome.into(),
+        entry: entry.map(entry_to_proto),
+        user_id,
+        capped_micros: capped.0,
+        detail,
+    })
 }
 
 #[tonic::async_trait]
@@ -235,9 +311,41 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         request: Request<pb::AddCreditsRequest>,
     ) -> Result<Response<pb::AddCreditsResponse>, Status> {
         let request = request.into_inner();
-        let kind = match pb::CreditKind::try_from(request.kind) {
-            Ok(pb::CreditKind::Purchase) => EntryKind::Purchase,
-            Ok(pb::CreditKind::Grant) => EntryKind::Grant,
+        let (entry, duplicate) = match pb::CreditKind::try_from(request.kind) {
+            // A purchase is a Stripe payment: keyed by its payment intent id in the
+            // Stripe key source, the same write as RecordPaymentEvent's, so a webhook
+            // and this call credit it once between them.
+            Ok(pb::CreditKind::Purchase) => {
+                let event = PaymentEvent {
+                    kind: PaymentEventKind::PaymentSucceeded,
+                    payment_id: request.idempotency_key,
+                    user_id: request.user_id,
+                    amount: Micros(request.amount_micros),
+                    object_id: String::new(),
+                    description: request.description,
+                };
+                self.record_payment(&event)
+                    .await
+                    .and_then(|outcome| match outcome {
+                        PaymentOutcome::Applied { entry, .. } => Ok((entry, false)),
+                        PaymentOutcome::Duplicate(entry) => Ok((entry, true)),
+                        PaymentOutcome::Invalid(invalid) => Err(CreditsError::Invalid(invalid)),
+                        other => Err(CreditsError::invalid(
+                            "internal",
+                            format!("a purchase answered {other:?}"),
+                        )),
+                    })?
+            }
+            Ok(pb::CreditKind::Grant) => {
+                self.apply_one(WriteRequest::caller(
+                    request.user_id,
+                    EntryKind::Grant,
+                    Micros(request.amount_micros),
+                    request.idempotency_key,
+                    request.description,
+                ))
+                .await?
+            }
             _ => {
                 return Err(CreditsError::invalid(
                     "invalid_kind",
@@ -246,14 +354,6 @@ impl pb::credit_service_server::CreditService for CreditsApi {
                 .into());
             }
         };
-        let write = WriteRequest {
-            user_id: request.user_id,
-            kind,
-            amount: Micros(request.amount_micros),
-            idempotency_key: request.idempotency_key,
-            description: request.description,
-        };
-        let (entry, duplicate) = self.apply_one(write).await?;
         Ok(Response::new(pb::AddCreditsResponse {
             entry: Some(entry_to_proto(entry)),
             duplicate,
@@ -266,13 +366,13 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         request: Request<pb::AdjustRequest>,
     ) -> Result<Response<pb::AdjustResponse>, Status> {
         let request = request.into_inner();
-        let write = WriteRequest {
-            user_id: request.user_id,
-            kind: EntryKind::Adjustment,
-            amount: Micros(request.amount_micros),
-            idempotency_key: request.idempotency_key,
-            description: request.reason,
-        };
+        let write = WriteRequest::caller(
+            request.user_id,
+            EntryKind::Adjustment,
+            Micros(request.amount_micros),
+            request.idempotency_key,
+            request.reason,
+        );
         let (entry, duplicate) = self.apply_one(write).await?;
         Ok(Response::new(pb::AdjustResponse {
             entry: Some(entry_to_proto(entry)),
@@ -350,10 +450,13 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(payment_id = %request.get_ref().payment_id, kind = request.get_ref().kind, object_id = %request.get_ref().object_id))]
     async fn record_payment_event(
         &self,
-        _request: Request<pb::PaymentEventRequest>,
+        request: Request<pb::PaymentEventRequest>,
     ) -> Result<Response<pb::PaymentEventResponse>, Status> {
-        Err(Status::unimplemented("RecordPaymentEvent is being built"))
+        let event = payment_event(request.into_inner())?;
+        let outcome = self.record_payment(&event).await?;
+        Ok(Response::new(payment_response(outcome)?))
     }
 }

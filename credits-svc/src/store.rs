@@ -5,13 +5,15 @@
 //! The ledger tables are append-only (a trigger refuses UPDATE and DELETE); the cached
 //! balance in `credit_accounts` changes only in the transaction that appends entries.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use reeve_runtime::Micros;
 
-use crate::ledger::{EntryKind, LedgerEntry, WriteOutcome, WriteRequest};
+use crate::ledger::{
+    EntryKind, ExistingEntries, KeySource, LedgerEntry, WriteOutcome, WriteRequest,
+};
+use crate::payments::{DisputeState, PaymentEvent, PaymentState};
 
 pub mod postgres;
 pub mod sqlite;
@@ -29,6 +31,10 @@ pub enum StoreError {
     UnsupportedUrl,
     #[error("concurrent writes kept colliding on the same idempotency keys; retry")]
     Contention,
+    /// The database refused for load, not for the request: a deadlock broken, a
+    /// serialization failure, a lock not granted in time, SQLite busy. Retryable.
+    #[error("database busy: {0}")]
+    Busy(Arc<sqlx::Error>),
     #[error("the ledger is shutting down")]
     ShuttingDown,
     #[error("stored data is not valid: {0}")]
@@ -42,8 +48,63 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_) => StoreError::Unavailable(Arc::new(error)),
+            sqlx::Error::Database(ref db) => match classify(db.as_ref()) {
+                Refusal::Busy => StoreError::Busy(Arc::new(error)),
+                Refusal::Unavailable => StoreError::Unavailable(Arc::new(error)),
+                Refusal::Other => StoreError::Database(Arc::new(error)),
+            },
             other => StoreError::Database(Arc::new(other)),
         }
+    }
+}
+
+enum Refusal {
+    Busy,
+    Unavailable,
+    Other,
+}
+
+/// What a database error says: SQLite's (extended) result codes, whose low byte is the
+/// primary code, or PostgreSQL's SQLSTATEs.
+fn classify(error: &dyn sqlx::error::DatabaseError) -> Refusal {
+    let Some(code) = error.code() else {
+        return Refusal::Other;
+    };
+    if error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        return match code.parse::<u32>().map(|c| c & 0xff) {
+            // SQLITE_BUSY, SQLITE_LOCKED
+            Ok(5) | Ok(6) => Refusal::Busy,
+            _ => Refusal::Other,
+        };
+    }
+    let code = code.as_ref();
+    match code {
+        // deadlock_detected, serialization_failure, lock_not_available, query_canceled
+        // (statement or lock timeout)
+        "40P01" | "40001" | "55P03" | "57014" => return Refusal::Busy,
+        // admin/crash shutdown, cannot connect now, too many connections
+        "57P01" | "57P02" | "57P03" | "53300" => return Refusal::Unavailable,
+        _ => {}
+    }
+    if code.starts_with("08") {
+        return Refusal::Unavailable;
+    }
+    Refusal::Other
+}
+
+impl StoreError {
+    /// Whether running the same writes again may succeed (load, not the request).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Busy(_)
+                | StoreError::Unavailable(_)
+                | StoreError::Contention
+                | StoreError::ShuttingDown
+        )
     }
 }
 
@@ -84,6 +145,12 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> Result<Vec<LedgerEntry>, StoreError>;
     /// The cached balance beside the sum of the user's entries.
     async fn audit(&self, user_id: &str) -> Result<BalanceAudit, StoreError>;
+    /// Applies one Stripe money event (see [`crate::payments`]) in one transaction.
+    async fn record_payment_event(
+        &self,
+        event: &PaymentEvent,
+        now_us: i64,
+    ) -> Result<PaymentOutcome, StoreError>;
     /// Connections of the pool, for metrics.
     fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats;
 }
@@ -99,6 +166,26 @@ pub async fn open(url: &str) -> Result<Arc<dyn LedgerStore>, StoreError> {
     }
 }
 
+/// What a payment event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaymentOutcome {
+    /// An entry was written now (`capped`: what the per-payment cap withheld).
+    Applied { entry: LedgerEntry, capped: Micros },
+    /// Written before: the original entry.
+    Duplicate(LedgerEntry),
+    /// Nothing to write; `user_id` is the payment's user.
+    Nothing {
+        user_id: String,
+        detail: String,
+        capped: Micros,
+    },
+    /// No payment with this id was credited: nothing written.
+    UnknownPayment,
+    /// The event cannot be applied as asked (e.g. a payment id credited for another
+    /// user or amount): nothing written.
+    Invalid(crate::ledger::InvalidWrite),
+}
+
 /// One ledger row as both stores select it.
 #[derive(sqlx::FromRow)]
 struct EntryRow {
@@ -108,12 +195,68 @@ struct EntryRow {
     amount_micros: i64,
     balance_after_micros: i64,
     idempotency_key: String,
+    key_source: String,
+    payment_id: Option<String>,
     description: String,
     created_at_us: i64,
 }
 
 /// The column list matching [`EntryRow`].
-const ENTRY_COLUMNS: &str = "id, user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us";
+const ENTRY_COLUMNS: &str = "id, user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, created_at_us";
+
+/// One `credit_payments` row as both stores select it.
+#[derive(sqlx::FromRow)]
+struct PaymentRow {
+    payment_id: String,
+    user_id: String,
+    credited_micros: i64,
+    refunded_micros: i64,
+    refund_debits_total_micros: i64,
+    disputed_micros: i64,
+}
+
+const PAYMENT_COLUMNS: &str = "payment_id, user_id, credited_micros, refunded_micros, refund_debits_total_micros, disputed_micros";
+
+impl From<PaymentRow> for PaymentState {
+    fn from(row: PaymentRow) -> PaymentState {
+        PaymentState {
+            payment_id: row.payment_id,
+            user_id: row.user_id,
+            credited: Micros(row.credited_micros),
+            refunded: Micros(row.refunded_micros),
+            refund_debits_total: Micros(row.refund_debits_total_micros),
+            disputed: Micros(row.disputed_micros),
+        }
+    }
+}
+
+/// Saves a payment's tallies (the row exists: it was created with its purchase).
+const UPDATE_PAYMENT_SQL: &str = "UPDATE credit_payments SET refunded_micros = $2,      refund_debits_total_micros = $3, disputed_micros = $4 WHERE payment_id = $1";
+const INSERT_PAYMENT_SQL: &str = "INSERT INTO credit_payments      (payment_id, user_id, credited_micros, created_at_us) VALUES ($1, $2, $3, $4)      ON CONFLICT (payment_id) DO NOTHING";
+const SELECT_DISPUTE_SQL: &str = "SELECT dispute_id, payment_id, debited_micros, reinstated      FROM credit_disputes WHERE dispute_id = $1";
+const UPSERT_DISPUTE_SQL: &str = "INSERT INTO credit_disputes      (dispute_id, payment_id, debited_micros, reinstated) VALUES ($1, $2, $3, $4)      ON CONFLICT (dispute_id) DO UPDATE SET payment_id = excluded.payment_id,      debited_micros = excluded.debited_micros, reinstated = excluded.reinstated";
+/// Takes a charge's pre-tracking refund debits (once: the row goes with it).
+const TAKE_LEGACY_REFUNDS_SQL: &str =
+    "DELETE FROM credit_legacy_refunds WHERE charge_id = $1 RETURNING debited_micros";
+
+#[derive(sqlx::FromRow)]
+struct DisputeRow {
+    dispute_id: String,
+    payment_id: Option<String>,
+    debited_micros: i64,
+    reinstated: bool,
+}
+
+impl From<DisputeRow> for DisputeState {
+    fn from(row: DisputeRow) -> DisputeState {
+        DisputeState {
+            dispute_id: row.dispute_id,
+            payment_id: row.payment_id,
+            debited: Micros(row.debited_micros),
+            reinstated: row.reinstated,
+        }
+    }
+}
 
 impl TryFrom<EntryRow> for LedgerEntry {
     type Error = StoreError;
@@ -125,6 +268,12 @@ impl TryFrom<EntryRow> for LedgerEntry {
                 row.id, row.kind
             ))
         })?;
+        let key_source = KeySource::parse(&row.key_source).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "ledger entry {} has unknown key source {:?}",
+                row.id, row.key_source
+            ))
+        })?;
         Ok(LedgerEntry {
             id: row.id,
             user_id: row.user_id,
@@ -132,16 +281,246 @@ impl TryFrom<EntryRow> for LedgerEntry {
             amount: Micros(row.amount_micros),
             balance_after: Micros(row.balance_after_micros),
             idempotency_key: row.idempotency_key,
+            key_source,
+            payment_id: row.payment_id,
             description: row.description,
             created_at_us: row.created_at_us,
         })
     }
 }
 
-fn entries_by_key(rows: Vec<EntryRow>) -> Result<HashMap<String, LedgerEntry>, StoreError> {
+fn entries_by_key(rows: Vec<EntryRow>) -> Result<ExistingEntries, StoreError> {
     rows.into_iter()
-        .map(|row| LedgerEntry::try_from(row).map(|entry| (entry.idempotency_key.clone(), entry)))
+        .map(|row| {
+            LedgerEntry::try_from(row)
+                .map(|entry| ((entry.key_source, entry.idempotency_key.clone()), entry))
+        })
         .collect()
+}
+
+/// The writes a payment event leads to, once its state is known: shared by both
+/// stores so they follow one path.
+pub(crate) enum PaymentStep {
+    /// Answer without writing.
+    Answer(PaymentOutcome),
+    /// Apply `write` through the ledger plan, then save the states.
+    Write {
+        write: WriteRequest,
+        payment: Option<PaymentState>,
+        dispute: Option<DisputeState>,
+        capped: Micros,
+    },
+    /// Save a dispute state without an entry (a reinstatement seen first).
+    SaveDispute {
+        dispute: DisputeState,
+        outcome: PaymentOutcome,
+    },
+}
+
+/// Turns the loaded state into the next step (see [`crate::payments::decide`]).
+/// `existing` is the entry holding the event's fixed key, if any; `payment` has the
+/// legacy refunds of the event's charge folded in already.
+pub(crate) fn payment_step(
+    event: &PaymentEvent,
+    payment: Option<PaymentState>,
+    dispute: Option<DisputeState>,
+    existing: Option<LedgerEntry>,
+) -> PaymentStep {
+    use crate::payments::{Decision, PaymentEventKind, decide};
+    if event.kind == PaymentEventKind::PaymentSucceeded {
+        let write = event.purchase();
+        if let Some(entry) = existing {
+            return PaymentStep::Answer(if write.same_request_as(&entry) {
+                PaymentOutcome::Duplicate(entry)
+            } else {
+                PaymentOutcome::Invalid(crate::ledger::InvalidWrite::new(
+                    crate::ledger::IDEMPOTENCY_KEY_REUSED,
+                    format!(
+                        "payment {} was already credited for a different request (another user or amount)",
+                        event.payment_id
+                    ),
+                ))
+            });
+        }
+        return PaymentStep::Write {
+            write,
+            payment: None,
+            dispute: None,
+            capped: Micros::ZERO,
+        };
+    }
+    if let Some(entry) = existing {
+        return PaymentStep::Answer(PaymentOutcome::Duplicate(entry));
+    }
+    let Some(payment) = payment else {
+        return PaymentStep::Answer(PaymentOutcome::UnknownPayment);
+    };
+    match decide(event, &payment, dispute.as_ref()) {
+        Decision::Write {
+            write,
+            payment,
+            dispute,
+            capped,
+        } => PaymentStep::Write {
+            write,
+            payment: Some(payment),
+            dispute,
+            capped,
+        },
+        Decision::Nothing {
+            detail,
+            capped,
+            dispute,
+        } => {
+            let outcome = PaymentOutcome::Nothing {
+                user_id: payment.user_id,
+                detail,
+                capped,
+            };
+            match dispute {
+                Some(dispute) => PaymentStep::SaveDispute { dispute, outcome },
+                None => PaymentStep::Answer(outcome),
+            }
+        }
+    }
+}
+
+/// How often a call is replanned after losing a key race (or being refused for load)
+/// before giving up.
+const MAX_ATTEMPTS: usize = 8;
+
+/// Runs `attempt` until it is not overtaken: a lost key race (`None`) or a refusal for
+/// load (deadlock, serialization failure, lock timeout) is rolled back and replanned,
+/// with a short growing pause; after [`MAX_ATTEMPTS`] the caller gets `Contention`
+/// (ABORTED, retryable), never an internal error.
+pub(crate) async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, StoreError>>,
+{
+    for round in 0..MAX_ATTEMPTS {
+        match attempt().await {
+            Ok(Some(done)) => return Ok(done),
+            Ok(None) => {}
+            Err(StoreError::Busy(error)) => {
+                tracing::debug!(%error, round, "ledger transaction refused for load; replanning");
+            }
+            Err(other) => return Err(other),
+        }
+        let pause_us = 500 * (round as u64 + 1) + u64::from(rand::random::<u16>() % 1000);
+        tokio::time::sleep(std::time::Duration::from_micros(pause_us)).await;
+    }
+    Err(StoreError::Contention)
+}
+
+/// The steps of a payment event on an open transaction, one SQL statement each, so
+/// both stores run the one flow of [`run_payment_event`].
+#[async_trait]
+pub(crate) trait PaymentTx: Send {
+    async fn payment(&mut self, payment_id: &str) -> Result<Option<PaymentState>, StoreError>;
+    /// Locks the user's balance row (PostgreSQL; SQLite's transaction is exclusive).
+    async fn lock_user(&mut self, user_id: &str) -> Result<(), StoreError>;
+    async fn stripe_entry(&mut self, key: &str) -> Result<Option<LedgerEntry>, StoreError>;
+    async fn dispute(&mut self, dispute_id: &str) -> Result<Option<DisputeState>, StoreError>;
+    /// Removes and returns a charge's refund debits from before payments were tracked.
+    async fn take_legacy_refunds(&mut self, charge_id: &str) -> Result<Micros, StoreError>;
+    async fn save_payment(&mut self, payment: &PaymentState) -> Result<(), StoreError>;
+    async fn insert_payment(&mut self, purchase: &LedgerEntry) -> Result<(), StoreError>;
+    async fn save_dispute(&mut self, dispute: &DisputeState) -> Result<(), StoreError>;
+    /// The ledger plan inside this transaction; `None` when a key race was lost.
+    async fn apply(
+        &mut self,
+        writes: &[WriteRequest],
+        now_us: i64,
+    ) -> Result<Option<Vec<WriteOutcome>>, StoreError>;
+}
+
+/// One payment event inside one transaction: find the payment and lock its user, load
+/// what the rules need, decide, write. `None`: a key race was lost; roll back, retry.
+pub(crate) async fn run_payment_event(
+    tx: &mut dyn PaymentTx,
+    event: &PaymentEvent,
+    now_us: i64,
+) -> Result<Option<PaymentOutcome>, StoreError> {
+    use crate::payments::{PaymentEventKind, fixed_key};
+    let mut payment = None;
+    if event.kind != PaymentEventKind::PaymentSucceeded {
+        // The user is the payment's, from our own record; its row only changes under
+        // that user's lock, so it is read again once the lock is held.
+        let Some(found) = tx.payment(&event.payment_id).await? else {
+            return Ok(Some(PaymentOutcome::UnknownPayment));
+        };
+        tx.lock_user(&found.user_id).await?;
+        let Some(mut locked) = tx.payment(&event.payment_id).await? else {
+            return Ok(Some(PaymentOutcome::UnknownPayment));
+        };
+        if event.kind == PaymentEventKind::Refunded {
+            let legacy = tx.take_legacy_refunds(&event.object_id).await?;
+            if legacy.0 > 0 {
+                let room = locked.credited.0 - locked.disputed.0;
+                locked.refunded = Micros((locked.refunded.0 + legacy.0).min(room).max(0));
+                locked.refund_debits_total = Micros(locked.refund_debits_total.0 + legacy.0);
+                tx.save_payment(&locked).await?;
+            }
+        }
+        payment = Some(locked);
+    }
+    let existing = match fixed_key(event) {
+        Some(key) => tx.stripe_entry(&key).await?,
+        None => None,
+    };
+    let dispute = match event.kind {
+        PaymentEventKind::DisputeFundsWithdrawn | PaymentEventKind::DisputeFundsReinstated => {
+            tx.dispute(&event.object_id).await?
+        }
+        _ => None,
+    };
+    match payment_step(event, payment, dispute, existing) {
+        PaymentStep::Answer(outcome) => Ok(Some(outcome)),
+        PaymentStep::SaveDispute { dispute, outcome } => {
+            tx.save_dispute(&dispute).await?;
+            Ok(Some(outcome))
+        }
+        PaymentStep::Write {
+            write,
+            payment,
+            dispute,
+            capped,
+        } => {
+            let Some(mut outcomes) = tx.apply(std::slice::from_ref(&write), now_us).await? else {
+                return Ok(None);
+            };
+            let outcome = outcomes.pop().ok_or_else(|| {
+                StoreError::Corrupt("the ledger plan returned no outcome".to_owned())
+            })?;
+            if let WriteOutcome::Applied(entry) = &outcome {
+                match &payment {
+                    None => tx.insert_payment(entry).await?,
+                    Some(payment) => tx.save_payment(payment).await?,
+                }
+                if let Some(dispute) = &dispute {
+                    tx.save_dispute(dispute).await?;
+                }
+            }
+            Ok(Some(payment_outcome(outcome, capped)))
+        }
+    }
+}
+
+/// The outcome of a payment write once the plan ran.
+pub(crate) fn payment_outcome(outcome: WriteOutcome, capped: Micros) -> PaymentOutcome {
+    match outcome {
+        WriteOutcome::Applied(entry) => PaymentOutcome::Applied { entry, capped },
+        WriteOutcome::Duplicate(entry) => PaymentOutcome::Duplicate(entry),
+        WriteOutcome::Invalid(invalid) => PaymentOutcome::Invalid(invalid),
+        // Adjustments and purchases are never refused for want of credits.
+        WriteOutcome::Insufficient { .. } => {
+            PaymentOutcome::Invalid(crate::ledger::InvalidWrite::new(
+                "internal",
+                "a payment write was refused as insufficient",
+            ))
+        }
+    }
 }
 
 fn entries(rows: Vec<EntryRow>) -> Result<Vec<LedgerEntry>, StoreError> {

@@ -9,12 +9,17 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use reeve_runtime::Micros;
+use sqlx::SqliteConnection;
 use sqlx::sqlite::SqlitePool;
 
 use super::{
-    BalanceAudit, ENTRY_COLUMNS, EntryRow, LedgerStore, StoreError, entries, entries_by_key,
+    BalanceAudit, DisputeRow, ENTRY_COLUMNS, EntryRow, INSERT_PAYMENT_SQL, LedgerStore,
+    PAYMENT_COLUMNS, PaymentOutcome, PaymentRow, PaymentTx, SELECT_DISPUTE_SQL, StoreError,
+    TAKE_LEGACY_REFUNDS_SQL, UPDATE_PAYMENT_SQL, UPSERT_DISPUTE_SQL, entries, entries_by_key,
+    run_payment_event, with_retries,
 };
-use crate::ledger::{self, LedgerEntry, WriteOutcome, WriteRequest};
+use crate::ledger::{self, ExistingEntries, LedgerEntry, WriteOutcome, WriteRequest};
+use crate::payments::{DisputeState, PaymentEvent, PaymentState};
 
 /// Bound parameters per `IN (…)` list, well under SQLite's limit.
 const IN_LIST_CHUNK: usize = 4_096;
@@ -69,74 +74,31 @@ impl LedgerStore for SqliteLedger {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for user in ledger::users_to_create(writes) {
-            sqlx::query("INSERT OR IGNORE INTO credit_accounts (user_id, balance_micros, updated_at_us) VALUES (?, 0, ?)")
-                .bind(user)
-                .bind(now_us)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let mut balances: HashMap<String, Micros> = HashMap::new();
-        for users in ledger::users_to_lock(writes).chunks(IN_LIST_CHUNK) {
-            let sql = format!(
-                "SELECT user_id, balance_micros FROM credit_accounts WHERE user_id IN ({})",
-                placeholders(users.len())
-            );
-            let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
-            for user in users {
-                query = query.bind(user);
-            }
-            balances.extend(
-                query
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .map(|(u, b)| (u, Micros(b))),
-            );
-        }
-        let mut existing: HashMap<String, LedgerEntry> = HashMap::new();
-        for keys in ledger::keys_of(writes).chunks(IN_LIST_CHUNK) {
-            let sql = format!(
-                "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key IN ({})",
-                placeholders(keys.len())
-            );
-            let mut query = sqlx::query_as::<_, EntryRow>(&sql);
-            for key in keys {
-                query = query.bind(key);
-            }
-            existing.extend(entries_by_key(query.fetch_all(&mut *tx).await?)?);
-        }
+        with_retries(|| async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let outcomes = apply_in(&mut tx, writes, now_us).await?;
+            tx.commit().await?;
+            Ok(Some(outcomes))
+        })
+        .await
+    }
 
-        let plan = ledger::plan(writes, &balances, &existing, now_us);
-        let mut ids = Vec::with_capacity(plan.inserts.len());
-        for entry in &plan.inserts {
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO credit_ledger \
-                    (user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            )
-            .bind(&entry.user_id)
-            .bind(entry.kind.as_str())
-            .bind(entry.amount.0)
-            .bind(entry.balance_after.0)
-            .bind(&entry.idempotency_key)
-            .bind(&entry.description)
-            .bind(now_us)
-            .fetch_one(&mut *tx)
-            .await?;
-            ids.push(id);
+    async fn record_payment_event(
+        &self,
+        event: &PaymentEvent,
+        now_us: i64,
+    ) -> Result<PaymentOutcome, StoreError> {
+        if let Err(invalid) = event.validate() {
+            return Ok(PaymentOutcome::Invalid(invalid));
         }
-        for (user, delta) in plan.deltas() {
-            sqlx::query("UPDATE credit_accounts SET balance_micros = balance_micros + ?, updated_at_us = ? WHERE user_id = ?")
-                .bind(delta)
-                .bind(now_us)
-                .bind(user)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(plan.finish(&ids))
+        with_retries(|| async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            // The transaction is exclusive: no key race can be lost.
+            let outcome = run_payment_event(&mut SqliteTx(&mut tx), event, now_us).await?;
+            tx.commit().await?;
+            Ok(outcome)
+        })
+        .await
     }
 
     async fn history(
@@ -172,5 +134,170 @@ impl LedgerStore for SqliteLedger {
             entries_sum: Micros(entries_sum),
             entries,
         })
+    }
+}
+
+/// Applies `writes` inside an exclusive transaction (no other writer can overtake it).
+async fn apply_in(
+    conn: &mut SqliteConnection,
+    writes: &[WriteRequest],
+    now_us: i64,
+) -> Result<Vec<WriteOutcome>, StoreError> {
+    for user in ledger::users_to_create(writes) {
+        sqlx::query("INSERT OR IGNORE INTO credit_accounts (user_id, balance_micros, updated_at_us) VALUES (?, 0, ?)")
+            .bind(user)
+            .bind(now_us)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let mut balances: HashMap<String, Micros> = HashMap::new();
+    for users in ledger::users_to_lock(writes).chunks(IN_LIST_CHUNK) {
+        let sql = format!(
+            "SELECT user_id, balance_micros FROM credit_accounts WHERE user_id IN ({})",
+            placeholders(users.len())
+        );
+        let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+        for user in users {
+            query = query.bind(user);
+        }
+        balances.extend(
+            query
+                .fetch_all(&mut *conn)
+                .await?
+                .into_iter()
+                .map(|(u, b)| (u, Micros(b))),
+        );
+    }
+    let mut existing = ExistingEntries::new();
+    for keys in ledger::keys_of(writes).chunks(IN_LIST_CHUNK) {
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key IN ({})",
+            placeholders(keys.len())
+        );
+        let mut query = sqlx::query_as::<_, EntryRow>(&sql);
+        for key in keys {
+            query = query.bind(key);
+        }
+        existing.extend(entries_by_key(query.fetch_all(&mut *conn).await?)?);
+    }
+
+    let plan = ledger::plan(writes, &balances, &existing, now_us);
+    let mut ids = Vec::with_capacity(plan.inserts.len());
+    for entry in &plan.inserts {
+        let write = &entry.write;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO credit_ledger \
+                (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, created_at_us) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&write.user_id)
+        .bind(write.kind.as_str())
+        .bind(write.amount.0)
+        .bind(entry.balance_after.0)
+        .bind(&write.idempotency_key)
+        .bind(write.key_source.as_str())
+        .bind(write.payment_id.as_deref())
+        .bind(&write.description)
+        .bind(now_us)
+        .fetch_one(&mut *conn)
+        .await?;
+        ids.push(id);
+    }
+    for (user, delta) in plan.deltas() {
+        sqlx::query("UPDATE credit_accounts SET balance_micros = balance_micros + ?, updated_at_us = ? WHERE user_id = ?")
+            .bind(delta)
+            .bind(now_us)
+            .bind(user)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(plan.finish(&ids))
+}
+
+/// The payment-event steps on an open SQLite transaction.
+struct SqliteTx<'a>(&'a mut SqliteConnection);
+
+#[async_trait]
+impl PaymentTx for SqliteTx<'_> {
+    async fn payment(&mut self, payment_id: &str) -> Result<Option<PaymentState>, StoreError> {
+        let row = sqlx::query_as::<_, PaymentRow>(&format!(
+            "SELECT {PAYMENT_COLUMNS} FROM credit_payments WHERE payment_id = $1"
+        ))
+        .bind(payment_id)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(row.map(PaymentState::from))
+    }
+
+    async fn lock_user(&mut self, _user_id: &str) -> Result<(), StoreError> {
+        // BEGIN IMMEDIATE already holds the database's write lock.
+        Ok(())
+    }
+
+    async fn stripe_entry(&mut self, key: &str) -> Result<Option<LedgerEntry>, StoreError> {
+        let row = sqlx::query_as::<_, EntryRow>(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key = $1 AND key_source = 'stripe'"
+        ))
+        .bind(key)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        row.map(LedgerEntry::try_from).transpose()
+    }
+
+    async fn dispute(&mut self, dispute_id: &str) -> Result<Option<DisputeState>, StoreError> {
+        let row = sqlx::query_as::<_, DisputeRow>(SELECT_DISPUTE_SQL)
+            .bind(dispute_id)
+            .fetch_optional(&mut *self.0)
+            .await?;
+        Ok(row.map(DisputeState::from))
+    }
+
+    async fn take_legacy_refunds(&mut self, charge_id: &str) -> Result<Micros, StoreError> {
+        let taken: Option<i64> = sqlx::query_scalar(TAKE_LEGACY_REFUNDS_SQL)
+            .bind(charge_id)
+            .fetch_optional(&mut *self.0)
+            .await?;
+        Ok(Micros(taken.unwrap_or(0)))
+    }
+
+    async fn save_payment(&mut self, payment: &PaymentState) -> Result<(), StoreError> {
+        sqlx::query(UPDATE_PAYMENT_SQL)
+            .bind(&payment.payment_id)
+            .bind(payment.refunded.0)
+            .bind(payment.refund_debits_total.0)
+            .bind(payment.disputed.0)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_payment(&mut self, purchase: &LedgerEntry) -> Result<(), StoreError> {
+        sqlx::query(INSERT_PAYMENT_SQL)
+            .bind(purchase.payment_id.as_deref())
+            .bind(&purchase.user_id)
+            .bind(purchase.amount.0)
+            .bind(purchase.created_at_us)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn save_dispute(&mut self, dispute: &DisputeState) -> Result<(), StoreError> {
+        sqlx::query(UPSERT_DISPUTE_SQL)
+            .bind(&dispute.dispute_id)
+            .bind(dispute.payment_id.as_deref())
+            .bind(dispute.debited.0)
+            .bind(dispute.reinstated)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &mut self,
+        writes: &[WriteRequest],
+        now_us: i64,
+    ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
+        apply_in(self.0, writes, now_us).await.map(Some)
     }
 }
