@@ -298,13 +298,12 @@ impl pb::quota_service_server::QuotaService for QuotaApi {
         let mut features = Vec::new();
         for feature in self.registry.features() {
             let overridden = overrides.get(feature).copied();
-            let limit = match overridden {
-                Some(limit) => limit,
-                None => self
-                    .registry
-                    .limit(feature, &tier)
-                    .map_err(QuotaError::from)?,
-            };
+            let tier_limits = self
+                .registry
+                .tier_limits(feature)
+                .map_err(QuotaError::from)?;
+            let (_, limit) = rules::resolve_limit(Some(&tier), overridden, &tier_limits)
+                .map_err(|tier| QuotaError::from(RegistryError::UnknownTier(tier)))?;
             let used = usage.get(feature).copied().unwrap_or_default();
             let (remaining, next_free_at) = remaining_and_next(limit, used);
             features.push(pb::FeatureUsage {
