@@ -37,6 +37,14 @@ pub enum ApiError {
     /// 502/500: something on our side failed; details are logged, not returned.
     #[error("{message}")]
     Internal { code: &'static str, message: String },
+    /// What the HTTP layer refuses before a handler runs: 405 `method_not_allowed`,
+    /// 413 `body_too_large`, and the like (see [`ApiError::refused`]).
+    #[error("{message}")]
+    Refused {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -61,8 +69,38 @@ impl ApiError {
         }
     }
 
+    /// The error for a refusal of the HTTP layer (axum's rejections, the method router,
+    /// the body limit), by its status: one code per status.
+    pub fn refused(status: StatusCode, message: impl Into<String>) -> ApiError {
+        let code = match status {
+            StatusCode::NOT_FOUND => {
+                return ApiError::NotFound {
+                    code: "not_found".to_owned(),
+                    message: message.into(),
+                };
+            }
+            StatusCode::BAD_REQUEST => {
+                return ApiError::bad_request("invalid_request", message);
+            }
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            StatusCode::REQUEST_TIMEOUT => "request_timeout",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+            StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+            s if s.is_server_error() => "internal_error",
+            _ => "invalid_request",
+        };
+        ApiError::Refused {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
+            ApiError::Refused { status, .. } => *status,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
@@ -86,7 +124,8 @@ impl ApiError {
             ApiError::Unauthorized { code, .. }
             | ApiError::Forbidden { code, .. }
             | ApiError::Unavailable { code, .. }
-            | ApiError::Internal { code, .. } => code,
+            | ApiError::Internal { code, .. }
+            | ApiError::Refused { code, .. } => code,
             ApiError::InsufficientCredits { .. } => "insufficient_credits",
         }
     }
@@ -110,6 +149,69 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status(), Json(self.body())).into_response()
     }
+}
+
+/// A request body that could not be read: too large (413) or cut off (400).
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::refused(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is larger than this server accepts",
+            ),
+            _ => ApiError::bad_request("invalid_body", rejection.body_text()),
+        }
+    }
+}
+
+/// A query string that does not fit the route's parameters (a duplicated or unknown
+/// parameter, bad percent-encoding).
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> ApiError {
+        ApiError::bad_request("invalid_query", rejection.body_text())
+    }
+}
+
+/// Longest framework message kept when an error is rewritten into the envelope.
+const MAX_REFUSAL_TEXT: usize = 4096;
+
+/// The middleware that makes every error the envelope: an error response that is not
+/// JSON yet (axum's rejections, the method router's 405, a 413 from the body limit) is
+/// rewritten through [`ApiError::refused`], keeping its status and its `Allow` header.
+pub async fn envelope_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_REFUSAL_TEXT)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("the request was refused")
+            .to_owned()
+    } else {
+        text
+    };
+    let mut rewritten = ApiError::refused(status, message).into_response();
+    if let Some(allow) = parts.headers.get(axum::http::header::ALLOW) {
+        rewritten
+            .headers_mut()
+            .insert(axum::http::header::ALLOW, allow.clone());
+    }
+    rewritten
 }
 
 /// The `ErrorInfo` reason and metadata a backend attached, if any.

@@ -2,6 +2,10 @@
 //! user's JWT), gateway calls (a service token) and Stripe's signed webhooks come in
 //! over HTTP and go out as gRPC calls to credits-svc and quota-svc.
 //!
+//! Connections are guarded by [`reeve_runtime::connections`] (a cap, 10 s to send a
+//! request head, 75 s idle); every error, the HTTP layer's own included, is the JSON
+//! envelope of [`error`].
+//!
 //! The bridge holds no money and no quota: its only table is the audit trail of Stripe
 //! events. `main.rs` reads [`Config`] and calls [`start`]; tests call [`start`] on
 //! port 0.
@@ -29,6 +33,7 @@ use reeve_proto::credits::v1::credit_service_client::CreditServiceClient;
 use reeve_proto::quota::v1::quota_service_client::QuotaServiceClient;
 use reeve_runtime::auth::{BearerToken, ServiceTokens};
 use reeve_runtime::config::{self, ConfigError};
+use reeve_runtime::connections::{ConnInfo, GuardedListener, Limits};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -264,6 +269,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             }
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(error::envelope_errors))
+        .layer(reeve_runtime::connections::TrackRequests)
         .layer(axum::middleware::from_fn(http_telemetry))
         .with_state(state)
 }
@@ -356,10 +363,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     reeve_runtime::telemetry::sample_pool("webhook-bridge", shutdown.clone(), move || {
         sampled.pool_stats()
     });
-    let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
+    reeve_runtime::connections::raise_fd_limit();
+    let listener = GuardedListener::new(
+        tokio::net::TcpListener::bind(config.http_addr).await?,
+        Limits::HTTP,
+        "webhook-bridge",
+    );
     let local_addr = listener.local_addr()?;
     stripe::apply::spawn_retry(Arc::clone(&state), shutdown.clone());
-    let app = router(Arc::clone(&state));
+    let app = router(Arc::clone(&state)).into_make_service_with_connect_info::<ConnInfo>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use reeve_proto::credits::v1 as pb;
 use reeve_runtime::Micros;
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,7 @@ use crate::AppState;
 use crate::amount;
 use crate::auth::{Service, User};
 use crate::error::ApiError;
-use crate::routes::{JsonBody, timestamp};
+use crate::routes::{JsonBody, QueryParams, timestamp};
 
 /// Most items one batch may carry (the same bound as credits-svc's).
 pub const MAX_BATCH_ITEMS: usize = 10_000;
@@ -343,7 +343,7 @@ pub struct History {
 pub async fn history(
     State(state): State<Arc<AppState>>,
     User(user_id): User,
-    Query(query): Query<HistoryQuery>,
+    QueryParams(query): QueryParams<HistoryQuery>,
 ) -> Result<Json<History>, ApiError> {
     let page_size = match query.limit.as_deref() {
         None | Some("") => 0,

@@ -19,15 +19,30 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<JsonBody<T>, ApiError> {
-        let bytes = axum::body::Bytes::from_request(request, state)
-            .await
-            .map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+        let bytes = axum::body::Bytes::from_request(request, state).await?;
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             ApiError::bad_request(
                 "invalid_json",
                 format!("the body is not the expected JSON: {e}"),
             )
         })
+    }
+}
+
+/// Query parameters whose rejections (a duplicated or unknown parameter, bad
+/// percent-encoding) are our JSON errors (code `invalid_query`), not axum's plain text.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<QueryParams<T>, ApiError> {
+        let axum::extract::Query(value) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(QueryParams(value))
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use reeve_proto::quota::v1 as pb;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::auth::User;
 use crate::error::ApiError;
-use crate::routes::timestamp;
+use crate::routes::{QueryParams, timestamp};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FeatureUsage {
@@ -106,7 +106,7 @@ pub struct Check {
 pub async fn check(
     State(state): State<Arc<AppState>>,
     User(user_id): User,
-    Query(query): Query<CheckQuery>,
+    QueryParams(query): QueryParams<CheckQuery>,
 ) -> Result<Json<Check>, ApiError> {
     let feature = query.feature.filter(|f| !f.is_empty()).ok_or_else(|| {
         ApiError::bad_request("missing_feature", "the feature query parameter is required")
