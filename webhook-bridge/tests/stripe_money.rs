@@ -475,6 +475,45 @@ async fn events_left_without_an_outcome_are_listed_and_retried(backend: Backend)
     shutdown.cancel();
 }
 
+/// Item 16: the bridge's own background task retries what was left unfinished: a
+/// bridge started on a database holding an event stuck as `received` (the previous
+/// process died, or the database went away, between storing it and its outcome)
+/// applies it without any redelivery from Stripe.
+async fn a_started_bridge_retries_what_was_left_unfinished(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let stuck = paid("evt_left", "pi_left", "leo", 900);
+    stack
+        .bridge
+        .events
+        .record_received(
+            &webhook_bridge::stripe::events::Received {
+                event_id: "evt_left".to_owned(),
+                event_type: "payment_intent.succeeded".to_owned(),
+                payload: stuck.to_string(),
+                payment_intent_id: Some("pi_left".to_owned()),
+                charge_id: None,
+                user_id: None,
+            },
+            reeve_runtime::clock::now_us() - 90_000_000,
+        )
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _restarted = webhook_bridge::start(stack.bridge_config.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stored_outcome(&stack, "evt_left").await != "credited" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stuck event was not retried"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(stack.balance("leo").await, 9 * CREDIT);
+    shutdown.cancel();
+}
+
 /// One payment's events, generated: its payment, partial refunds (with or without
 /// `previous_attributes`), disputes (withdrawn, inquired, reinstated), each delivered
 /// once or twice in a random order; and the balance it must end at.
@@ -671,6 +710,7 @@ on_both_stores!(
     inquiries_do_not_debit_and_one_payment_is_never_debited_twice,
     a_failed_refund_gives_its_amount_back_once,
     events_left_without_an_outcome_are_listed_and_retried,
+    a_started_bridge_retries_what_was_left_unfinished,
     random_orders_and_redeliveries_end_at_paid_minus_what_was_taken,
     the_outcome_column_accepts_only_known_outcomes,
 );

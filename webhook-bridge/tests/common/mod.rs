@@ -29,6 +29,8 @@ pub struct Stack {
     pub http: reqwest::Client,
     pub fake: fake_stripe::FakeStripe,
     pub bridge: webhook_bridge::RunningBridge,
+    /// What the bridge was started with (to start another on the same database).
+    pub bridge_config: webhook_bridge::Config,
     pub credits_addr: SocketAddr,
     pub credits_shutdown: CancellationToken,
     shutdown: CancellationToken,
@@ -109,24 +111,22 @@ impl Stack {
         .await
         .unwrap();
         let credits_addr = credits.local_addr;
-        let bridge = webhook_bridge::start(
-            webhook_bridge::Config {
-                http_addr: "127.0.0.1:0".parse().unwrap(),
-                credits_url: format!("http://{}", credits.local_addr),
-                quota_url: format!("http://{}", quota.local_addr),
-                service_tokens: ServiceTokens::new([SERVICE_TOKEN]),
-                service_token: SERVICE_TOKEN.to_owned(),
-                jwt,
-                jwt_audience: audience.map(str::to_owned),
-                jwt_issuer: None,
-                webhook_secret: WEBHOOK_SECRET.to_owned(),
-                database_url: db.url.clone(),
-                currency: "usd".to_owned(),
-            },
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
+        let bridge_config = webhook_bridge::Config {
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            credits_url: format!("http://{}", credits.local_addr),
+            quota_url: format!("http://{}", quota.local_addr),
+            service_tokens: ServiceTokens::new([SERVICE_TOKEN]),
+            service_token: SERVICE_TOKEN.to_owned(),
+            jwt,
+            jwt_audience: audience.map(str::to_owned),
+            jwt_issuer: None,
+            webhook_secret: WEBHOOK_SECRET.to_owned(),
+            database_url: db.url.clone(),
+            currency: "usd".to_owned(),
+        };
+        let bridge = webhook_bridge::start(bridge_config.clone(), shutdown.clone())
+            .await
+            .unwrap();
         let base = format!("http://{}", bridge.local_addr);
         fake.set_webhook_url(format!("{base}/api/credits/webhook"));
         // The servers live until the tokens are cancelled; their handles are not needed.
@@ -137,6 +137,7 @@ impl Stack {
             http: reqwest::Client::new(),
             fake,
             bridge,
+            bridge_config,
             credits_addr,
             credits_shutdown,
             shutdown,
@@ -237,6 +238,7 @@ impl Stack {
                 idempotency_key: format!("grant-{user_id}-{}", rand::random::<u64>()),
                 kind: credits_pb::CreditKind::Grant.into(),
                 description: "test grant".to_owned(),
+                ..Default::default()
             })
             .await
             .unwrap();
