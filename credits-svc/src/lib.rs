@@ -41,6 +41,8 @@ pub const METHOD_SCOPES: ScopeTable = &[
     ("Adjust", Scope::Admin),
     ("Purchase", Scope::Stripe),
     ("RecordPaymentEvent", Scope::Stripe),
+    ("ListLots", Scope::Admin),
+    ("RevokeLot", Scope::Admin),
 ];
 
 /// Everything credits-svc needs to start.

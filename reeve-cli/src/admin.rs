@@ -199,6 +199,7 @@ pub async fn grant(
             idempotency_key: key.unwrap_or_else(|| new_key("grant")),
             kind: credits::CreditKind::Grant.into(),
             description: reason,
+            ..Default::default()
         })
         .await
         .map_err(refused)?

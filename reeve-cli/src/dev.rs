@@ -20,7 +20,7 @@ const GENERATED: [&str; 3] = [
     "STRIPE_WEBHOOK_SECRET",
 ];
 
-fn random_secret(prefix: &str) -> String {
+pub(crate) fn random_secret(prefix: &str) -> String {
     use rand::Rng;
     use rand::distr::Alphanumeric;
     let tail: String = rand::rng()

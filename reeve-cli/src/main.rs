@@ -9,6 +9,7 @@
 
 mod admin;
 mod dev;
+mod token;
 mod up;
 
 use std::path::PathBuf;
@@ -86,6 +87,11 @@ enum Command {
         #[arg(long, conflicts_with = "limit")]
         clear: bool,
     },
+    /// Service tokens for REEVE_SERVICE_TOKENS_FILE.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Mint a user JWT with the dev HS256 secret (REEVE_JWT_HS256_SECRET).
     DevToken {
         user_id: String,
@@ -94,11 +100,27 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// A new token: printed once on stderr; its `[[token]]` entry (name, SHA-256,
+    /// scopes) on stdout, ready to append to the tokens file.
+    New {
+        /// The token's name in logs and errors (letters, digits, '-', '_', '.').
+        name: String,
+        /// Comma-separated: deduct, quota, admin, stripe.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+    },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up => up::run(&cli.data_dir).await,
+        Command::Token {
+            command: TokenCommand::New { name, scopes },
+        } => token::new(&name, &scopes),
         command => {
             if let Err(error) = dev::install_layers(&cli.data_dir, false) {
                 return config_error(&error);
@@ -126,7 +148,7 @@ fn config_error(error: &ConfigError) -> ExitCode {
 async fn run(command: Command, json: bool) -> anyhow::Result<()> {
     let out = admin::Output { json };
     match command {
-        Command::Up => unreachable!("handled in main"),
+        Command::Up | Command::Token { .. } => unreachable!("handled in main"),
         Command::Migrate => up::migrate().await,
         Command::Balance { user_id } => admin::balance(&out, user_id).await,
         Command::Grant {

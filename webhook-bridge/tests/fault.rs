@@ -152,6 +152,7 @@ async fn a_database_cut_under_load_loses_nothing_acknowledged_and_doubles_nothin
                 idempotency_key: format!("fault-grant-{i}"),
                 kind: pb::CreditKind::Grant.into(),
                 description: "fault test".to_owned(),
+                ..Default::default()
             })
             .await
             .unwrap();
