@@ -38,7 +38,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use utoipa::OpenApi;
 
 use crate::auth::{JwtKey, JwtVerifier};
 use crate::stripe::events::EventStore;
@@ -217,9 +216,37 @@ pub struct AppState {
     quota: QuotaClient,
     credits_channel: Channel,
     quota_channel: Channel,
+    /// The quota registry's features, learnt from quota-svc for the OpenAPI document.
+    features: tokio::sync::OnceCell<Vec<String>>,
 }
 
 impl AppState {
+    /// The quota registry's feature names (asked of quota-svc once; `None` while it
+    /// does not answer).
+    pub async fn registry_features(&self) -> Option<&[String]> {
+        let asked = self.features.get_or_try_init(|| async {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.quota()
+                    .get_usage(reeve_proto::quota::v1::GetUsageRequest {
+                        user_id: "openapi-document".to_owned(),
+                    }),
+            )
+            .await
+            .map_err(|_| ())?
+            .map_err(|_| ())?;
+            Ok::<_, ()>(
+                reply
+                    .into_inner()
+                    .features
+                    .into_iter()
+                    .map(|f| f.feature)
+                    .collect(),
+            )
+        });
+        asked.await.ok().map(Vec::as_slice)
+    }
+
     pub fn credits(&self) -> CreditsClient {
         self.credits.clone()
     }
@@ -254,10 +281,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/tier/check", get(routes::tier::check))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
-        .route(
-            "/openapi.json",
-            get(|| async { axum::Json(openapi::ApiDoc::openapi()) }),
-        )
+        .route("/openapi.json", get(openapi::serve))
         .route(
             "/metrics",
             get(|| async { reeve_runtime::telemetry::render_metrics() }),
@@ -358,6 +382,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         quota: QuotaServiceClient::with_interceptor(quota_channel.clone(), token),
         credits_channel,
         quota_channel,
+        features: tokio::sync::OnceCell::new(),
     });
     let sampled = events.clone();
     reeve_runtime::telemetry::sample_pool("webhook-bridge", shutdown.clone(), move || {

@@ -1,7 +1,18 @@
 //! The OpenAPI 3 document of the REST API, generated from the handlers' annotations
-//! and served at `/openapi.json`.
+//! and served at `/openapi.json`, then made exact by [`document`]: the constraints the
+//! server enforces (identifier rules of `reeve_runtime::ids`, amount grammar, `limit`
+//! range, required parameters, the quota registry's features) and the refusals every
+//! route can answer (401, 403, 413, 503), so that a schema-valid request is never
+//! refused for its shape and generated clients and fuzzers agree with the server.
+//!
+//! The constraints are written here once, from the same constants the checks use; the
+//! checks themselves live with the handlers and the services, never here.
 
+use reeve_runtime::ids::{
+    MAX_DESCRIPTION_CHARS, MAX_KEY_CHARS, MAX_USER_ID_CHARS, NO_CONTROL_PATTERN,
+};
 use serde::Serialize;
+use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
@@ -65,3 +76,183 @@ impl Modify for SecuritySchemes {
     tags((name = "credits"), (name = "tier"), (name = "stripe"))
 )]
 pub struct ApiDoc;
+
+/// A positive decimal with at most six decimals and no exponent, sign or leading zero:
+/// what `Micros::parse_positive_credits` accepts, zero excluded, below the services'
+/// bound on one amount (10^15 micros = 10^9 credits): at most 9 integer digits.
+const POSITIVE_DECIMAL_PATTERN: &str = r"^(?:[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|0\.(?:[1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
+/// Largest whole amount the documents promise (9 digits, under the services' bound).
+const MAX_DOCUMENTED_CREDITS: i64 = 999_999_999;
+/// Purchases: whole credits within the default bounds (`REEVE_PURCHASE_MIN` 5,
+/// `REEVE_PURCHASE_MAX` 1000), optionally written with zero decimals.
+const PURCHASE_PATTERN: &str = r"^(?:[5-9]|[1-9][0-9]|[1-9][0-9]{2}|1000)(?:\.0{1,6})?$";
+const PURCHASE_MIN: i64 = 5;
+const PURCHASE_MAX: i64 = 1_000;
+/// A description: line breaks and tabs allowed, other control characters not.
+const DESCRIPTION_PATTERN: &str = r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]*$";
+/// `next_cursor` values: the id of a ledger entry.
+const CURSOR_PATTERN: &str = r"^[1-9][0-9]{0,17}$";
+/// Most items of a batch (the same bound as the handler's).
+const MAX_BATCH_ITEMS: usize = crate::routes::credits::MAX_BATCH_ITEMS;
+
+fn error_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    })
+}
+
+fn identifier(max_chars: usize, description: &str) -> Value {
+    json!({
+        "type": "string", "minLength": 1, "maxLength": max_chars,
+        "pattern": NO_CONTROL_PATTERN, "description": description,
+    })
+}
+
+/// The served document; `features` (the quota registry's, when quota-svc answered)
+/// become the `feature` parameter's enum.
+pub fn document(features: Option<&[String]>) -> Value {
+    let mut doc = match serde_json::to_value(ApiDoc::openapi()) {
+        Ok(doc) => doc,
+        Err(error) => {
+            tracing::error!(%error, "cannot serialise the OpenAPI document");
+            return Value::Null;
+        }
+    };
+    let schemas = &mut doc["components"]["schemas"];
+    let amount = json!({
+        "description": "Positive decimal credits, at most six decimals: a decimal string such as \"0.0125\", or a whole number.",
+        "oneOf": [
+            {"type": "string", "pattern": POSITIVE_DECIMAL_PATTERN},
+            {"type": "integer", "minimum": 1, "maximum": MAX_DOCUMENTED_CREDITS}
+        ]
+    });
+    let deduct = &mut schemas["DeductBody"]["properties"];
+    deduct["user_id"] = identifier(
+        MAX_USER_ID_CHARS,
+        "1 to 128 characters, no control characters.",
+    );
+    deduct["idempotency_key"] = identifier(
+        MAX_KEY_CHARS,
+        "1 to 256 characters, no control characters; unique per deduction.",
+    );
+    deduct["description"] = json!({
+        "type": "string", "maxLength": MAX_DESCRIPTION_CHARS, "pattern": DESCRIPTION_PATTERN,
+        "description": "At most 1,024 characters; line breaks and tabs allowed, no other control characters.",
+    });
+    deduct["amount"] = amount;
+    schemas["PurchaseBody"]["properties"]["amount"] = json!({
+        "description": "Whole credits within the purchase bounds (by default 5 to 1000).",
+        "oneOf": [
+            {"type": "string", "pattern": PURCHASE_PATTERN},
+            {"type": "integer", "minimum": PURCHASE_MIN, "maximum": PURCHASE_MAX}
+        ]
+    });
+    // A batch validates each item on its own and answers a refused one as an `invalid`
+    // outcome, so items are documented by their JSON shape only.
+    schemas["BatchItem"] = json!({
+        "type": "object",
+        "required": ["user_id", "amount", "idempotency_key"],
+        "description": "One deduction; an item that breaks the rules of DeductBody is answered `invalid` in its outcome, the others are applied.",
+        "properties": {
+            "user_id": {"type": "string"},
+            "amount": {"description": "As in DeductBody."},
+            "idempotency_key": {"type": "string"},
+            "description": {"type": "string"}
+        }
+    });
+    schemas["DeductBatchBody"]["properties"]["items"] = json!({
+        "type": "array", "maxItems": MAX_BATCH_ITEMS,
+        "items": {"$ref": "#/components/schemas/BatchItem"}
+    });
+
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return doc;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (_, operation) in item.iter_mut() {
+            let schemes: Vec<String> = operation["security"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_object)
+                .flat_map(|o| o.keys().cloned())
+                .collect();
+            let has_body = operation.get("requestBody").is_some();
+            let has_parameters = operation
+                .get("parameters")
+                .and_then(Value::as_array)
+                .is_some_and(|p| !p.is_empty());
+            if let Some(parameters) = operation["parameters"].as_array_mut() {
+                for parameter in parameters.iter_mut() {
+                    constrain_parameter(path, parameter, features);
+                }
+            }
+            let responses = &mut operation["responses"];
+            let mut add = |status: &str, description: &str| {
+                if responses.get(status).is_none() {
+                    responses[status] = error_response(description);
+                }
+            };
+            if has_body || has_parameters {
+                add(
+                    "400",
+                    "the request is malformed or a value is refused (`error.code` says which)",
+                );
+            }
+            if !schemes.is_empty() {
+                add(
+                    "401",
+                    "missing_token, invalid_token, token_expired or invalid_service_token",
+                );
+            }
+            if schemes.iter().any(|s| s == "service_token") {
+                add(
+                    "403",
+                    "insufficient_scope: the service token lacks the scope of this route",
+                );
+            }
+            if has_body {
+                add("413", "body_too_large: the body is larger than 8 MiB");
+            }
+            add("502", "backend_error: a backend service failed");
+            add(
+                "503",
+                "backend_unavailable or service_unavailable: retry later",
+            );
+        }
+    }
+    doc
+}
+
+fn constrain_parameter(path: &str, parameter: &mut Value, features: Option<&[String]>) {
+    let name = parameter["name"].as_str().unwrap_or_default().to_owned();
+    match (path, name.as_str()) {
+        ("/api/credits/history", "limit") => {
+            parameter["schema"] = json!({"type": "integer", "minimum": 1, "maximum": 500});
+        }
+        ("/api/credits/history", "cursor") => {
+            parameter["schema"] = json!({"type": "string", "pattern": CURSOR_PATTERN});
+        }
+        ("/api/tier/check", "feature") => {
+            parameter["required"] = json!(true);
+            parameter["schema"] = match features {
+                Some(features) if !features.is_empty() => {
+                    json!({"type": "string", "enum": features})
+                }
+                _ => json!({"type": "string", "minLength": 1}),
+            };
+        }
+        _ => {}
+    }
+}
+
+/// `GET /openapi.json`.
+pub async fn serve(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<crate::AppState>>,
+) -> axum::Json<Value> {
+    axum::Json(document(state.registry_features().await))
+}

@@ -346,13 +346,20 @@ pub async fn history(
     QueryParams(query): QueryParams<HistoryQuery>,
 ) -> Result<Json<History>, ApiError> {
     let page_size = match query.limit.as_deref() {
-        None | Some("") => 0,
+        None => 0,
         Some(text) => text
             .parse::<i32>()
             .ok()
             .filter(|n| (1..=500).contains(n))
             .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit must be 1 to 500"))?,
     };
+    // An empty cursor is no cursor a page ever gave: refused, as the document says.
+    if query.cursor.as_deref() == Some("") {
+        return Err(ApiError::bad_request(
+            "invalid_cursor",
+            "cursor must be the next_cursor of a previous page",
+        ));
+    }
     let page_token = query.cursor.unwrap_or_default();
     let reply = state
         .credits()
