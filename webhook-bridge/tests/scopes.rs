@@ -184,7 +184,7 @@ fn grant(user: &str, key: &str) -> credits_pb::AddCreditsRequest {
         kind: credits_pb::CreditKind::Grant as i32,
         description: "scope test".to_owned(),
         ..Default::default()
-    }..Default::default()
+    }
 }
 
 fn adjust(user: &str, key: &str) -> credits_pb::AdjustRequest {
