@@ -9,7 +9,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::checkout::CheckoutError;
-use crate::ledger::{IDEMPOTENCY_KEY_REUSED, InvalidWrite};
+use crate::ledger::{IDEMPOTENCY_KEY_REUSED, InvalidWrite, NOTHING_TO_REVOKE};
 use crate::store::StoreError;
 
 /// The ErrorInfo domain of every credits-svc error.
@@ -26,6 +26,8 @@ pub enum CreditsError {
         balance_micros: i64,
         required_micros: i64,
     },
+    #[error("{0}")]
+    NotFound(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -56,11 +58,16 @@ impl From<CreditsError> for Status {
     fn from(error: CreditsError) -> Status {
         let message = error.to_string();
         match error {
+            CreditsError::NotFound(_) => Status::with_error_details(
+                Code::NotFound,
+                message,
+                ErrorDetails::with_error_info("NOT_FOUND", ERROR_DOMAIN, HashMap::new()),
+            ),
             CreditsError::Invalid(invalid) => {
-                let code = if invalid.code == IDEMPOTENCY_KEY_REUSED {
-                    Code::AlreadyExists
-                } else {
-                    Code::InvalidArgument
+                let code = match invalid.code {
+                    IDEMPOTENCY_KEY_REUSED => Code::AlreadyExists,
+                    NOTHING_TO_REVOKE => Code::FailedPrecondition,
+                    _ => Code::InvalidArgument,
                 };
                 let details = ErrorDetails::with_error_info(
                     reason_of(invalid.code),

@@ -18,12 +18,13 @@ impl GroupCommit {
         store: Arc<dyn LedgerStore>,
         workers: usize,
         max_batch: usize,
-        clock: fn() -> i64,
+        clock: reeve_runtime::clock::Clock,
     ) -> GroupCommit {
         let run: reeve_runtime::group_commit::BatchFn<WriteRequest, WriteOutcome, StoreError> =
             Arc::new(move |writes| {
                 let store = Arc::clone(&store);
-                Box::pin(async move { store.apply(&writes, clock()).await })
+                let now_us = clock.now_us();
+                Box::pin(async move { store.apply(&writes, now_us).await })
             });
         GroupCommit {
             // A batch the database refuses (anything but "unavailable") is re-run item

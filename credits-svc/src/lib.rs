@@ -7,9 +7,11 @@ pub mod checkout;
 pub mod error;
 pub mod group_commit;
 pub mod ledger;
+pub mod lots;
 pub mod payments;
 pub mod service;
 pub mod store;
+pub mod sweep;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,7 +43,7 @@ pub const METHOD_SCOPES: ScopeTable = &[
     ("Adjust", Scope::Admin),
     ("Purchase", Scope::Stripe),
     ("RecordPaymentEvent", Scope::Stripe),
-    ("ListLots", Scope::Admin),
+    ("ListLots", Scope::Deduct),
     ("RevokeLot", Scope::Admin),
 ];
 
@@ -59,6 +61,12 @@ pub struct Config {
     pub deduct_workers: Option<usize>,
     /// `STRIPE_SECRET_KEY` and the purchase settings; `None` disables `Purchase`.
     pub checkout: Option<checkout::CheckoutConfig>,
+    /// `REEVE_LOT_SWEEP_SECS`: how often expired lots get their `expiration` entries
+    /// (default 60; expiry itself is exact whatever this is: reads and writes treat a
+    /// lot as gone from its instant).
+    pub lot_sweep_interval: std::time::Duration,
+    /// The time the service reads (the system clock outside tests).
+    pub clock: reeve_runtime::clock::Clock,
 }
 
 impl Config {
@@ -89,12 +97,21 @@ impl Config {
                 .ok_or_else(|| ConfigError::new("REEVE_DEDUCT_WORKERS", "must be 1 to 64"))?,
         };
         let checkout = checkout::CheckoutConfig::from_env()?;
+        let sweep_secs = config::parse_or("REEVE_LOT_SWEEP_SECS", 60u64)?;
+        if !(1..=86_400).contains(&sweep_secs) {
+            return Err(ConfigError::new(
+                "REEVE_LOT_SWEEP_SECS",
+                "must be 1 to 86400 seconds",
+            ));
+        }
         Ok(Config {
             database_url,
             listen_addr,
             service_tokens,
             deduct_workers,
             checkout,
+            lot_sweep_interval: std::time::Duration::from_secs(sweep_secs),
+            clock: reeve_runtime::clock::Clock::system(),
         })
     }
 }
@@ -115,9 +132,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let workers = config
         .deduct_workers
         .unwrap_or(if is_sqlite { 1 } else { 4 });
-    let deductions = GroupCommit::start(Arc::clone(&store), workers, 1_000, system_clock_us);
+    let deductions = GroupCommit::start(Arc::clone(&store), workers, 1_000, config.clock.clone());
     let checkout = checkout::Checkout::new(config.checkout.clone())?;
-    let api = CreditsApi::new(Arc::clone(&store), deductions, checkout, system_clock_us);
+    let api = CreditsApi::new(
+        Arc::clone(&store),
+        deductions,
+        checkout,
+        config.clock.clone(),
+    );
+    sweep::spawn(
+        Arc::clone(&store),
+        config.clock.clone(),
+        config.lot_sweep_interval,
+        shutdown.clone(),
+    );
     let credits = CreditServiceServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

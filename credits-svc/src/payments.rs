@@ -78,6 +78,8 @@ pub struct DisputeState {
 }
 
 /// What one event does, given the payment's state.
+// Made once per event and consumed at once: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Append `write` (an adjustment keyed in the Stripe namespace) and save the states.
@@ -155,6 +157,8 @@ impl PaymentEvent {
             key_source: KeySource::Stripe,
             payment_id: Some(self.payment_id.clone()),
             description: self.description.clone(),
+            lot_terms: None,
+            target_lot_id: None,
         }
     }
 }
@@ -173,6 +177,8 @@ fn adjustment(
         key_source: KeySource::Stripe,
         payment_id: Some(payment.payment_id.clone()),
         description: description.to_owned(),
+        lot_terms: None,
+        target_lot_id: None,
     }
 }
 

@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use reeve_proto::credits::v1 as pb;
 use reeve_runtime::Micros;
+use reeve_runtime::clock::Clock;
 use tonic::{Request, Response, Status};
 
 use crate::checkout::Checkout;
 use crate::error::CreditsError;
 use crate::group_commit::GroupCommit;
 use crate::ledger::{EntryKind, LedgerEntry, WriteOutcome, WriteRequest};
+use crate::lots::{Category, Lot, LotTerms};
 use crate::payments::{PaymentEvent, PaymentEventKind};
 use crate::store::{LedgerStore, PaymentOutcome};
 
@@ -23,7 +25,7 @@ pub struct CreditsApi {
     store: Arc<dyn LedgerStore>,
     deductions: GroupCommit,
     checkout: Checkout,
-    clock: fn() -> i64,
+    clock: Clock,
 }
 
 impl CreditsApi {
@@ -31,7 +33,7 @@ impl CreditsApi {
         store: Arc<dyn LedgerStore>,
         deductions: GroupCommit,
         checkout: Checkout,
-        clock: fn() -> i64,
+        clock: Clock,
     ) -> CreditsApi {
         CreditsApi {
             store,
@@ -44,7 +46,7 @@ impl CreditsApi {
     async fn record_payment(&self, event: &PaymentEvent) -> Result<PaymentOutcome, CreditsError> {
         let outcome = self
             .store
-            .record_payment_event(event, (self.clock)())
+            .record_payment_event(event, self.clock.now_us())
             .await?;
         let label = match &outcome {
             PaymentOutcome::Applied { .. } => "applied",
@@ -63,7 +65,7 @@ impl CreditsApi {
     async fn apply_one(&self, write: WriteRequest) -> Result<(LedgerEntry, bool), CreditsError> {
         let outcome = self
             .store
-            .apply(std::slice::from_ref(&write), (self.clock)())
+            .apply(std::slice::from_ref(&write), self.clock.now_us())
             .await?
             .pop()
             .ok_or_else(|| CreditsError::invalid("internal", "the store returned no outcome"))?;
@@ -118,12 +120,61 @@ fn deduction(item: pb::DeductRequest) -> WriteRequest {
     )
 }
 
+/// Microseconds since the epoch as a protobuf timestamp.
+pub fn timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
+    }
+}
+
+/// A protobuf timestamp as microseconds, refusing what micros cannot hold exactly.
+fn micros_of(timestamp: &prost_types::Timestamp, field: &str) -> Result<i64, CreditsError> {
+    let invalid = || {
+        CreditsError::invalid(
+            "invalid_expires_at",
+            format!("{field} is not a valid timestamp to the microsecond"),
+        )
+    };
+    if !(0..1_000_000_000).contains(&timestamp.nanos) || timestamp.nanos % 1_000 != 0 {
+        return Err(invalid());
+    }
+    timestamp
+        .seconds
+        .checked_mul(1_000_000)
+        .and_then(|us| us.checked_add(i64::from(timestamp.nanos / 1_000)))
+        .ok_or_else(invalid)
+}
+
+fn category_to_proto(category: Category) -> pb::CreditCategory {
+    match category {
+        Category::Paid => pb::CreditCategory::Paid,
+        Category::Promotional => pb::CreditCategory::Promotional,
+    }
+}
+
+pub fn lot_to_proto(lot: Lot) -> pb::Lot {
+    pb::Lot {
+        lot_id: lot.id,
+        user_id: lot.user_id,
+        category: category_to_proto(lot.category).into(),
+        priority: lot.priority,
+        original_micros: lot.original.0,
+        remaining_micros: lot.remaining.0,
+        expires_at: lot.expires_at_us.map(timestamp),
+        source: lot.source,
+        created_at: Some(timestamp(lot.created_at_us)),
+    }
+}
+
 pub fn entry_to_proto(entry: LedgerEntry) -> pb::LedgerEntry {
     let kind = match entry.kind {
         EntryKind::Deduction => pb::EntryKind::Deduction,
         EntryKind::Purchase => pb::EntryKind::Purchase,
         EntryKind::Grant => pb::EntryKind::Grant,
         EntryKind::Adjustment => pb::EntryKind::Adjustment,
+        EntryKind::Expiration => pb::EntryKind::Expiration,
+        EntryKind::Revocation => pb::EntryKind::Revocation,
     };
     pb::LedgerEntry {
         id: entry.id,
@@ -133,11 +184,55 @@ pub fn entry_to_proto(entry: LedgerEntry) -> pb::LedgerEntry {
         balance_after_micros: entry.balance_after.0,
         idempotency_key: entry.idempotency_key,
         description: entry.description,
-        created_at: Some(prost_types::Timestamp {
-            seconds: entry.created_at_us.div_euclid(1_000_000),
-            nanos: i32::try_from(entry.created_at_us.rem_euclid(1_000_000) * 1_000).unwrap_or(0),
-        }),
+        created_at: Some(timestamp(entry.created_at_us)),
+        draws: entry
+            .draws
+            .into_iter()
+            .map(|draw| pb::LotDraw {
+                lot_id: draw.lot_id,
+                amount_micros: draw.amount.0,
+            })
+            .collect(),
     }
+}
+
+/// The lot terms an AddCredits request asks for (`None`: the kind's defaults).
+fn lot_terms(
+    request: &pb::AddCreditsRequest,
+    kind: EntryKind,
+) -> Result<Option<LotTerms>, CreditsError> {
+    let category = match pb::CreditCategory::try_from(request.category) {
+        Ok(pb::CreditCategory::Unspecified) => None,
+        Ok(pb::CreditCategory::Paid) => Some(Category::Paid),
+        Ok(pb::CreditCategory::Promotional) => Some(Category::Promotional),
+        Err(_) => {
+            return Err(CreditsError::invalid(
+                "invalid_category",
+                "category must be CREDIT_CATEGORY_PAID or CREDIT_CATEGORY_PROMOTIONAL",
+            ));
+        }
+    };
+    if kind == EntryKind::Purchase && category == Some(Category::Promotional) {
+        return Err(CreditsError::invalid(
+            "invalid_category",
+            "a purchase is always paid",
+        ));
+    }
+    let expires_at_us = request
+        .expires_at
+        .as_ref()
+        .map(|at| micros_of(at, "expires_at"))
+        .transpose()?;
+    if category.is_none() && request.priority.is_none() && expires_at_us.is_none() {
+        return Ok(None);
+    }
+    let defaults = LotTerms::default_for(kind);
+    let category = category.unwrap_or(defaults.category);
+    Ok(Some(LotTerms {
+        category,
+        priority: request.priority.unwrap_or(category.default_priority()),
+        expires_at_us,
+    }))
 }
 
 fn outcome_to_proto(key: String, outcome: WriteOutcome) -> pb::DeductOutcome {
@@ -241,14 +336,18 @@ impl pb::credit_service_server::CreditService for CreditsApi {
     ) -> Result<Response<pb::GetBalanceResponse>, Status> {
         let user_id = request.into_inner().user_id;
         check_user_id(&user_id)?;
-        let balance = self
+        let details = self
             .store
-            .balance(&user_id)
+            .balance(&user_id, self.clock.now_us())
             .await
             .map_err(CreditsError::from)?;
         Ok(Response::new(pb::GetBalanceResponse {
             user_id,
-            balance_micros: balance.0,
+            balance_micros: details.balance.0,
+            paid_micros: details.paid.0,
+            promotional_micros: details.promotional.0,
+            next_expiry_at: details.next_expiry.map(|(at, _)| timestamp(at)),
+            next_expiry_micros: details.next_expiry.map_or(0, |(_, amount)| amount.0),
         }))
     }
 
@@ -291,7 +390,7 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         let writes: Vec<WriteRequest> = items.into_iter().map(deduction).collect();
         let outcomes = self
             .store
-            .apply(&writes, (self.clock)())
+            .apply(&writes, self.clock.now_us())
             .await
             .map_err(CreditsError::from)?;
         let outcomes = writes
@@ -316,6 +415,7 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             // Stripe key source, the same write as RecordPaymentEvent's, so a webhook
             // and this call credit it once between them.
             Ok(pb::CreditKind::Purchase) => {
+                lot_terms(&request, EntryKind::Purchase)?;
                 let event = PaymentEvent {
                     kind: PaymentEventKind::PaymentSucceeded,
                     payment_id: request.idempotency_key,
@@ -337,13 +437,17 @@ impl pb::credit_service_server::CreditService for CreditsApi {
                     })?
             }
             Ok(pb::CreditKind::Grant) => {
-                self.apply_one(WriteRequest::caller(
-                    request.user_id,
-                    EntryKind::Grant,
-                    Micros(request.amount_micros),
-                    request.idempotency_key,
-                    request.description,
-                ))
+                let lot_terms = lot_terms(&request, EntryKind::Grant)?;
+                self.apply_one(WriteRequest {
+                    lot_terms,
+                    ..WriteRequest::caller(
+                        request.user_id,
+                        EntryKind::Grant,
+                        Micros(request.amount_micros),
+                        request.idempotency_key,
+                        request.description,
+                    )
+                })
                 .await?
             }
             _ => {
@@ -447,6 +551,46 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             checkout_url: started.checkout_url,
             session_id: started.session_id,
             amount_micros: started.amount.0,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
+    async fn list_lots(
+        &self,
+        request: Request<pb::ListLotsRequest>,
+    ) -> Result<Response<pb::ListLotsResponse>, Status> {
+        let request = request.into_inner();
+        check_user_id(&request.user_id)?;
+        let lots = self
+            .store
+            .lots(&request.user_id, request.include_spent, self.clock.now_us())
+            .await
+            .map_err(CreditsError::from)?;
+        Ok(Response::new(pb::ListLotsResponse {
+            lots: lots.into_iter().map(lot_to_proto).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(lot_id = request.get_ref().lot_id, idempotency_key = %request.get_ref().idempotency_key))]
+    async fn revoke_lot(
+        &self,
+        request: Request<pb::RevokeLotRequest>,
+    ) -> Result<Response<pb::RevokeLotResponse>, Status> {
+        let request = request.into_inner();
+        let lot = self
+            .store
+            .lot(request.lot_id)
+            .await
+            .map_err(CreditsError::from)?
+            .ok_or_else(|| {
+                CreditsError::NotFound(format!("lot {} does not exist", request.lot_id))
+            })?;
+        let write =
+            WriteRequest::revocation(lot.user_id, lot.id, request.idempotency_key, request.reason);
+        let (entry, duplicate) = self.apply_one(write).await?;
+        Ok(Response::new(pb::RevokeLotResponse {
+            entry: Some(entry_to_proto(entry)),
+            duplicate,
         }))
     }
 

@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use reeve_runtime::Micros;
 
 use crate::ledger::{
-    EntryKind, ExistingEntries, KeySource, LedgerEntry, WriteOutcome, WriteRequest,
+    EntryKind, ExistingEntries, KeySource, LedgerEntry, LotDraw, WriteOutcome, WriteRequest,
 };
+use crate::lots::{Category, Lot};
 use crate::payments::{DisputeState, PaymentEvent, PaymentState};
 
 pub mod postgres;
@@ -127,8 +128,21 @@ pub struct BalanceAudit {
 pub trait LedgerStore: Send + Sync + 'static {
     /// Succeeds when the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
-    /// The user's balance; zero for an unknown user.
-    async fn balance(&self, user_id: &str) -> Result<Micros, StoreError>;
+    /// The user's balance at `now_us` (lots expired by then no longer count, swept or
+    /// not) with its paid and promotional parts; zero for an unknown user.
+    async fn balance(&self, user_id: &str, now_us: i64) -> Result<BalanceDetails, StoreError>;
+    /// The user's lots in spending order: the live ones at `now_us`, or all of them.
+    async fn lots(
+        &self,
+        user_id: &str,
+        include_spent: bool,
+        now_us: i64,
+    ) -> Result<Vec<Lot>, StoreError>;
+    /// One lot by id.
+    async fn lot(&self, lot_id: i64) -> Result<Option<Lot>, StoreError>;
+    /// Writes the `expiration` entries of up to `limit` users' lots whose expiry instant
+    /// has come (safe to run on every replica at once); the number of users swept.
+    async fn expire_due(&self, now_us: i64, limit: u32) -> Result<usize, StoreError>;
     /// Applies `writes` in order, atomically, in a constant number of round trips:
     /// one outcome per write.
     async fn apply(
@@ -166,6 +180,123 @@ pub async fn open(url: &str) -> Result<Arc<dyn LedgerStore>, StoreError> {
     }
 }
 
+/// A balance as the API answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BalanceDetails {
+    pub balance: Micros,
+    pub paid: Micros,
+    pub promotional: Micros,
+    /// The earliest expiring live lot (in spending order among ties): when and how much.
+    pub next_expiry: Option<(i64, Micros)>,
+}
+
+impl BalanceDetails {
+    /// From the cached balance and the user's lots with a remainder: lots whose expiry
+    /// instant has come leave the balance now, whether or not they were swept.
+    pub fn at(cached: Micros, mut lots: Vec<Lot>, now_us: i64) -> BalanceDetails {
+        lots.sort_by(crate::lots::spending_order);
+        let mut details = BalanceDetails {
+            balance: cached,
+            ..BalanceDetails::default()
+        };
+        for lot in &lots {
+            if !lot.is_live(now_us) {
+                details.balance = Micros(details.balance.0 - lot.remaining.0);
+                continue;
+            }
+            match lot.category {
+                Category::Paid => details.paid = Micros(details.paid.0 + lot.remaining.0),
+                Category::Promotional => {
+                    details.promotional = Micros(details.promotional.0 + lot.remaining.0)
+                }
+            }
+            if let Some(at) = lot.expires_at_us
+                && details.next_expiry.is_none_or(|(next, _)| at < next)
+            {
+                details.next_expiry = Some((at, lot.remaining));
+            }
+        }
+        details
+    }
+}
+
+/// Lots in spending order; the live ones at `now_us` unless `include_spent`.
+fn lots_in_order(mut lots: Vec<Lot>, include_spent: bool, now_us: i64) -> Vec<Lot> {
+    lots.retain(|lot| include_spent || lot.is_live(now_us));
+    lots.sort_by(crate::lots::spending_order);
+    lots
+}
+
+/// One `credit_lots` row as both stores select it.
+#[derive(sqlx::FromRow)]
+struct LotRow {
+    id: i64,
+    user_id: String,
+    category: String,
+    priority: i32,
+    expires_at_us: Option<i64>,
+    source: String,
+    original_micros: i64,
+    remaining_micros: i64,
+    created_at_us: i64,
+}
+
+const LOT_COLUMNS: &str = "id, user_id, category, priority, expires_at_us, source, original_micros, remaining_micros, created_at_us";
+
+impl TryFrom<LotRow> for Lot {
+    type Error = StoreError;
+
+    fn try_from(row: LotRow) -> Result<Lot, StoreError> {
+        let category = Category::parse(&row.category).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "lot {} has unknown category {:?}",
+                row.id, row.category
+            ))
+        })?;
+        Ok(Lot {
+            id: row.id,
+            user_id: row.user_id,
+            category,
+            priority: row.priority,
+            expires_at_us: row.expires_at_us,
+            source: row.source,
+            original: Micros(row.original_micros),
+            remaining: Micros(row.remaining_micros),
+            created_at_us: row.created_at_us,
+        })
+    }
+}
+
+fn lots_of(rows: Vec<LotRow>) -> Result<Vec<Lot>, StoreError> {
+    rows.into_iter().map(Lot::try_from).collect()
+}
+
+/// Attaches each entry's draws (`(entry_id, lot_id, amount)` rows, in draw order).
+fn attach_draws(entries: &mut [LedgerEntry], draws: Vec<(i64, i64, i64)>) {
+    let mut by_entry: std::collections::HashMap<i64, Vec<LotDraw>> =
+        std::collections::HashMap::new();
+    for (entry_id, lot_id, amount) in draws {
+        by_entry.entry(entry_id).or_default().push(LotDraw {
+            lot_id,
+            amount: Micros(amount),
+        });
+    }
+    for entry in entries {
+        if let Some(draws) = by_entry.remove(&entry.id) {
+            entry.draws = draws;
+        }
+    }
+}
+
+/// Attaches draws to the entries of `existing` (duplicates answer the whole original).
+fn attach_existing_draws(existing: &mut ExistingEntries, draws: Vec<(i64, i64, i64)>) {
+    let mut entries: Vec<LedgerEntry> = existing.values().cloned().collect();
+    attach_draws(&mut entries, draws);
+    for entry in entries {
+        existing.insert((entry.key_source, entry.idempotency_key.clone()), entry);
+    }
+}
+
 /// What a payment event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PaymentOutcome {
@@ -199,10 +330,11 @@ struct EntryRow {
     payment_id: Option<String>,
     description: String,
     created_at_us: i64,
+    target_lot_id: Option<i64>,
 }
 
 /// The column list matching [`EntryRow`].
-const ENTRY_COLUMNS: &str = "id, user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, created_at_us";
+const ENTRY_COLUMNS: &str = "id, user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, created_at_us, target_lot_id";
 
 /// One `credit_payments` row as both stores select it.
 #[derive(sqlx::FromRow)]
@@ -285,6 +417,8 @@ impl TryFrom<EntryRow> for LedgerEntry {
             payment_id: row.payment_id,
             description: row.description,
             created_at_us: row.created_at_us,
+            target_lot_id: row.target_lot_id,
+            draws: Vec::new(),
         })
     }
 }

@@ -46,6 +46,7 @@ async fn grant(client: &mut Client, user: &str, micros: i64, key: &str) {
             idempotency_key: key.into(),
             kind: pb::CreditKind::Grant.into(),
             description: "test grant".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -361,6 +362,7 @@ async fn a_payment_credited_by_add_credits_and_by_its_event_counts_once(backend:
             idempotency_key: "pi_8".into(),
             kind: pb::CreditKind::Purchase.into(),
             description: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -487,6 +489,7 @@ async fn nul_and_control_characters_are_refused_before_any_write(backend: Backen
             idempotency_key: "g2".into(),
             kind: pb::CreditKind::Grant.into(),
             description: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),

@@ -40,6 +40,7 @@ async fn grant(client: &mut Client, user: &str, micros: i64, key: &str) -> pb::L
             idempotency_key: key.into(),
             kind: pb::CreditKind::Grant.into(),
             description: "test grant".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -261,6 +262,7 @@ async fn add_credits_is_keyed_by_payment_intent(backend: Backend) {
         idempotency_key: "pi_3MtwBwLkdIwHu7ix28a3tqPa".into(),
         kind: pb::CreditKind::Purchase.into(),
         description: "Stripe checkout".into(),
+        ..Default::default()
     };
     let first = admin
         .add_credits(purchase(25 * CREDIT))
@@ -470,6 +472,7 @@ async fn bad_amounts_are_invalid_argument(backend: Backend) {
                 idempotency_key: format!("a{amount}"),
                 kind: pb::CreditKind::Grant.into(),
                 description: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -504,6 +507,7 @@ async fn bad_amounts_are_invalid_argument(backend: Backend) {
             idempotency_key: "no-kind".into(),
             kind: 0,
             description: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -208,6 +208,8 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         listen_addr: "127.0.0.1:0".parse()?,
         service_tokens: ServiceTokens::new([TOKEN]),
         deduct_workers: None,
+        lot_sweep_interval: std::time::Duration::from_secs(60),
+        clock: reeve_runtime::clock::Clock::system(),
         checkout: None,
     };
     let server = credits_svc::start(config, shutdown.clone()).await?;

@@ -8,7 +8,13 @@ ALTER TABLE credit_ledger
     ADD COLUMN key_source TEXT NOT NULL DEFAULT 'caller'
         CONSTRAINT credit_ledger_key_source CHECK (key_source IN ('caller', 'stripe', 'system')),
     -- The Stripe payment intent an entry belongs to (purchases, refunds, disputes).
-    ADD COLUMN payment_id TEXT;
+    ADD COLUMN payment_id TEXT,
+    -- The lot an expiration or revocation removed.
+    ADD COLUMN target_lot_id BIGINT;
+
+ALTER TABLE credit_ledger DROP CONSTRAINT credit_ledger_kind_check;
+ALTER TABLE credit_ledger ADD CONSTRAINT credit_ledger_kind_check
+    CHECK (kind IN ('deduction', 'purchase', 'grant', 'adjustment', 'expiration', 'revocation'));
 
 ALTER TABLE credit_ledger DISABLE TRIGGER credit_ledger_no_update_or_delete;
 UPDATE credit_ledger
@@ -69,3 +75,43 @@ SELECT split_part(idempotency_key, ':', 3), -SUM(amount_micros)
 FROM credit_ledger
 WHERE key_source = 'stripe' AND idempotency_key LIKE 'stripe:refund:%'
 GROUP BY 1;
+
+-- Lots: every credit is a lot (paid or promotional, a priority, an optional expiry);
+-- debits draw from live lots in spending order. Balance = sum of live remainders − debt.
+-- A lot row changes only in the transaction that appends the entries moving it.
+CREATE TABLE credit_lots (
+    id               BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id          TEXT    NOT NULL,
+    category         TEXT    NOT NULL CHECK (category IN ('paid', 'promotional')),
+    priority         INTEGER NOT NULL CHECK (priority BETWEEN 0 AND 100),
+    expires_at_us    BIGINT,
+    -- The payment intent id (purchases) or the idempotency key of the credit.
+    source           TEXT    NOT NULL,
+    original_micros  BIGINT  NOT NULL CHECK (original_micros > 0),
+    remaining_micros BIGINT  NOT NULL CHECK (remaining_micros >= 0 AND remaining_micros <= original_micros),
+    -- The credit entry that made it; NULL for the lots this migration makes.
+    entry_id         BIGINT,
+    created_at_us    BIGINT  NOT NULL
+);
+
+CREATE INDEX credit_lots_live ON credit_lots (user_id) WHERE remaining_micros > 0;
+CREATE INDEX credit_lots_due ON credit_lots (expires_at_us)
+    WHERE remaining_micros > 0 AND expires_at_us IS NOT NULL;
+
+-- What each entry took from each lot. Append-only like the ledger.
+CREATE TABLE credit_draws (
+    entry_id      BIGINT NOT NULL,
+    lot_id        BIGINT NOT NULL,
+    amount_micros BIGINT NOT NULL CHECK (amount_micros > 0),
+    PRIMARY KEY (entry_id, lot_id)
+);
+
+CREATE TRIGGER credit_draws_no_update_or_delete
+    BEFORE UPDATE OR DELETE ON credit_draws
+    FOR EACH ROW EXECUTE FUNCTION credit_ledger_append_only();
+
+-- Existing balances: each user's positive balance becomes one paid lot without expiry.
+INSERT INTO credit_lots
+    (user_id, category, priority, expires_at_us, source, original_micros, remaining_micros, entry_id, created_at_us)
+SELECT user_id, 'paid', 50, NULL, 'migration', balance_micros, balance_micros, NULL, updated_at_us
+FROM credit_accounts WHERE balance_micros > 0 ORDER BY user_id;

@@ -1,10 +1,10 @@
--- Key sources (see the PostgreSQL migration of the same number for the reasoning).
+-- Key sources, payments and lots (see the PostgreSQL migration of the same number).
 -- SQLite cannot change a UNIQUE constraint in place: the ledger is rebuilt, ids kept.
 
 CREATE TABLE credit_ledger_v2 (
     id                   INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id              TEXT    NOT NULL,
-    kind                 TEXT    NOT NULL CHECK (kind IN ('deduction', 'purchase', 'grant', 'adjustment')),
+    kind                 TEXT    NOT NULL CHECK (kind IN ('deduction', 'purchase', 'grant', 'adjustment', 'expiration', 'revocation')),
     amount_micros        INTEGER NOT NULL CHECK (amount_micros <> 0),
     balance_after_micros INTEGER NOT NULL,
     idempotency_key      TEXT    NOT NULL,
@@ -12,6 +12,7 @@ CREATE TABLE credit_ledger_v2 (
     created_at_us        INTEGER NOT NULL,
     key_source           TEXT    NOT NULL DEFAULT 'caller' CHECK (key_source IN ('caller', 'stripe', 'system')),
     payment_id           TEXT,
+    target_lot_id        INTEGER,
     UNIQUE (idempotency_key, key_source)
 ) STRICT;
 
@@ -82,3 +83,42 @@ FROM (SELECT substr(idempotency_key, 15) AS rest, amount_micros
       FROM credit_ledger
       WHERE key_source = 'stripe' AND substr(idempotency_key, 1, 14) = 'stripe:refund:')
 GROUP BY 1;
+
+CREATE TABLE credit_lots (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id          TEXT    NOT NULL,
+    category         TEXT    NOT NULL CHECK (category IN ('paid', 'promotional')),
+    priority         INTEGER NOT NULL CHECK (priority BETWEEN 0 AND 100),
+    expires_at_us    INTEGER,
+    source           TEXT    NOT NULL,
+    original_micros  INTEGER NOT NULL CHECK (original_micros > 0),
+    remaining_micros INTEGER NOT NULL CHECK (remaining_micros >= 0 AND remaining_micros <= original_micros),
+    entry_id         INTEGER,
+    created_at_us    INTEGER NOT NULL
+) STRICT;
+
+CREATE INDEX credit_lots_live ON credit_lots (user_id) WHERE remaining_micros > 0;
+CREATE INDEX credit_lots_due ON credit_lots (expires_at_us)
+    WHERE remaining_micros > 0 AND expires_at_us IS NOT NULL;
+
+CREATE TABLE credit_draws (
+    entry_id      INTEGER NOT NULL,
+    lot_id        INTEGER NOT NULL,
+    amount_micros INTEGER NOT NULL CHECK (amount_micros > 0),
+    PRIMARY KEY (entry_id, lot_id)
+) STRICT;
+
+CREATE TRIGGER credit_draws_no_update BEFORE UPDATE ON credit_draws
+BEGIN
+    SELECT RAISE(ABORT, 'credit_draws is append-only');
+END;
+
+CREATE TRIGGER credit_draws_no_delete BEFORE DELETE ON credit_draws
+BEGIN
+    SELECT RAISE(ABORT, 'credit_draws is append-only');
+END;
+
+INSERT INTO credit_lots
+    (user_id, category, priority, expires_at_us, source, original_micros, remaining_micros, entry_id, created_at_us)
+SELECT user_id, 'paid', 50, NULL, 'migration', balance_micros, balance_micros, NULL, updated_at_us
+FROM credit_accounts WHERE balance_micros > 0 ORDER BY user_id;

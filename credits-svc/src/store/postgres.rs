@@ -1,9 +1,10 @@
 //! The PostgreSQL ledger: production store, safe for many credits-svc replicas.
 //!
-//! One call is one transaction of four round trips whatever the number of writes:
+//! One call is one transaction of five round trips whatever the number of writes:
 //! lock the users' balance rows in user order (so concurrent batches never deadlock),
-//! read the entries already holding the writes' keys, plan in Rust, then append all
-//! entries and move all balances in one UNNEST statement. A key claimed concurrently
+//! read their lots and the entries already holding the writes' keys, plan in Rust,
+//! then append all entries and draws, move all balances and lot remainders in one
+//! UNNEST statement (credits that make lots add one statement per lot). A key claimed concurrently
 //! by a different user's transaction shows up as a missing row of that statement; the
 //! transaction is then rolled back and replanned, never half applied. A deadlock or
 //! serialization failure (two batches of different users inserting the same keys in
@@ -17,12 +18,14 @@ use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
 
 use super::{
-    BalanceAudit, DisputeRow, ENTRY_COLUMNS, EntryRow, INSERT_PAYMENT_SQL, LedgerStore,
-    PAYMENT_COLUMNS, PaymentOutcome, PaymentRow, PaymentTx, SELECT_DISPUTE_SQL, StoreError,
-    TAKE_LEGACY_REFUNDS_SQL, UPDATE_PAYMENT_SQL, UPSERT_DISPUTE_SQL, entries, entries_by_key,
-    run_payment_event, with_retries,
+    BalanceAudit, BalanceDetails, DisputeRow, ENTRY_COLUMNS, EntryRow, INSERT_PAYMENT_SQL,
+    LOT_COLUMNS, LedgerStore, LotRow, PAYMENT_COLUMNS, PaymentOutcome, PaymentRow, PaymentTx,
+    SELECT_DISPUTE_SQL, StoreError, TAKE_LEGACY_REFUNDS_SQL, UPDATE_PAYMENT_SQL,
+    UPSERT_DISPUTE_SQL, attach_draws, attach_existing_draws, entries, entries_by_key,
+    lots_in_order, lots_of, run_payment_event, with_retries,
 };
-use crate::ledger::{self, LedgerEntry, WriteOutcome, WriteRequest};
+use crate::ledger::{self, LedgerEntry, LotRef, WriteOutcome, WriteRequest};
+use crate::lots::Lot;
 use crate::payments::{DisputeState, PaymentEvent, PaymentState};
 
 #[derive(Debug, Clone)]
@@ -51,7 +54,7 @@ impl PgLedger {
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some(outcomes) = apply_in(&mut tx, writes, now_us).await? else {
+        let Some(outcomes) = apply_in(&mut tx, writes, &[], now_us).await? else {
             tx.rollback().await?;
             return Ok(None);
         };
@@ -74,13 +77,15 @@ impl PgLedger {
     }
 }
 
-/// Applies `writes` inside an open transaction in four round trips: create missing
-/// accounts, lock balances in user order, read used keys, append and move balances in
-/// one statement. `None` when a concurrent transaction claimed one of the keys first
-/// (the caller rolls back and replans).
+/// Applies `writes` inside an open transaction: create missing accounts, lock the
+/// balances in user order (with `sweep`: users whose due lots must expire), read their
+/// lots and the used keys, plan, then append entries, draws and lot movements and move
+/// balances in one statement (a second one only when credits make lots). `None` when a
+/// concurrent transaction claimed one of the keys first (roll back and replan).
 async fn apply_in(
     conn: &mut PgConnection,
     writes: &[WriteRequest],
+    sweep: &[String],
     now_us: i64,
 ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
     let to_create = ledger::users_to_create(writes);
@@ -95,17 +100,30 @@ async fn apply_in(
         .execute(&mut *conn)
         .await?;
     }
+    let mut users = ledger::users_to_lock(writes);
+    users.extend(sweep.iter().cloned());
+    users.sort_unstable();
+    users.dedup();
     let balances: HashMap<String, Micros> = sqlx::query_as::<_, (String, i64)>(
         "SELECT user_id, balance_micros FROM credit_accounts \
          WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE",
     )
-    .bind(ledger::users_to_lock(writes))
+    .bind(&users)
     .fetch_all(&mut *conn)
     .await?
     .into_iter()
     .map(|(user, balance)| (user, Micros(balance)))
     .collect();
-    let existing = entries_by_key(
+    let lots = lots_of(
+        sqlx::query_as::<_, LotRow>(&format!(
+            "SELECT {LOT_COLUMNS} FROM credit_lots \
+             WHERE user_id = ANY($1::text[]) AND remaining_micros > 0"
+        ))
+        .bind(&users)
+        .fetch_all(&mut *conn)
+        .await?,
+    )?;
+    let mut existing = entries_by_key(
         sqlx::query_as::<_, EntryRow>(&format!(
             "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key = ANY($1::text[])"
         ))
@@ -113,10 +131,21 @@ async fn apply_in(
         .fetch_all(&mut *conn)
         .await?,
     )?;
+    if !existing.is_empty() {
+        let ids: Vec<i64> = existing.values().map(|e| e.id).collect();
+        let draws: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT entry_id, lot_id, amount_micros FROM credit_draws \
+             WHERE entry_id = ANY($1::int8[]) ORDER BY entry_id, lot_id",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        attach_existing_draws(&mut existing, draws);
+    }
 
-    let plan = ledger::plan(writes, &balances, &existing, now_us);
+    let plan = ledger::plan(writes, &balances, &lots, &existing, now_us);
     if plan.inserts.is_empty() {
-        return Ok(Some(plan.finish(&[])));
+        return Ok(Some(plan.finish(&[], &[])));
     }
     let count = plan.inserts.len();
     let mut users = Vec::with_capacity(count);
@@ -127,6 +156,12 @@ async fn apply_in(
     let mut sources = Vec::with_capacity(count);
     let mut payments = Vec::with_capacity(count);
     let mut descriptions = Vec::with_capacity(count);
+    let mut targets = Vec::with_capacity(count);
+    // Draws from existing lots, by the drawing entry's key.
+    let mut draw_keys = Vec::new();
+    let mut draw_sources = Vec::new();
+    let mut draw_lots = Vec::new();
+    let mut draw_amounts = Vec::new();
     for entry in &plan.inserts {
         let write = &entry.write;
         users.push(write.user_id.as_str());
@@ -137,22 +172,42 @@ async fn apply_in(
         sources.push(write.key_source.as_str());
         payments.push(write.payment_id.as_deref());
         descriptions.push(write.description.as_str());
+        targets.push(write.target_lot_id);
+        for (lot, amount) in &entry.draws {
+            if let LotRef::Existing(lot_id) = lot {
+                draw_keys.push(write.idempotency_key.as_str());
+                draw_sources.push(write.key_source.as_str());
+                draw_lots.push(*lot_id);
+                draw_amounts.push(amount.0);
+            }
+        }
     }
     let inserted: Vec<(i64, String, String)> = sqlx::query_as(
         "WITH new_entries AS ( \
             INSERT INTO credit_ledger \
-                (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, created_at_us) \
-            SELECT user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, $9 \
-            FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[]) \
-                WITH ORDINALITY AS w(user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, position) \
+                (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, created_at_us) \
+            SELECT user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, $10 \
+            FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[]) \
+                WITH ORDINALITY AS w(user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, position) \
             ORDER BY position \
             ON CONFLICT (idempotency_key, key_source) DO NOTHING \
             RETURNING id, idempotency_key, key_source, user_id, amount_micros \
          ), moved AS ( \
             UPDATE credit_accounts AS a \
-            SET balance_micros = a.balance_micros + d.delta_micros, updated_at_us = $9 \
+            SET balance_micros = a.balance_micros + d.delta_micros, updated_at_us = $10 \
             FROM (SELECT user_id, SUM(amount_micros)::int8 AS delta_micros FROM new_entries GROUP BY user_id) AS d \
             WHERE a.user_id = d.user_id \
+         ), drawn AS ( \
+            INSERT INTO credit_draws (entry_id, lot_id, amount_micros) \
+            SELECT e.id, d.lot_id, d.amount_micros \
+            FROM UNNEST($11::text[], $12::text[], $13::int8[], $14::int8[]) AS d(idempotency_key, key_source, lot_id, amount_micros) \
+            JOIN new_entries AS e USING (idempotency_key, key_source) \
+         ), spent AS ( \
+            UPDATE credit_lots AS l \
+            SET remaining_micros = l.remaining_micros - s.amount_micros \
+            FROM (SELECT lot_id, SUM(amount_micros)::int8 AS amount_micros \
+                  FROM UNNEST($13::int8[], $14::int8[]) AS x(lot_id, amount_micros) GROUP BY lot_id) AS s \
+            WHERE l.id = s.lot_id \
          ) \
          SELECT id, idempotency_key, key_source FROM new_entries",
     )
@@ -164,7 +219,12 @@ async fn apply_in(
     .bind(&sources)
     .bind(&payments)
     .bind(&descriptions)
+    .bind(&targets)
     .bind(now_us)
+    .bind(&draw_keys)
+    .bind(&draw_sources)
+    .bind(&draw_lots)
+    .bind(&draw_amounts)
     .fetch_all(&mut *conn)
     .await?;
     if inserted.len() != count {
@@ -184,7 +244,56 @@ async fn apply_in(
                 .ok_or_else(|| StoreError::Corrupt(format!("no id returned for key {key:?}")))
         })
         .collect::<Result<Vec<i64>, StoreError>>()?;
-    Ok(Some(plan.finish(&ids)))
+    let lot_ids = make_lots(conn, &plan, &ids, now_us).await?;
+    Ok(Some(plan.finish(&ids, &lot_ids)))
+}
+
+/// Makes the lots of the plan's credits (and records draws from them, when later
+/// entries of the same plan spent from them); their ids in plan order.
+async fn make_lots(
+    conn: &mut PgConnection,
+    plan: &ledger::Plan,
+    entry_ids: &[i64],
+    now_us: i64,
+) -> Result<Vec<i64>, StoreError> {
+    if plan.new_lots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut lot_ids = Vec::with_capacity(plan.new_lots.len());
+    for lot in &plan.new_lots {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO credit_lots (user_id, category, priority, expires_at_us, source, \
+             original_micros, remaining_micros, entry_id, created_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        )
+        .bind(&lot.user_id)
+        .bind(lot.terms.category.as_str())
+        .bind(lot.terms.priority)
+        .bind(lot.terms.expires_at_us)
+        .bind(&lot.source)
+        .bind(lot.original.0)
+        .bind(lot.remaining.0)
+        .bind(entry_ids[lot.entry])
+        .bind(now_us)
+        .fetch_one(&mut *conn)
+        .await?;
+        lot_ids.push(id);
+    }
+    for (entry, entry_id) in plan.inserts.iter().zip(entry_ids) {
+        for (lot, amount) in &entry.draws {
+            if let LotRef::New(index) = lot {
+                sqlx::query(
+                    "INSERT INTO credit_draws (entry_id, lot_id, amount_micros) VALUES ($1, $2, $3)",
+                )
+                .bind(entry_id)
+                .bind(lot_ids[*index])
+                .bind(amount.0)
+                .execute(&mut *conn)
+                .await?;
+            }
+        }
+    }
+    Ok(lot_ids)
 }
 
 /// The payment-event steps on an open PostgreSQL transaction.
@@ -274,7 +383,7 @@ impl PaymentTx for PgTx<'_> {
         writes: &[WriteRequest],
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
-        apply_in(self.0, writes, now_us).await
+        apply_in(self.0, writes, &[], now_us).await
     }
 }
 
@@ -292,13 +401,69 @@ impl LedgerStore for PgLedger {
         Ok(())
     }
 
-    async fn balance(&self, user_id: &str) -> Result<Micros, StoreError> {
-        let balance: Option<i64> =
+    async fn balance(&self, user_id: &str, now_us: i64) -> Result<BalanceDetails, StoreError> {
+        let cached: Option<i64> =
             sqlx::query_scalar("SELECT balance_micros FROM credit_accounts WHERE user_id = $1")
                 .bind(user_id)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(Micros(balance.unwrap_or(0)))
+        let lots = self.lots(user_id, true, now_us).await?;
+        Ok(BalanceDetails::at(
+            Micros(cached.unwrap_or(0)),
+            lots,
+            now_us,
+        ))
+    }
+
+    async fn lots(
+        &self,
+        user_id: &str,
+        include_spent: bool,
+        now_us: i64,
+    ) -> Result<Vec<Lot>, StoreError> {
+        let rows = sqlx::query_as::<_, LotRow>(&format!(
+            "SELECT {LOT_COLUMNS} FROM credit_lots WHERE user_id = $1 AND (remaining_micros > 0 OR $2)"
+        ))
+        .bind(user_id)
+        .bind(include_spent)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(lots_in_order(lots_of(rows)?, include_spent, now_us))
+    }
+
+    async fn lot(&self, lot_id: i64) -> Result<Option<Lot>, StoreError> {
+        let row = sqlx::query_as::<_, LotRow>(&format!(
+            "SELECT {LOT_COLUMNS} FROM credit_lots WHERE id = $1"
+        ))
+        .bind(lot_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Lot::try_from).transpose()
+    }
+
+    async fn expire_due(&self, now_us: i64, limit: u32) -> Result<usize, StoreError> {
+        let users: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT user_id FROM credit_lots \
+             WHERE remaining_micros > 0 AND expires_at_us <= $1 ORDER BY user_id LIMIT $2",
+        )
+        .bind(now_us)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        if users.is_empty() {
+            return Ok(0);
+        }
+        with_retries(|| async {
+            let mut tx = self.pool.begin().await?;
+            let Some(_) = apply_in(&mut tx, &[], &users, now_us).await? else {
+                tx.rollback().await?;
+                return Ok(None);
+            };
+            tx.commit().await?;
+            Ok(Some(()))
+        })
+        .await?;
+        Ok(users.len())
     }
 
     async fn apply(
@@ -338,7 +503,18 @@ impl LedgerStore for PgLedger {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        entries(rows)
+        let mut page = entries(rows)?;
+        let ids: Vec<i64> = page.iter().map(|e| e.id).collect();
+        let draws: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT d.entry_id, d.lot_id, d.amount_micros FROM credit_draws AS d \
+             JOIN UNNEST($1::int8[]) AS p(entry_id) USING (entry_id) \
+             ORDER BY d.entry_id, d.lot_id",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        attach_draws(&mut page, draws);
+        Ok(page)
     }
 
     async fn audit(&self, user_id: &str) -> Result<BalanceAudit, StoreError> {

@@ -13,12 +13,14 @@ use sqlx::SqliteConnection;
 use sqlx::sqlite::SqlitePool;
 
 use super::{
-    BalanceAudit, DisputeRow, ENTRY_COLUMNS, EntryRow, INSERT_PAYMENT_SQL, LedgerStore,
-    PAYMENT_COLUMNS, PaymentOutcome, PaymentRow, PaymentTx, SELECT_DISPUTE_SQL, StoreError,
-    TAKE_LEGACY_REFUNDS_SQL, UPDATE_PAYMENT_SQL, UPSERT_DISPUTE_SQL, entries, entries_by_key,
-    run_payment_event, with_retries,
+    BalanceAudit, BalanceDetails, DisputeRow, ENTRY_COLUMNS, EntryRow, INSERT_PAYMENT_SQL,
+    LOT_COLUMNS, LedgerStore, LotRow, PAYMENT_COLUMNS, PaymentOutcome, PaymentRow, PaymentTx,
+    SELECT_DISPUTE_SQL, StoreError, TAKE_LEGACY_REFUNDS_SQL, UPDATE_PAYMENT_SQL,
+    UPSERT_DISPUTE_SQL, attach_draws, attach_existing_draws, entries, entries_by_key,
+    lots_in_order, lots_of, run_payment_event, with_retries,
 };
-use crate::ledger::{self, ExistingEntries, LedgerEntry, WriteOutcome, WriteRequest};
+use crate::ledger::{self, ExistingEntries, LedgerEntry, LotRef, WriteOutcome, WriteRequest};
+use crate::lots::Lot;
 use crate::payments::{DisputeState, PaymentEvent, PaymentState};
 
 /// Bound parameters per `IN (…)` list, well under SQLite's limit.
@@ -57,13 +59,64 @@ impl LedgerStore for SqliteLedger {
         Ok(())
     }
 
-    async fn balance(&self, user_id: &str) -> Result<Micros, StoreError> {
-        let balance: Option<i64> =
+    async fn balance(&self, user_id: &str, now_us: i64) -> Result<BalanceDetails, StoreError> {
+        let cached: Option<i64> =
             sqlx::query_scalar("SELECT balance_micros FROM credit_accounts WHERE user_id = ?")
                 .bind(user_id)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(Micros(balance.unwrap_or(0)))
+        let lots = self.lots(user_id, true, now_us).await?;
+        Ok(BalanceDetails::at(
+            Micros(cached.unwrap_or(0)),
+            lots,
+            now_us,
+        ))
+    }
+
+    async fn lots(
+        &self,
+        user_id: &str,
+        include_spent: bool,
+        now_us: i64,
+    ) -> Result<Vec<Lot>, StoreError> {
+        let rows = sqlx::query_as::<_, LotRow>(&format!(
+            "SELECT {LOT_COLUMNS} FROM credit_lots WHERE user_id = $1 AND (remaining_micros > 0 OR $2)"
+        ))
+        .bind(user_id)
+        .bind(include_spent)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(lots_in_order(lots_of(rows)?, include_spent, now_us))
+    }
+
+    async fn lot(&self, lot_id: i64) -> Result<Option<Lot>, StoreError> {
+        let row = sqlx::query_as::<_, LotRow>(&format!(
+            "SELECT {LOT_COLUMNS} FROM credit_lots WHERE id = $1"
+        ))
+        .bind(lot_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Lot::try_from).transpose()
+    }
+
+    async fn expire_due(&self, now_us: i64, limit: u32) -> Result<usize, StoreError> {
+        with_retries(|| async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let users: Vec<String> = sqlx::query_scalar(
+                "SELECT DISTINCT user_id FROM credit_lots \
+                 WHERE remaining_micros > 0 AND expires_at_us <= $1 ORDER BY user_id LIMIT $2",
+            )
+            .bind(now_us)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+            if !users.is_empty() {
+                apply_in(&mut tx, &[], &users, now_us).await?;
+            }
+            tx.commit().await?;
+            Ok(Some(users.len()))
+        })
+        .await
     }
 
     async fn apply(
@@ -76,7 +129,7 @@ impl LedgerStore for SqliteLedger {
         }
         with_retries(|| async {
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-            let outcomes = apply_in(&mut tx, writes, now_us).await?;
+            let outcomes = apply_in(&mut tx, writes, &[], now_us).await?;
             tx.commit().await?;
             Ok(Some(outcomes))
         })
@@ -116,7 +169,19 @@ impl LedgerStore for SqliteLedger {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        entries(rows)
+        let mut page = entries(rows)?;
+        if let (Some(newest), Some(oldest)) = (page.first(), page.last()) {
+            let draws: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT entry_id, lot_id, amount_micros FROM credit_draws \
+                 WHERE entry_id BETWEEN ? AND ? ORDER BY entry_id, lot_id",
+            )
+            .bind(oldest.id)
+            .bind(newest.id)
+            .fetch_all(&self.pool)
+            .await?;
+            attach_draws(&mut page, draws);
+        }
+        Ok(page)
     }
 
     async fn audit(&self, user_id: &str) -> Result<BalanceAudit, StoreError> {
@@ -137,10 +202,12 @@ impl LedgerStore for SqliteLedger {
     }
 }
 
-/// Applies `writes` inside an exclusive transaction (no other writer can overtake it).
+/// Applies `writes` inside an exclusive transaction (no other writer can overtake it);
+/// `sweep` names users whose due lots must expire even without a write.
 async fn apply_in(
     conn: &mut SqliteConnection,
     writes: &[WriteRequest],
+    sweep: &[String],
     now_us: i64,
 ) -> Result<Vec<WriteOutcome>, StoreError> {
     for user in ledger::users_to_create(writes) {
@@ -150,14 +217,19 @@ async fn apply_in(
             .execute(&mut *conn)
             .await?;
     }
+    let mut users = ledger::users_to_lock(writes);
+    users.extend(sweep.iter().cloned());
+    users.sort_unstable();
+    users.dedup();
     let mut balances: HashMap<String, Micros> = HashMap::new();
-    for users in ledger::users_to_lock(writes).chunks(IN_LIST_CHUNK) {
+    let mut lots = Vec::new();
+    for chunk in users.chunks(IN_LIST_CHUNK) {
         let sql = format!(
             "SELECT user_id, balance_micros FROM credit_accounts WHERE user_id IN ({})",
-            placeholders(users.len())
+            placeholders(chunk.len())
         );
         let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
-        for user in users {
+        for user in chunk {
             query = query.bind(user);
         }
         balances.extend(
@@ -167,6 +239,15 @@ async fn apply_in(
                 .into_iter()
                 .map(|(u, b)| (u, Micros(b))),
         );
+        let sql = format!(
+            "SELECT {LOT_COLUMNS} FROM credit_lots WHERE remaining_micros > 0 AND user_id IN ({})",
+            placeholders(chunk.len())
+        );
+        let mut query = sqlx::query_as::<_, LotRow>(&sql);
+        for user in chunk {
+            query = query.bind(user);
+        }
+        lots.extend(lots_of(query.fetch_all(&mut *conn).await?)?);
     }
     let mut existing = ExistingEntries::new();
     for keys in ledger::keys_of(writes).chunks(IN_LIST_CHUNK) {
@@ -180,15 +261,30 @@ async fn apply_in(
         }
         existing.extend(entries_by_key(query.fetch_all(&mut *conn).await?)?);
     }
+    let ids: Vec<i64> = existing.values().map(|e| e.id).collect();
+    let mut draws: Vec<(i64, i64, i64)> = Vec::new();
+    for chunk in ids.chunks(IN_LIST_CHUNK) {
+        let sql = format!(
+            "SELECT entry_id, lot_id, amount_micros FROM credit_draws WHERE entry_id IN ({}) \
+             ORDER BY entry_id, lot_id",
+            placeholders(chunk.len())
+        );
+        let mut query = sqlx::query_as::<_, (i64, i64, i64)>(&sql);
+        for id in chunk {
+            query = query.bind(id);
+        }
+        draws.extend(query.fetch_all(&mut *conn).await?);
+    }
+    attach_existing_draws(&mut existing, draws);
 
-    let plan = ledger::plan(writes, &balances, &existing, now_us);
+    let plan = ledger::plan(writes, &balances, &lots, &existing, now_us);
     let mut ids = Vec::with_capacity(plan.inserts.len());
     for entry in &plan.inserts {
         let write = &entry.write;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO credit_ledger \
-                (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, created_at_us) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, created_at_us) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(&write.user_id)
         .bind(write.kind.as_str())
@@ -198,10 +294,54 @@ async fn apply_in(
         .bind(write.key_source.as_str())
         .bind(write.payment_id.as_deref())
         .bind(&write.description)
+        .bind(write.target_lot_id)
         .bind(now_us)
         .fetch_one(&mut *conn)
         .await?;
         ids.push(id);
+    }
+    let mut lot_ids = Vec::with_capacity(plan.new_lots.len());
+    for lot in &plan.new_lots {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO credit_lots (user_id, category, priority, expires_at_us, source, \
+             original_micros, remaining_micros, entry_id, created_at_us) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&lot.user_id)
+        .bind(lot.terms.category.as_str())
+        .bind(lot.terms.priority)
+        .bind(lot.terms.expires_at_us)
+        .bind(&lot.source)
+        .bind(lot.original.0)
+        .bind(lot.remaining.0)
+        .bind(ids[lot.entry])
+        .bind(now_us)
+        .fetch_one(&mut *conn)
+        .await?;
+        lot_ids.push(id);
+    }
+    for (entry, entry_id) in plan.inserts.iter().zip(&ids) {
+        for (lot, amount) in &entry.draws {
+            let lot_id = match lot {
+                LotRef::Existing(id) => *id,
+                LotRef::New(index) => lot_ids[*index],
+            };
+            sqlx::query(
+                "INSERT INTO credit_draws (entry_id, lot_id, amount_micros) VALUES (?, ?, ?)",
+            )
+            .bind(entry_id)
+            .bind(lot_id)
+            .bind(amount.0)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    for (lot_id, spent) in plan.spent() {
+        sqlx::query("UPDATE credit_lots SET remaining_micros = remaining_micros - ? WHERE id = ?")
+            .bind(spent)
+            .bind(lot_id)
+            .execute(&mut *conn)
+            .await?;
     }
     for (user, delta) in plan.deltas() {
         sqlx::query("UPDATE credit_accounts SET balance_micros = balance_micros + ?, updated_at_us = ? WHERE user_id = ?")
@@ -211,7 +351,7 @@ async fn apply_in(
             .execute(&mut *conn)
             .await?;
     }
-    Ok(plan.finish(&ids))
+    Ok(plan.finish(&ids, &lot_ids))
 }
 
 /// The payment-event steps on an open SQLite transaction.
@@ -298,6 +438,6 @@ impl PaymentTx for SqliteTx<'_> {
         writes: &[WriteRequest],
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
-        apply_in(self.0, writes, now_us).await.map(Some)
+        apply_in(self.0, writes, &[], now_us).await.map(Some)
     }
 }

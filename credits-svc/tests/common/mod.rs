@@ -41,6 +41,8 @@ impl TestDb {
             listen_addr: "127.0.0.1:0".parse().unwrap(),
             service_tokens: ServiceTokens::new([TOKEN, "second-token"]),
             deduct_workers: None,
+            lot_sweep_interval: std::time::Duration::from_secs(60),
+            clock: reeve_runtime::clock::Clock::system(),
             checkout: None,
         }
     }

@@ -53,6 +53,8 @@ pub fn credits_config(
         listen_addr: addr,
         service_tokens: ServiceTokens::new([SERVICE_TOKEN]),
         deduct_workers: None,
+        lot_sweep_interval: std::time::Duration::from_secs(60),
+        clock: reeve_runtime::clock::Clock::system(),
         checkout: Some(credits_svc::checkout::CheckoutConfig {
             secret_key: STRIPE_KEY.to_owned(),
             api_base: stripe_api_base,
