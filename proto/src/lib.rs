@@ -15,8 +15,6 @@ pub mod quota {
     }
 }
 
-pub mod quota_guard;
-
 /// Encoded `FileDescriptorSet` of every Reeve proto, for tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/reeve_descriptor.bin"));

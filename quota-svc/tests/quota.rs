@@ -10,7 +10,7 @@ use common::{Backend, Client, SECOND, T0, TestDb, client};
 use futures::future::join_all;
 use quota_svc::window::WINDOW_US;
 use reeve_proto::quota::v1 as pb;
-use reeve_proto::quota_guard::{GuardError, QuotaGuard};
+use reeve_client::{GuardError, QuotaGuard};
 use tonic::Code;
 
 on_both_stores!(

@@ -2,10 +2,9 @@
 //! `Depends(require_tier("ad_generations"))`.
 //!
 //! Start quota-svc (`REEVE_SERVICE_TOKENS=dev-service-token cargo run --bin quota-svc`),
-//! then: `cargo run -p reeve-proto --example quota_guard -- alice`
+//! then: `cargo run -p reeve-client --example quota_guard -- alice`
 
-use reeve_proto::quota_guard::{GuardError, QuotaGuard};
-use tonic::transport::Channel;
+use reeve_client::{ClientBuilder, GuardError, QuotaGuard, SecretString};
 
 /// What an HTTP handler does: consume one unit, do the work, give the unit back if
 /// the work failed, and map a refusal to its HTTP status.
@@ -37,12 +36,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("REEVE_QUOTA_ADDR").unwrap_or_else(|_| "127.0.0.1:50052".to_owned());
     let token =
         std::env::var("REEVE_SERVICE_TOKEN").unwrap_or_else(|_| "dev-service-token".to_owned());
-    let guard = QuotaGuard::new(
-        Channel::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await?,
-        &token,
-    )?;
+    let connection = ClientBuilder::new(addr)
+        .service_token(SecretString::from(token))
+        .connect()
+        .await?;
+    let guard = QuotaGuard::from_connection(&connection);
     for attempt in 0..12 {
         match generate_ad(&guard, &user_id, &format!("example-request-{attempt}")).await {
             Ok(ad) => println!("request {attempt}: 200 {ad}"),

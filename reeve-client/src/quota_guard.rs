@@ -3,38 +3,20 @@
 //! [`QuotaGuard::require`]; it consumes the units atomically in quota-svc and turns a
 //! refusal into a typed error that maps to HTTP 429 (quota exceeded), 403 (unknown
 //! feature) or 503 (quota-svc unreachable). If the work then fails, give the units
-//! back with [`Permit::release`].
+//! back with [`QuotaGuard::release`]. Calls go through the typed [`QuotaClient`], so a
+//! transient failure is retried with the same key (never counted twice).
 
 use std::fmt;
 
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
+use reeve_proto::quota::v1::quota_service_client::QuotaServiceClient;
+use reeve_proto::quota::v1::{CheckQuotaRequest, CheckQuotaResponse, ReleaseRequest};
+use reeve_runtime::auth::BearerToken;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
-use crate::quota::v1::quota_service_client::QuotaServiceClient;
-use crate::quota::v1::{CheckQuotaRequest, CheckQuotaResponse, ReleaseRequest};
-
-/// Adds the service token to every call.
-#[derive(Clone)]
-pub struct ServiceToken(MetadataValue<Ascii>);
-
-impl fmt::Debug for ServiceToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ServiceToken(..)")
-    }
-}
-
-impl tonic::service::Interceptor for ServiceToken {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-type Client = QuotaServiceClient<InterceptedService<Channel, ServiceToken>>;
+use crate::connect::Connection;
+use crate::quota::QuotaClient;
+use crate::retry::RetryPolicy;
 
 /// Why metered work may not go ahead.
 #[derive(Debug, Clone)]
@@ -89,10 +71,10 @@ fn from_status(status: Status) -> GuardError {
 /// A cheap-to-clone handle that checks and consumes quota before work.
 #[derive(Debug, Clone)]
 pub struct QuotaGuard {
-    client: Client,
+    client: QuotaClient,
 }
 
-/// Proof that the units were consumed; [`Permit::release`] gives them back.
+/// Proof that the units were consumed; [`QuotaGuard::release`] gives them back.
 #[derive(Debug, Clone)]
 pub struct Permit {
     pub user_id: String,
@@ -102,14 +84,24 @@ pub struct Permit {
 }
 
 impl QuotaGuard {
-    /// A guard over `channel`, sending `service_token` as the bearer token.
+    /// A guard over a connection made by [`crate::ClientBuilder`] (its token and retries).
+    pub fn from_connection(connection: &Connection) -> QuotaGuard {
+        QuotaGuard {
+            client: connection.quota(),
+        }
+    }
+
+    /// A guard over a typed quota client.
+    pub fn from_client(client: QuotaClient) -> QuotaGuard {
+        QuotaGuard { client }
+    }
+
+    /// A guard over `channel`, sending `service_token` as the bearer token (and the
+    /// trace context), with the default retries.
     pub fn new(channel: Channel, service_token: &str) -> Result<QuotaGuard, Status> {
-        let mut value: MetadataValue<Ascii> = format!("Bearer {service_token}")
-            .parse()
-            .map_err(|_| Status::invalid_argument("service token must be printable ASCII"))?;
-        value.set_sensitive(true);
+        let raw = QuotaServiceClient::with_interceptor(channel, BearerToken::new(service_token)?);
         Ok(QuotaGuard {
-            client: QuotaServiceClient::with_interceptor(channel, ServiceToken(value)),
+            client: QuotaClient::from_raw(raw, RetryPolicy::default()),
         })
     }
 
@@ -123,7 +115,6 @@ impl QuotaGuard {
     ) -> Result<Permit, GuardError> {
         let reply = self
             .client
-            .clone()
             .check_quota(CheckQuotaRequest {
                 user_id: user_id.to_owned(),
                 feature: feature.to_owned(),
@@ -131,8 +122,7 @@ impl QuotaGuard {
                 idempotency_key: idempotency_key.to_owned(),
             })
             .await
-            .map_err(from_status)?
-            .into_inner();
+            .map_err(from_status)?;
         if !reply.allowed {
             return Err(GuardError::Exceeded {
                 feature: feature.to_owned(),
@@ -151,15 +141,13 @@ impl QuotaGuard {
     pub async fn release(&self, permit: &Permit) -> Result<bool, GuardError> {
         let reply = self
             .client
-            .clone()
             .release(ReleaseRequest {
                 user_id: permit.user_id.clone(),
                 feature: permit.feature.clone(),
                 idempotency_key: permit.idempotency_key.clone(),
             })
             .await
-            .map_err(from_status)?
-            .into_inner();
+            .map_err(from_status)?;
         Ok(reply.released)
     }
 }
