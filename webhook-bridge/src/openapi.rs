@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use crate::routes::{credits, tier, webhook};
+use crate::routes::{credits, lots, tier, webhook};
 
 /// Every error: `{"error": {"code": "...", "message": "..."}}`; insufficient credits
 /// adds `balance`, `required` (decimal strings) and their `_micros`.
@@ -69,6 +69,7 @@ impl Modify for SecuritySchemes {
     info(title = "Reeve credits & quotas", description = "Prepaid credits (exact decimal amounts, 1 credit = 1 USD) and tier quotas."),
     paths(
         credits::balance, credits::purchase, credits::deduct, credits::deduct_batch, credits::history,
+        lots::list, lots::grant,
         webhook::receive, tier::usage, tier::check,
     ),
     components(schemas(ErrorBody, ErrorDetail, HandledBody)),
@@ -79,10 +80,10 @@ pub struct ApiDoc;
 
 /// A positive decimal with at most six decimals and no exponent, sign or leading zero:
 /// what `Micros::parse_positive_credits` accepts, zero excluded, below the services'
-/// bound on one amount (10^15 micros = 10^9 credits): at most 9 integer digits.
-const POSITIVE_DECIMAL_PATTERN: &str = r"^(?:[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|0\.(?:[1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
-/// Largest whole amount the documents promise (9 digits, under the services' bound).
-const MAX_DOCUMENTED_CREDITS: i64 = 999_999_999;
+/// bound on one amount (10^15 micros = 10^9 credits, included).
+const POSITIVE_DECIMAL_PATTERN: &str = r"^(?:[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|1000000000(?:\.0{1,6})?|0\.(?:[1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
+/// Largest whole amount: the services' bound on one amount, 10^9 credits.
+const MAX_DOCUMENTED_CREDITS: i64 = 1_000_000_000;
 /// Purchases: whole credits within the default bounds (`REEVE_PURCHASE_MIN` 5,
 /// `REEVE_PURCHASE_MAX` 1000), optionally written with zero decimals.
 const PURCHASE_PATTERN: &str = r"^(?:[5-9]|[1-9][0-9]|[1-9][0-9]{2}|1000)(?:\.0{1,6})?$";
@@ -140,7 +141,27 @@ pub fn document(features: Option<&[String]>) -> Value {
         "type": "string", "maxLength": MAX_DESCRIPTION_CHARS, "pattern": DESCRIPTION_PATTERN,
         "description": "At most 1,024 characters; line breaks and tabs allowed, no other control characters.",
     });
-    deduct["amount"] = amount;
+    deduct["amount"] = amount.clone();
+    // A grant: the identifiers and amount of a deduction, and the lot's terms. Null is
+    // read as absent for the optional fields.
+    let identifiers = schemas["DeductBody"]["properties"].clone();
+    let grant = &mut schemas["GrantBody"]["properties"];
+    for field in ["user_id", "idempotency_key", "description"] {
+        grant[field] = identifiers[field].clone();
+    }
+    grant["amount"] = amount;
+    grant["category"] = json!({
+        "description": "\"promotional\" (the default) or \"paid\".",
+        "enum": ["paid", "promotional", null],
+    });
+    grant["priority"] = json!({
+        "description": "0 to 100, lower spent first; default 10 (promotional) or 50 (paid).",
+        "type": ["integer", "null"], "minimum": 0, "maximum": lots::MAX_PRIORITY,
+    });
+    grant["expires_at"] = json!({
+        "description": "RFC 3339, at most six decimals of a second; must be in the future (else 400 invalid_expires_at). Absent or null: never expires.",
+        "type": ["string", "null"], "format": "date-time",
+    });
     schemas["PurchaseBody"]["properties"]["amount"] = json!({
         "description": "Whole credits within the purchase bounds (by default 5 to 1000).",
         "oneOf": [
@@ -186,7 +207,10 @@ pub fn document(features: Option<&[String]>) -> Value {
                 .get("parameters")
                 .and_then(Value::as_array)
                 .is_some_and(|p| !p.is_empty());
-            if let Some(parameters) = operation["parameters"].as_array_mut() {
+            if let Some(parameters) = operation
+                .get_mut("parameters")
+                .and_then(Value::as_array_mut)
+            {
                 for parameter in parameters.iter_mut() {
                     constrain_parameter(path, parameter, features);
                 }
@@ -232,9 +256,11 @@ fn constrain_parameter(path: &str, parameter: &mut Value, features: Option<&[Str
     let name = parameter["name"].as_str().unwrap_or_default().to_owned();
     match (path, name.as_str()) {
         ("/api/credits/history", "limit") => {
+            parameter["required"] = json!(false);
             parameter["schema"] = json!({"type": "integer", "minimum": 1, "maximum": 500});
         }
         ("/api/credits/history", "cursor") => {
+            parameter["required"] = json!(false);
             parameter["schema"] = json!({"type": "string", "pattern": CURSOR_PATTERN});
         }
         ("/api/tier/check", "feature") => {

@@ -3,6 +3,8 @@
 //! included: 413 (body too large), 405, 404 for unknown routes, and a duplicated query
 //! parameter.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Backend, SERVICE_TOKEN, Stack};

@@ -5,6 +5,8 @@
 //!
 //! Its own test binary: it changes the process's descriptor limit.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -4,6 +4,8 @@
 //! at their edges (a value just inside is never refused for its shape, one just outside
 //! is). Schemathesis (`.ci/schemathesis`) fuzzes the rest against `reeve up`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Backend, SERVICE_TOKEN, Stack};
@@ -78,7 +80,9 @@ async fn schemas_carry_the_constraints_the_server_enforces() {
         (&limit["schema"]["minimum"], &limit["schema"]["maximum"]),
         (&json!(1), &json!(500))
     );
+    assert_eq!(limit["in"], "query");
     let feature = parameter("/api/tier/check", "feature");
+    assert_eq!(feature["in"], "query");
     assert_eq!(feature["required"], true);
     let features = feature["schema"]["enum"].as_array().unwrap();
     assert_eq!(features.len(), 23, "the registry's features");
@@ -101,6 +105,7 @@ async fn schemas_carry_the_constraints_the_server_enforces() {
         ("a".repeat(128), "k1".to_owned(), json!("0.000001")),
         ("ü".repeat(128), "k".repeat(256), json!(1)),
         ("bob".to_owned(), "k2".to_owned(), json!("999999999.999999")),
+        ("bob".to_owned(), "k7".to_owned(), json!(1_000_000_000)),
     ];
     for (user_id, key, amount) in inside {
         let (status, body) = deduct(user_id, key, amount).await;

@@ -1,5 +1,6 @@
-//! `/api/credits/*`: balance, purchase and history for the signed-in user; deduct and
-//! batch deduct for services (the gateway). Amounts go out as exact decimal strings
+//! `/api/credits/*`: balance (with its paid and promotional parts), purchase and
+//! history for the signed-in user; deduct and batch deduct for services (the gateway).
+//! Lots and grants are in [`crate::routes::lots`]. Amounts go out as exact decimal strings
 //! with six places, beside the integer micros.
 
 use std::sync::Arc;
@@ -27,6 +28,24 @@ pub struct Balance {
     /// Decimal credits with six places, e.g. "12.500000".
     pub balance: String,
     pub balance_micros: i64,
+    /// What is left of the live paid lots (purchases, paid grants).
+    pub paid: String,
+    pub paid_micros: i64,
+    /// What is left of the live promotional lots (grants given away).
+    pub promotional: String,
+    pub promotional_micros: i64,
+    /// The live lot that expires first and what will leave with it; null when no live
+    /// lot expires.
+    pub next_expiry: Option<NextExpiry>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NextExpiry {
+    /// RFC 3339, UTC: from this instant on the lot is no longer spent.
+    pub at: String,
+    /// Its remainder, decimal credits with six places.
+    pub amount: String,
+    pub amount_micros: i64,
 }
 
 #[utoipa::path(get, path = "/api/credits/balance", tag = "credits",
@@ -41,10 +60,20 @@ pub async fn balance(
         .get_balance(pb::GetBalanceRequest { user_id })
         .await?
         .into_inner();
+    let next_expiry = reply.next_expiry_at.map(|at| NextExpiry {
+        at: timestamp(at),
+        amount: Micros(reply.next_expiry_micros).to_string(),
+        amount_micros: reply.next_expiry_micros,
+    });
     Ok(Json(Balance {
         user_id: reply.user_id,
         balance: Micros(reply.balance_micros).to_string(),
         balance_micros: reply.balance_micros,
+        paid: Micros(reply.paid_micros).to_string(),
+        paid_micros: reply.paid_micros,
+        promotional: Micros(reply.promotional_micros).to_string(),
+        promotional_micros: reply.promotional_micros,
+        next_expiry,
     }))
 }
 
@@ -104,7 +133,7 @@ pub struct DeductBody {
 pub struct Entry {
     pub id: i64,
     pub user_id: String,
-    /// deduction | purchase | grant | adjustment
+    /// deduction | purchase | grant | adjustment | expiration | revocation
     pub kind: String,
     /// Signed decimal credits: negative for deductions and debits.
     pub amount: String,
@@ -115,21 +144,38 @@ pub struct Entry {
     pub description: String,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// What this entry took from each lot, in the order drawn (empty for credits).
+    pub draws: Vec<Draw>,
+}
+
+/// Micros one entry took from one lot.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Draw {
+    pub lot_id: i64,
+    /// Decimal credits with six places, positive.
+    pub amount: String,
+    pub amount_micros: i64,
+}
+
+/// The REST name of an entry kind.
+pub fn kind_name(kind: i32) -> &'static str {
+    match pb::EntryKind::try_from(kind) {
+        Ok(pb::EntryKind::Deduction) => "deduction",
+        Ok(pb::EntryKind::Purchase) => "purchase",
+        Ok(pb::EntryKind::Grant) => "grant",
+        Ok(pb::EntryKind::Adjustment) => "adjustment",
+        Ok(pb::EntryKind::Expiration) => "expiration",
+        Ok(pb::EntryKind::Revocation) => "revocation",
+        _ => "unknown",
+    }
 }
 
 impl From<pb::LedgerEntry> for Entry {
     fn from(entry: pb::LedgerEntry) -> Entry {
-        let kind = match pb::EntryKind::try_from(entry.kind) {
-            Ok(pb::EntryKind::Deduction) => "deduction",
-            Ok(pb::EntryKind::Purchase) => "purchase",
-            Ok(pb::EntryKind::Grant) => "grant",
-            Ok(pb::EntryKind::Adjustment) => "adjustment",
-            _ => "unknown",
-        };
         Entry {
             id: entry.id,
             user_id: entry.user_id,
-            kind: kind.to_owned(),
+            kind: kind_name(entry.kind).to_owned(),
             amount: Micros(entry.amount_micros).to_string(),
             amount_micros: entry.amount_micros,
             balance_after: Micros(entry.balance_after_micros).to_string(),
@@ -137,6 +183,15 @@ impl From<pb::LedgerEntry> for Entry {
             idempotency_key: entry.idempotency_key,
             description: entry.description,
             created_at: entry.created_at.map(timestamp).unwrap_or_default(),
+            draws: entry
+                .draws
+                .into_iter()
+                .map(|draw| Draw {
+                    lot_id: draw.lot_id,
+                    amount: Micros(draw.amount_micros).to_string(),
+                    amount_micros: draw.amount_micros,
+                })
+                .collect(),
         }
     }
 }
@@ -322,6 +377,7 @@ pub async fn deduct_batch(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// 1 to 500; default 50.
     pub limit: Option<String>,

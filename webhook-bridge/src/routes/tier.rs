@@ -82,6 +82,7 @@ pub async fn usage(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CheckQuery {
     /// A feature of the quota registry, e.g. `ad_generations`.
     pub feature: Option<String>,
