@@ -27,6 +27,7 @@ use crate::error::ApiError;
 pub const ROUTE_SCOPES: &[(&str, Scope)] = &[
     ("/api/credits/deduct", Scope::Deduct),
     ("/api/credits/deduct/batch", Scope::Deduct),
+    ("/api/credits/grants", Scope::Admin),
 ];
 
 /// The key user tokens are verified with.

@@ -3,6 +3,7 @@
 
 pub mod credits;
 pub mod health;
+pub mod lots;
 pub mod tier;
 pub mod webhook;
 
