@@ -267,6 +267,52 @@ impl TryFrom<LotRow> for Lot {
     }
 }
 
+/// The cached balance and the lots with a remainder, read in one statement so a sweep
+/// committing in between cannot be half seen (both stores).
+const BALANCE_SQL: &str = "SELECT a.balance_micros, l.id, l.user_id, l.category, l.priority, \
+     l.expires_at_us, l.source, l.original_micros, l.remaining_micros, l.created_at_us \
+     FROM (SELECT $1 AS user_id) AS u \
+     LEFT JOIN credit_accounts AS a ON a.user_id = u.user_id \
+     LEFT JOIN credit_lots AS l ON l.user_id = u.user_id AND l.remaining_micros > 0";
+
+#[derive(sqlx::FromRow)]
+struct BalanceRow {
+    balance_micros: Option<i64>,
+    id: Option<i64>,
+    user_id: Option<String>,
+    category: Option<String>,
+    priority: Option<i32>,
+    expires_at_us: Option<i64>,
+    source: Option<String>,
+    original_micros: Option<i64>,
+    remaining_micros: Option<i64>,
+    created_at_us: Option<i64>,
+}
+
+/// The balance answer from the rows of [`BALANCE_SQL`].
+fn balance_of(rows: Vec<BalanceRow>, now_us: i64) -> Result<BalanceDetails, StoreError> {
+    let cached = rows.first().and_then(|r| r.balance_micros).unwrap_or(0);
+    let mut lots = Vec::new();
+    for row in rows {
+        if let (Some(id), Some(user_id), Some(category), Some(priority), Some(source)) =
+            (row.id, row.user_id, row.category, row.priority, row.source)
+        {
+            lots.push(Lot::try_from(LotRow {
+                id,
+                user_id,
+                category,
+                priority,
+                expires_at_us: row.expires_at_us,
+                source,
+                original_micros: row.original_micros.unwrap_or(0),
+                remaining_micros: row.remaining_micros.unwrap_or(0),
+                created_at_us: row.created_at_us.unwrap_or(0),
+            })?);
+        }
+    }
+    Ok(BalanceDetails::at(Micros(cached), lots, now_us))
+}
+
 fn lots_of(rows: Vec<LotRow>) -> Result<Vec<Lot>, StoreError> {
     rows.into_iter().map(Lot::try_from).collect()
 }

@@ -731,6 +731,35 @@ async fn a_pre_namespace_ledger_keeps_its_keys_after_migration(backend: Backend)
     let server = db.start().await;
     let mut c = client(server.local_addr).await;
     assert_eq!(balance(&mut c, "old").await, 9 * CREDIT);
+    // The old balance became one paid lot without expiry; history is as it was.
+    let lots = c
+        .list_lots(pb::ListLotsRequest {
+            user_id: "old".into(),
+            include_spent: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lots;
+    assert_eq!(lots.len(), 1);
+    assert_eq!(lots[0].category, pb::CreditCategory::Paid as i32);
+    assert_eq!(
+        (lots[0].original_micros, lots[0].remaining_micros),
+        (9 * CREDIT, 9 * CREDIT)
+    );
+    assert!(lots[0].expires_at.is_none());
+    let history = c
+        .history(pb::HistoryRequest {
+            user_id: "old".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(history.len(), 4);
+    assert_eq!(history[0].balance_after_micros, 9 * CREDIT);
     // The old purchase still deduplicates its webhook…
     let paid = record(
         &mut c,

@@ -103,6 +103,8 @@ CREATE TABLE credit_draws (
     entry_id      BIGINT NOT NULL,
     lot_id        BIGINT NOT NULL,
     amount_micros BIGINT NOT NULL CHECK (amount_micros > 0),
+    -- The order the entry drew in (the spending order at that moment).
+    position      INTEGER NOT NULL,
     PRIMARY KEY (entry_id, lot_id)
 );
 

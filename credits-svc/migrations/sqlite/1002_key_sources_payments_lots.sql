@@ -105,6 +105,8 @@ CREATE TABLE credit_draws (
     entry_id      INTEGER NOT NULL,
     lot_id        INTEGER NOT NULL,
     amount_micros INTEGER NOT NULL CHECK (amount_micros > 0),
+    -- The order the entry drew in (the spending order at that moment).
+    position      INTEGER NOT NULL,
     PRIMARY KEY (entry_id, lot_id)
 ) STRICT;
 

@@ -18,11 +18,11 @@ use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
 
 use super::{
-    BalanceAudit, BalanceDetails, DisputeRow, ENTRY_COLUMNS, EntryRow, INSERT_PAYMENT_SQL,
-    LOT_COLUMNS, LedgerStore, LotRow, PAYMENT_COLUMNS, PaymentOutcome, PaymentRow, PaymentTx,
-    SELECT_DISPUTE_SQL, StoreError, TAKE_LEGACY_REFUNDS_SQL, UPDATE_PAYMENT_SQL,
-    UPSERT_DISPUTE_SQL, attach_draws, attach_existing_draws, entries, entries_by_key,
-    lots_in_order, lots_of, run_payment_event, with_retries,
+    BALANCE_SQL, BalanceAudit, BalanceDetails, BalanceRow, DisputeRow, ENTRY_COLUMNS, EntryRow,
+    INSERT_PAYMENT_SQL, LOT_COLUMNS, LedgerStore, LotRow, PAYMENT_COLUMNS, PaymentOutcome,
+    PaymentRow, PaymentTx, SELECT_DISPUTE_SQL, StoreError, TAKE_LEGACY_REFUNDS_SQL,
+    UPDATE_PAYMENT_SQL, UPSERT_DISPUTE_SQL, attach_draws, attach_existing_draws, balance_of,
+    entries, entries_by_key, lots_in_order, lots_of, run_payment_event, with_retries,
 };
 use crate::ledger::{self, LedgerEntry, LotRef, WriteOutcome, WriteRequest};
 use crate::lots::Lot;
@@ -135,7 +135,7 @@ async fn apply_in(
         let ids: Vec<i64> = existing.values().map(|e| e.id).collect();
         let draws: Vec<(i64, i64, i64)> = sqlx::query_as(
             "SELECT entry_id, lot_id, amount_micros FROM credit_draws \
-             WHERE entry_id = ANY($1::int8[]) ORDER BY entry_id, lot_id",
+             WHERE entry_id = ANY($1::int8[]) ORDER BY entry_id, position",
         )
         .bind(&ids)
         .fetch_all(&mut *conn)
@@ -162,6 +162,7 @@ async fn apply_in(
     let mut draw_sources = Vec::new();
     let mut draw_lots = Vec::new();
     let mut draw_amounts = Vec::new();
+    let mut draw_positions: Vec<i32> = Vec::new();
     for entry in &plan.inserts {
         let write = &entry.write;
         users.push(write.user_id.as_str());
@@ -173,8 +174,9 @@ async fn apply_in(
         payments.push(write.payment_id.as_deref());
         descriptions.push(write.description.as_str());
         targets.push(write.target_lot_id);
-        for (lot, amount) in &entry.draws {
+        for (position, (lot, amount)) in entry.draws.iter().enumerate() {
             if let LotRef::Existing(lot_id) = lot {
+                draw_positions.push(i32::try_from(position).unwrap_or(i32::MAX));
                 draw_keys.push(write.idempotency_key.as_str());
                 draw_sources.push(write.key_source.as_str());
                 draw_lots.push(*lot_id);
@@ -198,9 +200,9 @@ async fn apply_in(
             FROM (SELECT user_id, SUM(amount_micros)::int8 AS delta_micros FROM new_entries GROUP BY user_id) AS d \
             WHERE a.user_id = d.user_id \
          ), drawn AS ( \
-            INSERT INTO credit_draws (entry_id, lot_id, amount_micros) \
-            SELECT e.id, d.lot_id, d.amount_micros \
-            FROM UNNEST($11::text[], $12::text[], $13::int8[], $14::int8[]) AS d(idempotency_key, key_source, lot_id, amount_micros) \
+            INSERT INTO credit_draws (entry_id, lot_id, amount_micros, position) \
+            SELECT e.id, d.lot_id, d.amount_micros, d.position \
+            FROM UNNEST($11::text[], $12::text[], $13::int8[], $14::int8[], $15::int4[]) AS d(idempotency_key, key_source, lot_id, amount_micros, position) \
             JOIN new_entries AS e USING (idempotency_key, key_source) \
          ), spent AS ( \
             UPDATE credit_lots AS l \
@@ -225,6 +227,7 @@ async fn apply_in(
     .bind(&draw_sources)
     .bind(&draw_lots)
     .bind(&draw_amounts)
+    .bind(&draw_positions)
     .fetch_all(&mut *conn)
     .await?;
     if inserted.len() != count {
@@ -280,14 +283,15 @@ async fn make_lots(
         lot_ids.push(id);
     }
     for (entry, entry_id) in plan.inserts.iter().zip(entry_ids) {
-        for (lot, amount) in &entry.draws {
+        for (position, (lot, amount)) in entry.draws.iter().enumerate() {
             if let LotRef::New(index) = lot {
                 sqlx::query(
-                    "INSERT INTO credit_draws (entry_id, lot_id, amount_micros) VALUES ($1, $2, $3)",
+                    "INSERT INTO credit_draws (entry_id, lot_id, amount_micros, position) VALUES ($1, $2, $3, $4)",
                 )
                 .bind(entry_id)
                 .bind(lot_ids[*index])
                 .bind(amount.0)
+                .bind(i32::try_from(position).unwrap_or(i32::MAX))
                 .execute(&mut *conn)
                 .await?;
             }
@@ -402,17 +406,11 @@ impl LedgerStore for PgLedger {
     }
 
     async fn balance(&self, user_id: &str, now_us: i64) -> Result<BalanceDetails, StoreError> {
-        let cached: Option<i64> =
-            sqlx::query_scalar("SELECT balance_micros FROM credit_accounts WHERE user_id = $1")
-                .bind(user_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let lots = self.lots(user_id, true, now_us).await?;
-        Ok(BalanceDetails::at(
-            Micros(cached.unwrap_or(0)),
-            lots,
-            now_us,
-        ))
+        let rows = sqlx::query_as::<_, BalanceRow>(BALANCE_SQL)
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        balance_of(rows, now_us)
     }
 
     async fn lots(
@@ -508,7 +506,7 @@ impl LedgerStore for PgLedger {
         let draws: Vec<(i64, i64, i64)> = sqlx::query_as(
             "SELECT d.entry_id, d.lot_id, d.amount_micros FROM credit_draws AS d \
              JOIN UNNEST($1::int8[]) AS p(entry_id) USING (entry_id) \
-             ORDER BY d.entry_id, d.lot_id",
+             ORDER BY d.entry_id, d.position",
         )
         .bind(&ids)
         .fetch_all(&self.pool)

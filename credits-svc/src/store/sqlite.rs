@@ -13,11 +13,11 @@ use sqlx::SqliteConnection;
 use sqlx::sqlite::SqlitePool;
 
 use super::{
-    BalanceAudit, BalanceDetails, DisputeRow, ENTRY_COLUMNS, EntryRow, INSERT_PAYMENT_SQL,
-    LOT_COLUMNS, LedgerStore, LotRow, PAYMENT_COLUMNS, PaymentOutcome, PaymentRow, PaymentTx,
-    SELECT_DISPUTE_SQL, StoreError, TAKE_LEGACY_REFUNDS_SQL, UPDATE_PAYMENT_SQL,
-    UPSERT_DISPUTE_SQL, attach_draws, attach_existing_draws, entries, entries_by_key,
-    lots_in_order, lots_of, run_payment_event, with_retries,
+    BALANCE_SQL, BalanceAudit, BalanceDetails, BalanceRow, DisputeRow, ENTRY_COLUMNS, EntryRow,
+    INSERT_PAYMENT_SQL, LOT_COLUMNS, LedgerStore, LotRow, PAYMENT_COLUMNS, PaymentOutcome,
+    PaymentRow, PaymentTx, SELECT_DISPUTE_SQL, StoreError, TAKE_LEGACY_REFUNDS_SQL,
+    UPDATE_PAYMENT_SQL, UPSERT_DISPUTE_SQL, attach_draws, attach_existing_draws, balance_of,
+    entries, entries_by_key, lots_in_order, lots_of, run_payment_event, with_retries,
 };
 use crate::ledger::{self, ExistingEntries, LedgerEntry, LotRef, WriteOutcome, WriteRequest};
 use crate::lots::Lot;
@@ -60,17 +60,11 @@ impl LedgerStore for SqliteLedger {
     }
 
     async fn balance(&self, user_id: &str, now_us: i64) -> Result<BalanceDetails, StoreError> {
-        let cached: Option<i64> =
-            sqlx::query_scalar("SELECT balance_micros FROM credit_accounts WHERE user_id = ?")
-                .bind(user_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let lots = self.lots(user_id, true, now_us).await?;
-        Ok(BalanceDetails::at(
-            Micros(cached.unwrap_or(0)),
-            lots,
-            now_us,
-        ))
+        let rows = sqlx::query_as::<_, BalanceRow>(BALANCE_SQL)
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        balance_of(rows, now_us)
     }
 
     async fn lots(
@@ -173,7 +167,7 @@ impl LedgerStore for SqliteLedger {
         if let (Some(newest), Some(oldest)) = (page.first(), page.last()) {
             let draws: Vec<(i64, i64, i64)> = sqlx::query_as(
                 "SELECT entry_id, lot_id, amount_micros FROM credit_draws \
-                 WHERE entry_id BETWEEN ? AND ? ORDER BY entry_id, lot_id",
+                 WHERE entry_id BETWEEN ? AND ? ORDER BY entry_id, position",
             )
             .bind(oldest.id)
             .bind(newest.id)
@@ -266,7 +260,7 @@ async fn apply_in(
     for chunk in ids.chunks(IN_LIST_CHUNK) {
         let sql = format!(
             "SELECT entry_id, lot_id, amount_micros FROM credit_draws WHERE entry_id IN ({}) \
-             ORDER BY entry_id, lot_id",
+             ORDER BY entry_id, position",
             placeholders(chunk.len())
         );
         let mut query = sqlx::query_as::<_, (i64, i64, i64)>(&sql);
@@ -321,17 +315,18 @@ async fn apply_in(
         lot_ids.push(id);
     }
     for (entry, entry_id) in plan.inserts.iter().zip(&ids) {
-        for (lot, amount) in &entry.draws {
+        for (position, (lot, amount)) in entry.draws.iter().enumerate() {
             let lot_id = match lot {
                 LotRef::Existing(id) => *id,
                 LotRef::New(index) => lot_ids[*index],
             };
             sqlx::query(
-                "INSERT INTO credit_draws (entry_id, lot_id, amount_micros) VALUES (?, ?, ?)",
+                "INSERT INTO credit_draws (entry_id, lot_id, amount_micros, position) VALUES (?, ?, ?, ?)",
             )
             .bind(entry_id)
             .bind(lot_id)
             .bind(amount.0)
+            .bind(i64::try_from(position).unwrap_or(i64::MAX))
             .execute(&mut *conn)
             .await?;
         }
