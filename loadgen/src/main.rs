@@ -6,6 +6,7 @@
 //! talks to loopback addresses and stops after the configured duration.
 
 mod quota;
+mod recorder;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ struct Args {
     /// Concurrent callers of single Deduct (and of CheckQuota).
     #[arg(long, default_value_t = 64)]
     single_callers: usize,
-    /// Which service to drive: credits, quota or all.
+    /// Which suite to run: credits, quota, recorder or all.
     #[arg(long, default_value = "all")]
     suite: String,
     /// Users of the quota suite (each with usage rows in all 23 features).
@@ -132,6 +133,11 @@ fn user(index: u64, users: usize) -> String {
     format!("u{:06}", index % users as u64)
 }
 
+/// A user of the population seeded with five live lots each.
+fn user_with_five_lots(index: u64, users: usize) -> String {
+    format!("w{:06}", index % users as u64)
+}
+
 /// The HTTP/2 connections the callers share (one is a bottleneck of its own).
 pub(crate) async fn connect_channels(addr: std::net::SocketAddr) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::new();
@@ -162,7 +168,7 @@ WITH items AS ( \
 ), new_entries AS ( \
     INSERT INTO raw_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us) \
     SELECT user_id, 'deduction', -amount_micros, 0, idempotency_key, '', $4 FROM items ORDER BY position \
-    ON CONFLICT (idempotency_key) DO NOTHING \
+    ON CONFLICT (idempotency_key, key_source) DO NOTHING \
     RETURNING user_id, amount_micros \
 ) \
 UPDATE raw_accounts AS a SET balance_micros = a.balance_micros + d.delta_micros, updated_at_us = $4 \
@@ -191,6 +197,9 @@ async fn main() -> anyhow::Result<()> {
         }
         if matches!(args.suite.as_str(), "quota" | "all") {
             quota::run(&args, &url).await?;
+        }
+        if matches!(args.suite.as_str(), "recorder" | "all") {
+            recorder::run(&args).await?;
         }
         anyhow::Ok(())
     }
@@ -243,7 +252,7 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         results.push(
             drive(
                 format!(
-                    "DeductBatch ×{batch_size}, gRPC, {} clients",
+                    "DeductBatch ×{batch_size}, gRPC, {} clients, 1 lot per user",
                     args.batch_clients
                 ),
                 args.batch_clients,
@@ -314,6 +323,45 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
             .await?,
         );
     }
+
+    let c = client.clone();
+    results.push(
+        drive(
+            format!(
+                "DeductBatch ×100, gRPC, {} clients, 5 lots per user",
+                args.batch_clients
+            ),
+            args.batch_clients,
+            duration,
+            move |w, s| {
+                let mut client = c(w);
+                async move {
+                    let items = (0..100u64)
+                        .map(|i| pb::DeductRequest {
+                            user_id: user_with_five_lots(pick(w, s, i), users),
+                            // Bigger than one lot's 1/5 share is never reached; each
+                            // deduction draws one or two lots as lots run down.
+                            amount_micros: 1_000 + (i as i64 % 500),
+                            idempotency_key: format!("b5-{w}-{s}-{i}"),
+                            description: String::new(),
+                        })
+                        .collect();
+                    let outcomes = client
+                        .deduct_batch(pb::DeductBatchRequest { items })
+                        .await?
+                        .into_inner()
+                        .outcomes;
+                    let applied = outcomes
+                        .iter()
+                        .filter(|o| matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_))))
+                        .count();
+                    anyhow::ensure!(applied == 100, "only {applied} of 100 applied");
+                    Ok(100)
+                }
+            },
+        )
+        .await?,
+    );
 
     let c = client.clone();
     results.push(
@@ -389,8 +437,12 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         100.0 * ratio(2, 3)
     );
     println!(
+        "DeductBatch ×100 with 5 lots per user vs raw UNNEST: {:.0}%",
+        100.0 * ratio(4, 1)
+    );
+    println!(
         "single Deduct (group commit) vs one transaction per deduction: {:.2}×",
-        ratio(4, 5)
+        ratio(5, 6)
     );
 
     shutdown.cancel();
@@ -430,6 +482,42 @@ async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
         .bind(SEED_BALANCE_MICROS)
         .execute(pool)
         .await?;
+        if accounts == "credit_accounts" {
+            // One paid lot per `u` user; a second population `w` with five live lots
+            // each (mixed categories, priorities and far expiries), same balance.
+            sqlx::query(
+                "INSERT INTO credit_lots (user_id, category, priority, expires_at_us, source, \
+                 original_micros, remaining_micros, entry_id, created_at_us) \
+                 SELECT 'u' || lpad(g::text, 6, '0'), 'paid', 50, NULL, 'seed-' || g, $2, $2, NULL, 0 \
+                 FROM generate_series(0, $1 - 1) AS g",
+            )
+            .bind(users)
+            .bind(SEED_BALANCE_MICROS)
+            .execute(pool)
+            .await?;
+            sqlx::query(
+                "INSERT INTO credit_accounts (user_id, balance_micros, updated_at_us) \
+                 SELECT 'w' || lpad(g::text, 6, '0'), $2, 0 FROM generate_series(0, $1 - 1) AS g",
+            )
+            .bind(users)
+            .bind(SEED_BALANCE_MICROS)
+            .execute(pool)
+            .await?;
+            sqlx::query(
+                "INSERT INTO credit_lots (user_id, category, priority, expires_at_us, source, \
+                 original_micros, remaining_micros, entry_id, created_at_us) \
+                 SELECT 'w' || lpad(g::text, 6, '0'), \
+                        CASE WHEN l % 2 = 0 THEN 'promotional' ELSE 'paid' END, \
+                        10 * l, CASE WHEN l < 3 THEN 4000000000000000 + l END, \
+                        'seed-w' || g || '-' || l, $2 / 5, $2 / 5, NULL, 0 \
+                 FROM generate_series(0, $1 - 1) AS g, generate_series(0, 4) AS l",
+            )
+            .bind(users)
+            .bind(SEED_BALANCE_MICROS)
+            .execute(pool)
+            .await?;
+            sqlx::query("ANALYZE credit_lots").execute(pool).await?;
+        }
         sqlx::query(&format!("ANALYZE {accounts}"))
             .execute(pool)
             .await?;
