@@ -12,6 +12,8 @@ use reeve_runtime::config::{self, ConfigError};
 use serde_json::{Value, json};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use webhook_bridge::routes::credits::{Entry, kind_name};
+use webhook_bridge::routes::lots::Lot;
 
 pub struct Output {
     pub json: bool,
@@ -115,29 +117,19 @@ fn timestamp(at: Option<prost_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
-fn kind_name(kind: i32) -> &'static str {
-    match credits::EntryKind::try_from(kind) {
-        Ok(credits::EntryKind::Deduction) => "deduction",
-        Ok(credits::EntryKind::Purchase) => "purchase",
-        Ok(credits::EntryKind::Grant) => "grant",
-        Ok(credits::EntryKind::Adjustment) => "adjustment",
-        _ => "unknown",
-    }
+/// An entry as the REST API shows it (draws included), so `--json` reads the same.
+fn entry_json(entry: &credits::LedgerEntry) -> Value {
+    serde_json::to_value(Entry::from(entry.clone())).unwrap_or_default()
 }
 
-fn entry_json(entry: &credits::LedgerEntry) -> Value {
-    json!({
-        "id": entry.id,
-        "user_id": entry.user_id,
-        "kind": kind_name(entry.kind),
-        "amount": Micros(entry.amount_micros).to_string(),
-        "amount_micros": entry.amount_micros,
-        "balance_after": Micros(entry.balance_after_micros).to_string(),
-        "balance_after_micros": entry.balance_after_micros,
-        "idempotency_key": entry.idempotency_key,
-        "description": entry.description,
-        "created_at": timestamp(entry.created_at),
-    })
+/// An entry's draws in one cell: `lot 3: 1.500000, lot 4: 0.500000`.
+fn draws_text(entry: &credits::LedgerEntry) -> String {
+    entry
+        .draws
+        .iter()
+        .map(|d| format!("lot {}: {}", d.lot_id, Micros(d.amount_micros)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn written(
@@ -175,11 +167,43 @@ pub async fn balance(out: &Output, user_id: String) -> anyhow::Result<()> {
         .map_err(refused)?
         .into_inner();
     let balance = Micros(reply.balance_micros).to_string();
+    let paid = Micros(reply.paid_micros).to_string();
+    let promotional = Micros(reply.promotional_micros).to_string();
+    let next_expiry = reply.next_expiry_at.map(|at| {
+        (
+            webhook_bridge::routes::timestamp(at),
+            Micros(reply.next_expiry_micros).to_string(),
+        )
+    });
+    let next_expiry_text = next_expiry
+        .as_ref()
+        .map(|(at, amount)| format!("{amount} at {at}"))
+        .unwrap_or_else(|| "-".to_owned());
+    let next_expiry = next_expiry.map(|(at, amount)| {
+        json!({"at": at, "amount": amount, "amount_micros": reply.next_expiry_micros})
+    });
     out.print(
-        json!({"user_id": reply.user_id, "balance": balance, "balance_micros": reply.balance_micros}),
-        vec![vec!["user".into(), "balance".into()], vec![reply.user_id, balance]],
+        json!({
+            "user_id": reply.user_id, "balance": balance, "balance_micros": reply.balance_micros,
+            "paid": paid, "paid_micros": reply.paid_micros,
+            "promotional": promotional, "promotional_micros": reply.promotional_micros,
+            "next_expiry": next_expiry,
+        }),
+        vec![
+            ["user", "balance", "paid", "promotional", "next_expiry"]
+                .map(String::from)
+                .to_vec(),
+            vec![reply.user_id, balance, paid, promotional, next_expiry_text],
+        ],
     );
     Ok(())
+}
+
+/// The lot a grant makes: `--paid` (else promotional), `--priority`, `--expires`.
+pub struct GrantTerms {
+    pub paid: bool,
+    pub priority: Option<i32>,
+    pub expires: Option<String>,
 }
 
 pub async fn grant(
@@ -188,9 +212,22 @@ pub async fn grant(
     amount: &str,
     key: Option<String>,
     reason: String,
+    terms: GrantTerms,
 ) -> anyhow::Result<()> {
     let amount =
         Micros::parse_positive_credits(amount).map_err(|e| anyhow::anyhow!("amount: {e}"))?;
+    let expires_at = terms
+        .expires
+        .as_deref()
+        .map(webhook_bridge::routes::lots::expires_at)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+    // Unspecified: the ledger's default for grants (promotional).
+    let category = if terms.paid {
+        credits::CreditCategory::Paid
+    } else {
+        credits::CreditCategory::Unspecified
+    };
     let reply = credits_client()
         .await?
         .add_credits(credits::AddCreditsRequest {
@@ -199,7 +236,9 @@ pub async fn grant(
             idempotency_key: key.unwrap_or_else(|| new_key("grant")),
             kind: credits::CreditKind::Grant.into(),
             description: reason,
-            ..Default::default()
+            category: category.into(),
+            priority: terms.priority,
+            expires_at,
         })
         .await
         .map_err(refused)?
@@ -254,6 +293,7 @@ pub async fn history(
             "balance_after",
             "key",
             "description",
+            "draws",
         ]
         .map(String::from)
         .to_vec(),
@@ -267,6 +307,7 @@ pub async fn history(
             Micros(e.balance_after_micros).to_string(),
             e.idempotency_key.clone(),
             e.description.clone(),
+            draws_text(e),
         ]);
     }
     if !reply.next_page_token.is_empty() {
@@ -275,6 +316,48 @@ pub async fn history(
     let entries: Vec<Value> = reply.entries.iter().map(entry_json).collect();
     let next = Some(reply.next_page_token).filter(|t| !t.is_empty());
     out.print(json!({"entries": entries, "next_cursor": next}), table);
+    Ok(())
+}
+
+/// A user's lots in spending order: the live ones, or every one with `all`.
+pub async fn lots(out: &Output, user_id: String, all: bool) -> anyhow::Result<()> {
+    let reply = credits_client()
+        .await?
+        .list_lots(credits::ListLotsRequest {
+            user_id: user_id.clone(),
+            include_spent: all,
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let lots: Vec<Lot> = reply.lots.into_iter().map(Lot::from).collect();
+    let mut table = vec![
+        [
+            "id",
+            "category",
+            "priority",
+            "remaining",
+            "original",
+            "expires_at",
+            "source",
+            "created_at",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for lot in &lots {
+        table.push(vec![
+            lot.id.to_string(),
+            lot.category.clone(),
+            lot.priority.to_string(),
+            lot.remaining.clone(),
+            lot.original.clone(),
+            lot.expires_at.clone().unwrap_or_else(|| "never".to_owned()),
+            lot.source.clone(),
+            lot.created_at.clone(),
+        ]);
+    }
+    out.print(json!({"user_id": user_id, "lots": lots}), table);
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! `reeve`: run the whole system in one process (`reeve up`), apply migrations
-//! (`reeve migrate`), or administer a running system over gRPC (balance, grant,
+//! (`reeve migrate`), or administer a running system over gRPC (balance, grant, lots,
 //! adjust, history, set-tier, usage, override, dev-token).
 //!
 //! Configuration comes from the `REEVE_*` variables (environment, then the TOML file
@@ -54,6 +54,23 @@ enum Command {
         key: Option<String>,
         #[arg(long, default_value = "admin grant")]
         reason: String,
+        /// A paid lot (refund liability); default: promotional.
+        #[arg(long)]
+        paid: bool,
+        /// 0 to 100, lower spent first; default 10 (promotional) or 50 (paid).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(0..=100))]
+        priority: Option<i32>,
+        /// When the lot's remainder expires, RFC 3339 (e.g. 2030-01-01T00:00:00Z); in
+        /// the future. Default: never.
+        #[arg(long, value_name = "RFC3339")]
+        expires: Option<String>,
+    },
+    /// A user's credit lots in spending order (the live ones; all with --all).
+    Lots {
+        user_id: String,
+        /// Also the lots spent, expired or revoked.
+        #[arg(long)]
+        all: bool,
     },
     /// Credit (+) or debit (−) a user with a reason; a debit may leave a debt.
     Adjust {
@@ -156,7 +173,18 @@ async fn run(command: Command, json: bool) -> anyhow::Result<()> {
             amount,
             key,
             reason,
-        } => admin::grant(&out, user_id, &amount, key, reason).await,
+            paid,
+            priority,
+            expires,
+        } => {
+            let terms = admin::GrantTerms {
+                paid,
+                priority,
+                expires,
+            };
+            admin::grant(&out, user_id, &amount, key, reason, terms).await
+        }
+        Command::Lots { user_id, all } => admin::lots(&out, user_id, all).await,
         Command::Adjust {
             user_id,
             amount,
