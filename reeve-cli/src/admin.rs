@@ -2,16 +2,14 @@
 //! (`REEVE_CREDITS_ADDR`, `REEVE_QUOTA_ADDR`, token `REEVE_SERVICE_TOKEN`), printed as a
 //! table or, with `--json`, as one JSON document.
 
+use reeve_client::connect::{RawCreditsClient, RawQuotaClient};
+use reeve_client::{ClientBuilder, ConnectError, Connection, SecretString};
 use reeve_proto::credits::v1 as credits;
-use reeve_proto::credits::v1::credit_service_client::CreditServiceClient;
 use reeve_proto::quota::v1 as quota;
-use reeve_proto::quota::v1::quota_service_client::QuotaServiceClient;
 use reeve_runtime::Micros;
 use reeve_runtime::auth::BearerToken;
 use reeve_runtime::config::{self, ConfigError};
 use serde_json::{Value, json};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use webhook_bridge::routes::credits::{Entry, kind_name};
 use webhook_bridge::routes::lots::Lot;
 
@@ -50,7 +48,7 @@ impl Output {
     }
 }
 
-fn token() -> Result<BearerToken, ConfigError> {
+fn token() -> Result<SecretString, ConfigError> {
     let token = match config::var("REEVE_SERVICE_TOKEN")? {
         Some(token) => token,
         None => config::var("REEVE_SERVICE_TOKENS")?
@@ -68,35 +66,44 @@ fn token() -> Result<BearerToken, ConfigError> {
             })?,
     };
     BearerToken::new(token.trim())
-        .map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))
+        .map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))?;
+    Ok(SecretString::from(token.trim().to_owned()))
 }
 
-async fn channel(variable: &'static str, default: &str) -> anyhow::Result<Channel> {
+/// A connection through reeve-client's builder (the token never printed).
+async fn connect(variable: &'static str, default: &str) -> anyhow::Result<Connection> {
     let url = webhook_bridge::grpc_url(
         variable,
         &config::var(variable)?.unwrap_or_else(|| default.to_owned()),
     )?;
-    let endpoint =
-        Channel::from_shared(url.clone()).map_err(|e| ConfigError::new(variable, e.to_string()))?;
-    endpoint
+    ClientBuilder::new(url.clone())
+        .service_token(token()?)
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach {url} ({variable}): {e}; is `reeve up` running?")
+        .map_err(|e| match e {
+            ConnectError::InvalidToken | ConnectError::MissingToken => {
+                ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII").into()
+            }
+            ConnectError::InvalidAddress { reason, .. } => {
+                ConfigError::new(variable, format!("is not a host:port or URL: {reason}")).into()
+            }
+            other => {
+                anyhow::anyhow!("cannot reach {url} ({variable}): {other}; is `reeve up` running?")
+            }
         })
 }
 
-async fn credits_client()
--> anyhow::Result<CreditServiceClient<InterceptedService<Channel, BearerToken>>> {
-    let channel = channel("REEVE_CREDITS_ADDR", webhook_bridge::DEFAULT_CREDITS_ADDR).await?;
-    Ok(CreditServiceClient::with_interceptor(channel, token()?))
+async fn credits_client() -> anyhow::Result<RawCreditsClient> {
+    Ok(connect("REEVE_CREDITS_ADDR", webhook_bridge::DEFAULT_CREDITS_ADDR)
+        .await?
+        .raw_credits())
 }
 
-async fn quota_client()
--> anyhow::Result<QuotaServiceClient<InterceptedService<Channel, BearerToken>>> {
-    let channel = channel("REEVE_QUOTA_ADDR", webhook_bridge::DEFAULT_QUOTA_ADDR).await?;
-    Ok(QuotaServiceClient::with_interceptor(channel, token()?))
+async fn quota_client() -> anyhow::Result<RawQuotaClient> {
+    Ok(connect("REEVE_QUOTA_ADDR", webhook_bridge::DEFAULT_QUOTA_ADDR)
+        .await?
+        .raw_quota())
 }
 
 /// A gRPC refusal as a one-line error.

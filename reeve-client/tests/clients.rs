@@ -1,0 +1,89 @@
+//! The typed clients and the quota guard against real services: a retried call keeps
+//! its key (applied once), and the guard built from the builder consumes and releases.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{CREDIT, Credits, TOKEN};
+use reeve_client::{ClientBuilder, QuotaGuard, RetryPolicy, SecretString};
+use reeve_proto::credits::v1 as pb;
+use reeve_runtime::auth::ServiceTokens;
+use reeve_testkit::{Backend, ScratchDb};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deduct_sent_while_credits_svc_is_down_is_retried_with_its_key_and_applied_once() {
+    let mut credits = Credits::start().await;
+    credits.grant("alice", 10 * CREDIT).await;
+    credits.stop().await;
+    let client = credits.connection().credits().with_retry(RetryPolicy {
+        max_attempts: 100,
+        base_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+    });
+    let request = pb::DeductRequest {
+        user_id: "alice".to_owned(),
+        amount_micros: CREDIT,
+        idempotency_key: "call-1".to_owned(),
+        description: String::new(),
+    };
+    let pending = {
+        let (client, request) = (client.clone(), request.clone());
+        tokio::spawn(async move { client.deduct(request).await })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!pending.is_finished(), "still retrying while the service is down");
+    credits.restart().await;
+    let first = pending.await.unwrap().unwrap();
+    assert!(!first.duplicate);
+    let again = client.deduct(request).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(credits.audit("alice").await, (2, 9 * CREDIT));
+
+    // A refusal is an answer: not retried.
+    let refused = client
+        .deduct(pb::DeductRequest {
+            user_id: "alice".to_owned(),
+            amount_micros: 100 * CREDIT,
+            idempotency_key: "call-2".to_owned(),
+            description: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quota_guard_from_the_builder_consumes_once_per_key_and_releases() {
+    let db = ScratchDb::new(Backend::Postgres, "client_quota").await;
+    let server = quota_svc::start(
+        quota_svc::Config {
+            database_url: db.url.clone(),
+            listen_addr: "127.0.0.1:0".parse().unwrap(),
+            service_tokens: ServiceTokens::new([TOKEN]),
+            registry_path: None,
+            batch_workers: quota_svc::store::DEFAULT_BATCH_WORKERS,
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let connection = ClientBuilder::new(format!("http://{}", server.local_addr))
+        .service_token(SecretString::from(TOKEN))
+        .connect()
+        .await
+        .unwrap();
+    let guard = QuotaGuard::from_connection(&connection);
+    let permit = guard.require("alice", "ad_generations", "req-1").await.unwrap();
+    assert_eq!(permit.reply.used, 1);
+    let again = guard.require("alice", "ad_generations", "req-1").await.unwrap();
+    assert!(again.reply.duplicate);
+    assert_eq!(again.reply.used, 1);
+    assert!(guard.release(&permit).await.unwrap());
+    let unknown = guard.require("alice", "no_such_feature", "req-2").await.unwrap_err();
+    assert_eq!(unknown.http_status(), 403);
+    server.stop().await.unwrap();
+}
