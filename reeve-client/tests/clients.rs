@@ -35,7 +35,10 @@ async fn a_deduct_sent_while_credits_svc_is_down_is_retried_with_its_key_and_app
         tokio::spawn(async move { client.deduct(request).await })
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(!pending.is_finished(), "still retrying while the service is down");
+    assert!(
+        !pending.is_finished(),
+        "still retrying while the service is down"
+    );
     credits.restart().await;
     let first = pending.await.unwrap().unwrap();
     assert!(!first.duplicate);
@@ -77,13 +80,22 @@ async fn the_quota_guard_from_the_builder_consumes_once_per_key_and_releases() {
         .await
         .unwrap();
     let guard = QuotaGuard::from_connection(&connection);
-    let permit = guard.require("alice", "ad_generations", "req-1").await.unwrap();
+    let permit = guard
+        .require("alice", "ad_generations", "req-1")
+        .await
+        .unwrap();
     assert_eq!(permit.reply.used, 1);
-    let again = guard.require("alice", "ad_generations", "req-1").await.unwrap();
+    let again = guard
+        .require("alice", "ad_generations", "req-1")
+        .await
+        .unwrap();
     assert!(again.reply.duplicate);
     assert_eq!(again.reply.used, 1);
     assert!(guard.release(&permit).await.unwrap());
-    let unknown = guard.require("alice", "no_such_feature", "req-2").await.unwrap_err();
+    let unknown = guard
+        .require("alice", "no_such_feature", "req-2")
+        .await
+        .unwrap_err();
     assert_eq!(unknown.http_status(), 403);
     server.stop().await.unwrap();
 }
