@@ -20,12 +20,16 @@ pub enum CreditsError {
     #[error("{}", .0.message)]
     Invalid(InvalidWrite),
     #[error(
-        "insufficient credits: balance {balance_micros} micros, required {required_micros} micros"
+        "insufficient credits: balance {balance_micros} micros, held {held_micros} micros, required {required_micros} micros"
     )]
     Insufficient {
         balance_micros: i64,
+        held_micros: i64,
         required_micros: i64,
     },
+    /// The hold's stored outcome refuses the call; carried in the details.
+    #[error("hold {} is already {}", .0.hold_id, .0.status.as_str())]
+    HoldResolved(Box<crate::holds::Hold>),
     #[error("{0}")]
     NotFound(String),
     #[error(transparent)]
@@ -42,9 +46,10 @@ impl CreditsError {
         })
     }
 
-    pub fn insufficient(balance: Micros, required: Micros) -> CreditsError {
+    pub fn insufficient(balance: Micros, held: Micros, required: Micros) -> CreditsError {
         CreditsError::Insufficient {
             balance_micros: balance.0,
+            held_micros: held.0,
             required_micros: required.0,
         }
     }
@@ -76,12 +81,31 @@ impl From<CreditsError> for Status {
                 );
                 Status::with_error_details(code, message, details)
             }
+            CreditsError::HoldResolved(hold) => {
+                let metadata = HashMap::from([
+                    ("hold_id".to_owned(), hold.hold_id.clone()),
+                    ("status".to_owned(), hold.status.as_str().to_owned()),
+                    (
+                        "settled_micros".to_owned(),
+                        hold.settled.map_or(0, |m| m.0).to_string(),
+                    ),
+                    ("entry_id".to_owned(), hold.entry_id.unwrap_or(0).to_string()),
+                    ("shortfall_micros".to_owned(), hold.shortfall.0.to_string()),
+                ]);
+                Status::with_error_details(
+                    Code::FailedPrecondition,
+                    message,
+                    ErrorDetails::with_error_info("HOLD_ALREADY_RESOLVED", ERROR_DOMAIN, metadata),
+                )
+            }
             CreditsError::Insufficient {
                 balance_micros,
+                held_micros,
                 required_micros,
             } => {
                 let metadata = HashMap::from([
                     ("balance_micros".to_owned(), balance_micros.to_string()),
+                    ("held_micros".to_owned(), held_micros.to_string()),
                     ("required_micros".to_owned(), required_micros.to_string()),
                 ]);
                 let mut details =

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 
 use reeve_runtime::Micros;
 
+use crate::holds::{Hold, HoldOp, HoldOutcome, HoldRequest, HoldStatus, settle_key};
 use crate::lots::{Lot, LotTerms, MAX_PRIORITY, spending_key};
 
 /// The largest amount one write may move: one billion credits.
@@ -227,6 +228,8 @@ pub enum WriteOutcome {
     Duplicate(LedgerEntry),
     Insufficient {
         balance: Micros,
+        /// What active holds reserve of the balance.
+        held: Micros,
         required: Micros,
     },
     Invalid(InvalidWrite),
@@ -369,47 +372,129 @@ enum Planned {
     Insert(usize),
     /// Becomes `Duplicate` of the entry at this index of `inserts`.
     DuplicateOfInsert(usize),
-    Done(WriteOutcome),
+    /// A settle: the entry at `insert`, the hold at this index of `holds`.
+    Settle { insert: usize, hold: usize },
+    /// A hold answer from the hold at this index of `holds`.
+    HoldState { hold: usize, duplicate: bool },
+    Done(Box<OpOutcome>),
 }
 
-/// What a list of writes does to the ledger: entries to append (expirations first),
-/// lots to make and to draw down, and per write its outcome.
+/// One operation of a plan: a ledger write or an operation on a hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Write(WriteRequest),
+    Hold(HoldOp),
+}
+
+/// What happened to one operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpOutcome {
+    Write(WriteOutcome),
+    Hold(HoldOutcome),
+}
+
+/// A hold the store must insert (`is_new`) or update; `entry` is the insert index of
+/// its settle's entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldChange {
+    pub hold: Hold,
+    pub is_new: bool,
+    /// Changed by the plan (an answer that only reads a hold saves nothing).
+    pub dirty: bool,
+    pub entry: Option<usize>,
+}
+
+/// What an existing lot's reserved and expired amounts move by (its remainder moves by
+/// the draws of the plan's entries, [`Plan::spent`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LotMove {
+    pub held: i64,
+    pub expired: i64,
+}
+
+/// What a list of operations does to the ledger: entries to append, lots to make and
+/// move, holds to save, and per operation its outcome.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub inserts: Vec<NewEntry>,
     pub new_lots: Vec<NewLot>,
+    pub holds: Vec<HoldChange>,
+    pub lot_moves: HashMap<i64, LotMove>,
     outcomes: Vec<Planned>,
     created_at_us: i64,
 }
 
 impl Plan {
+    fn entry(&self, index: usize, ids: &[i64], lot_ids: &[i64]) -> LedgerEntry {
+        let new = &self.inserts[index];
+        let mut entry = new
+            .write
+            .entry(ids[index], new.balance_after, self.created_at_us);
+        entry.draws = new
+            .draws
+            .iter()
+            .map(|(lot, amount)| LotDraw {
+                lot_id: match lot {
+                    LotRef::Existing(id) => *id,
+                    LotRef::New(j) => lot_ids[*j],
+                },
+                amount: *amount,
+            })
+            .collect();
+        entry
+    }
+
+    /// The holds to save, with their settle entries' ids.
+    pub fn saved_holds(&self, ids: &[i64]) -> Vec<Hold> {
+        self.holds
+            .iter()
+            .map(|change| {
+                let mut hold = change.hold.clone();
+                if let Some(index) = change.entry {
+                    hold.entry_id = Some(ids[index]);
+                }
+                hold
+            })
+            .collect()
+    }
+
     /// Builds the outcomes once the store has appended `inserts` and made `new_lots`
     /// (`ids[i]` belongs to `inserts[i]`, `lot_ids[j]` to `new_lots[j]`).
-    pub fn finish(self, ids: &[i64], lot_ids: &[i64]) -> Vec<WriteOutcome> {
-        let entry = |index: usize| {
-            let new = &self.inserts[index];
-            let mut entry = new
-                .write
-                .entry(ids[index], new.balance_after, self.created_at_us);
-            entry.draws = new
-                .draws
-                .iter()
-                .map(|(lot, amount)| LotDraw {
-                    lot_id: match lot {
-                        LotRef::Existing(id) => *id,
-                        LotRef::New(j) => lot_ids[*j],
-                    },
-                    amount: *amount,
-                })
-                .collect();
-            entry
-        };
+    pub fn finish_ops(self, ids: &[i64], lot_ids: &[i64]) -> Vec<OpOutcome> {
+        let holds = self.saved_holds(ids);
         self.outcomes
             .iter()
             .map(|planned| match planned {
-                Planned::Insert(index) => WriteOutcome::Applied(entry(*index)),
-                Planned::DuplicateOfInsert(index) => WriteOutcome::Duplicate(entry(*index)),
-                Planned::Done(outcome) => outcome.clone(),
+                Planned::Insert(index) => {
+                    OpOutcome::Write(WriteOutcome::Applied(self.entry(*index, ids, lot_ids)))
+                }
+                Planned::DuplicateOfInsert(index) => {
+                    OpOutcome::Write(WriteOutcome::Duplicate(self.entry(*index, ids, lot_ids)))
+                }
+                Planned::Settle { insert, hold } => OpOutcome::Hold(HoldOutcome::Settled {
+                    hold: holds[*hold].clone(),
+                    entry: self.entry(*insert, ids, lot_ids),
+                    duplicate: false,
+                }),
+                Planned::HoldState { hold, duplicate } => OpOutcome::Hold(HoldOutcome::Hold {
+                    hold: holds[*hold].clone(),
+                    duplicate: *duplicate,
+                }),
+                Planned::Done(outcome) => (**outcome).clone(),
+            })
+            .collect()
+    }
+
+    /// [`Plan::finish_ops`] for a plan of writes only.
+    pub fn finish(self, ids: &[i64], lot_ids: &[i64]) -> Vec<WriteOutcome> {
+        self.finish_ops(ids, lot_ids)
+            .into_iter()
+            .map(|outcome| match outcome {
+                OpOutcome::Write(outcome) => outcome,
+                OpOutcome::Hold(_) => WriteOutcome::Invalid(InvalidWrite::new(
+                    "internal",
+                    "a hold outcome in a plan of writes",
+                )),
             })
             .collect()
     }
@@ -440,7 +525,8 @@ impl Plan {
 /// Ledger entries already holding some keys, by source and key.
 pub type ExistingEntries = HashMap<(KeySource, String), LedgerEntry>;
 
-/// A lot as the plan tracks it: where it is in the spending order, what is left.
+/// A lot as the plan tracks it: where it is in the spending order, what is left, how
+/// much of that active holds reserve, and how much has expired so far.
 #[derive(Debug, Clone)]
 struct Tracked {
     lot: LotRef,
@@ -448,60 +534,266 @@ struct Tracked {
     expires_at_us: Option<i64>,
     source: String,
     remaining: Micros,
+    reserved: Micros,
+    expired: Micros,
 }
 
-/// One user's wallet inside a plan: the balance and the lots, in spending order.
+impl Tracked {
+    fn unreserved(&self) -> i64 {
+        self.remaining.0 - self.reserved.0
+    }
+
+    fn is_expired(&self, now_us: i64) -> bool {
+        self.expires_at_us.is_some_and(|at| at <= now_us)
+    }
+}
+
+/// One user's wallet inside a plan: balance = sum of lot remainders − debt; available
+/// = balance − what active holds reserve.
 #[derive(Debug, Default)]
 struct Wallet {
     balance: Micros,
+    debt: i64,
     lots: Vec<Tracked>,
+    /// Every loaded hold of the user (active, and those the operations name).
+    holds: Vec<usize>,
 }
 
 impl Wallet {
-    fn live(&self, now_us: i64) -> impl Iterator<Item = usize> + '_ {
-        self.lots.iter().enumerate().filter_map(move |(i, t)| {
-            (t.remaining.0 > 0 && t.expires_at_us.is_none_or(|at| now_us < at)).then_some(i)
-        })
+    fn lot_mut(&mut self, lot: LotRef) -> Option<&mut Tracked> {
+        self.lots.iter_mut().find(|t| t.lot == lot)
     }
 
-    /// Draws up to `amount` from live lots (the lot of `first_source` first, then in
-    /// spending order); returns the draws. What is not drawn becomes debt.
-    fn draw(
-        &mut self,
-        amount: i64,
-        first_source: Option<&str>,
-        now_us: i64,
-    ) -> Vec<(LotRef, Micros)> {
-        let mut order: Vec<usize> = self.live(now_us).collect();
+    fn held(&self) -> i64 {
+        self.lots.iter().map(|t| t.reserved.0).sum()
+    }
+
+    fn available(&self) -> i64 {
+        self.balance.0 - self.held()
+    }
+
+    /// Live lots' unreserved parts, in spending order (the lot of `first_source` first).
+    fn spendable(&self, first_source: Option<&str>, now_us: i64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.lots.len())
+            .filter(|&i| self.lots[i].unreserved() > 0 && !self.lots[i].is_expired(now_us))
+            .collect();
         if let Some(source) = first_source
             && let Some(pos) = order.iter().position(|&i| self.lots[i].source == source)
         {
             let own = order.remove(pos);
             order.insert(0, own);
         }
+        order
+    }
+
+    /// Takes up to `amount` from unreserved live parts; returns the draws and what
+    /// could not be drawn.
+    fn draw(&mut self, amount: i64, first_source: Option<&str>, now_us: i64) -> (Vec<(LotRef, Micros)>, i64) {
         let mut need = amount;
         let mut draws = Vec::new();
-        for i in order {
+        for i in self.spendable(first_source, now_us) {
             if need == 0 {
                 break;
             }
             let tracked = &mut self.lots[i];
-            let take = need.min(tracked.remaining.0);
+            let take = need.min(tracked.unreserved());
             tracked.remaining = Micros(tracked.remaining.0 - take);
             need -= take;
             draws.push((tracked.lot, Micros(take)));
         }
-        draws
+        (draws, need)
     }
 }
 
-/// Applies `writes` in order against `balances` (the locked current balances; a
-/// missing user has zero), `lots` (the users' lots with a remainder, expired or not)
-/// and `existing` (ledger entries already holding some of the writes' keys), at
-/// `now_us`. Lots of these users whose expiry instant has come expire first. Each
-/// write stands alone: one that is invalid or short of credits does not stop the
-/// others, and a batch gives every write the outcome it would have had as a call of
-/// its own, in the same order.
+/// Builds a plan: the state of every locked user first (holds past their instant
+/// expire, lots past theirs leave), then each operation in order, then what freed
+/// reservations of expired lots leave.
+struct Planner<'a> {
+    now_us: i64,
+    existing: &'a ExistingEntries,
+    wallets: HashMap<String, Wallet>,
+    /// Every loaded or new hold; wallets index into it.
+    all_holds: Vec<Hold>,
+    /// Index into `all_holds` → index into `changes` once changed.
+    changed: HashMap<usize, usize>,
+    changes: Vec<HoldChange>,
+    inserts: Vec<NewEntry>,
+    new_lots: Vec<NewLot>,
+    lot_moves: HashMap<i64, LotMove>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(
+        balances: &HashMap<String, Micros>,
+        lots: &[Lot],
+        holds: &[Hold],
+        existing: &'a ExistingEntries,
+        now_us: i64,
+    ) -> Planner<'a> {
+        let mut wallets: HashMap<String, Wallet> = HashMap::new();
+        for (user, balance) in balances {
+            wallets.entry(user.clone()).or_default().balance = *balance;
+        }
+        let mut sorted: Vec<&Lot> = lots.iter().filter(|l| l.remaining.0 > 0).collect();
+        sorted.sort_by(|a, b| crate::lots::spending_order(a, b));
+        for lot in sorted {
+            let wallet = wallets.entry(lot.user_id.clone()).or_default();
+            wallet.lots.push(Tracked {
+                lot: LotRef::Existing(lot.id),
+                order: spending_key(lot.priority, lot.expires_at_us, lot.category, lot.id),
+                expires_at_us: lot.expires_at_us,
+                source: lot.source.clone(),
+                remaining: lot.remaining,
+                reserved: Micros::ZERO,
+                expired: lot.expired,
+            });
+        }
+        let mut planner = Planner {
+            now_us,
+            existing,
+            wallets,
+            all_holds: holds.to_vec(),
+            changed: HashMap::new(),
+            changes: Vec::new(),
+            inserts: Vec::new(),
+            new_lots: Vec::new(),
+            lot_moves: HashMap::new(),
+        };
+        for (index, hold) in holds.iter().enumerate() {
+            let wallet = planner.wallets.entry(hold.user_id.clone()).or_default();
+            wallet.holds.push(index);
+            if hold.status == HoldStatus::Held {
+                for (lot, amount) in &hold.reservations {
+                    if let Some(tracked) = wallet.lot_mut(LotRef::Existing(*lot)) {
+                        tracked.reserved = Micros(tracked.reserved.0 + amount.0);
+                    }
+                }
+            }
+        }
+        for wallet in planner.wallets.values_mut() {
+            let lots_sum: i64 = wallet.lots.iter().map(|t| t.remaining.0).sum();
+            wallet.debt = (lots_sum - wallet.balance.0).max(0);
+        }
+        // A hold past its instant reserves nothing: mark it expired and free its lots.
+        for index in 0..planner.all_holds.len() {
+            let hold = &planner.all_holds[index];
+            if hold.status == HoldStatus::Held && hold.expires_at_us <= now_us {
+                planner.free(index);
+                let hold = planner.hold_mut(index);
+                hold.status = HoldStatus::Expired;
+                hold.resolved_at_us = Some(hold.expires_at_us);
+            }
+        }
+        let mut users: Vec<String> = planner.wallets.keys().cloned().collect();
+        users.sort_unstable();
+        for user in &users {
+            planner.expire_due(user);
+        }
+        planner
+    }
+
+    /// The change slot of the hold at `index` (made on first use, not yet dirty).
+    fn change_of(&mut self, index: usize) -> usize {
+        match self.changed.get(&index) {
+            Some(change) => *change,
+            None => {
+                self.changes.push(HoldChange {
+                    hold: self.all_holds[index].clone(),
+                    is_new: false,
+                    dirty: false,
+                    entry: None,
+                });
+                self.changed.insert(index, self.changes.len() - 1);
+                self.changes.len() - 1
+            }
+        }
+    }
+
+    /// The hold at `index`, recorded as changed.
+    fn hold_mut(&mut self, index: usize) -> &mut Hold {
+        let change = self.change_of(index);
+        self.changes[change].dirty = true;
+        &mut self.changes[change].hold
+    }
+
+    /// Answers with the hold at `index` as it stands.
+    fn state(&mut self, index: usize, duplicate: bool) -> Planned {
+        Planned::HoldState {
+            hold: self.change_of(index),
+            duplicate,
+        }
+    }
+
+    fn hold(&self, index: usize) -> &Hold {
+        match self.changed.get(&index) {
+            Some(change) => &self.changes[*change].hold,
+            None => &self.all_holds[index],
+        }
+    }
+
+    fn find_hold(&self, hold_id: &str) -> Option<usize> {
+        (0..self.all_holds.len()).find(|&i| self.all_holds[i].hold_id == hold_id)
+    }
+
+    /// Gives a held hold's reservations back to its lots.
+    fn free(&mut self, index: usize) {
+        let hold = self.hold(index).clone();
+        if hold.status != HoldStatus::Held {
+            return;
+        }
+        let wallet = self.wallets.entry(hold.user_id.clone()).or_default();
+        for (lot, amount) in &hold.reservations {
+            if let Some(tracked) = wallet.lot_mut(LotRef::Existing(*lot)) {
+                tracked.reserved = Micros(tracked.reserved.0 - amount.0);
+                self.lot_moves.entry(*lot).or_default().held -= amount.0;
+            }
+        }
+    }
+
+    /// Lots of `user` past their instant give up what no active hold reserves, in one
+    /// `expiration` entry each (`expire:<lot id>` the first time).
+    fn expire_due(&mut self, user: &str) {
+        let now_us = self.now_us;
+        let Some(wallet) = self.wallets.get_mut(user) else {
+            return;
+        };
+        for tracked in wallet.lots.iter_mut() {
+            let due = tracked.unreserved();
+            if due <= 0 || !tracked.is_expired(now_us) {
+                continue;
+            }
+            let LotRef::Existing(lot_id) = tracked.lot else {
+                continue;
+            };
+            let key = if tracked.expired.0 == 0 {
+                format!("expire:{lot_id}")
+            } else {
+                format!("expire:{lot_id}:{}", tracked.expired.0)
+            };
+            tracked.remaining = Micros(tracked.remaining.0 - due);
+            tracked.expired = Micros(tracked.expired.0 + due);
+            self.lot_moves.entry(lot_id).or_default().expired += due;
+            wallet.balance = Micros(wallet.balance.0 - due);
+            self.inserts.push(NewEntry {
+                write: WriteRequest {
+                    user_id: user.to_owned(),
+                    kind: EntryKind::Expiration,
+                    amount: Micros(-due),
+                    idempotency_key: key,
+                    key_source: KeySource::System,
+                    payment_id: None,
+                    description: format!("lot {lot_id} expired"),
+                    lot_terms: None,
+                    target_lot_id: Some(lot_id),
+                },
+                balance_after: wallet.balance,
+                draws: vec![(LotRef::Existing(lot_id), Micros(due))],
+            });
+        }
+    }
+}
+
+/// Applies `writes` in order (see [`plan_ops`]).
 pub fn plan(
     writes: &[WriteRequest],
     balances: &HashMap<String, Micros>,
@@ -509,157 +801,52 @@ pub fn plan(
     existing: &ExistingEntries,
     now_us: i64,
 ) -> Plan {
-    let mut wallets: HashMap<&str, Wallet> = HashMap::new();
-    let mut by_user: Vec<&Lot> = lots.iter().filter(|l| l.remaining.0 > 0).collect();
-    by_user.sort_by(|a, b| {
-        a.user_id
-            .cmp(&b.user_id)
-            .then_with(|| crate::lots::spending_order(a, b))
-    });
-    for lot in &by_user {
-        let wallet = wallets.entry(lot.user_id.as_str()).or_default();
-        wallet.lots.push(Tracked {
-            lot: LotRef::Existing(lot.id),
-            order: spending_key(lot.priority, lot.expires_at_us, lot.category, lot.id),
-            expires_at_us: lot.expires_at_us,
-            source: lot.source.clone(),
-            remaining: lot.remaining,
-        });
-    }
-    let mut inserts = Vec::new();
-    let mut new_lots: Vec<NewLot> = Vec::new();
-    // Users whose wallet balance has been read from `balances`.
-    let mut loaded: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
+    plan_ops(&ops, balances, lots, &[], existing, now_us)
+}
 
-    // Expiry first: a lot whose instant has come is gone before anything else runs.
-    for lot in by_user.iter().filter(|l| l.is_expired(now_us)) {
-        let wallet = wallets.entry(lot.user_id.as_str()).or_default();
-        if loaded.insert(lot.user_id.as_str()) {
-            wallet.balance = balances.get(&lot.user_id).copied().unwrap_or(Micros::ZERO);
-        }
-        let Some(tracked) = wallet
-            .lots
-            .iter_mut()
-            .find(|t| t.lot == LotRef::Existing(lot.id))
-        else {
-            continue;
-        };
-        let amount = tracked.remaining;
-        tracked.remaining = Micros::ZERO;
-        wallet.balance = Micros(wallet.balance.0 - amount.0);
-        inserts.push(NewEntry {
-            write: WriteRequest {
-                user_id: lot.user_id.clone(),
-                kind: EntryKind::Expiration,
-                amount: Micros(-amount.0),
-                idempotency_key: format!("expire:{}", lot.id),
-                key_source: KeySource::System,
-                payment_id: None,
-                description: format!("lot {} expired", lot.id),
-                lot_terms: None,
-                target_lot_id: Some(lot.id),
-            },
-            balance_after: wallet.balance,
-            draws: vec![(LotRef::Existing(lot.id), amount)],
-        });
-    }
+/// Applies `ops` in order against `balances` (the locked users' current balances; a
+/// missing user has zero), `lots` (their lots with a remainder, expired or not),
+/// `holds` (their held holds, and every hold the operations name, with reservations)
+/// and `existing` (ledger entries already holding some of the keys), at `now_us`.
+/// Each operation stands alone: one that is invalid or short of credits does not stop
+/// the others, and a batch gives every operation the outcome it would have had as a
+/// call of its own, in the same order.
+pub fn plan_ops(
+    ops: &[Op],
+    balances: &HashMap<String, Micros>,
+    lots: &[Lot],
+    holds: &[Hold],
+    existing: &ExistingEntries,
+    now_us: i64,
+) -> Plan {
+    let mut planner = Planner::new(balances, lots, holds, existing, now_us);
     // Keys applied earlier in this list: the write that used them and its insert.
     let mut seen: HashMap<(KeySource, &str), (&WriteRequest, usize)> = HashMap::new();
-    let mut outcomes = Vec::with_capacity(writes.len());
-
-    for write in writes {
-        if let Err(invalid) = write.validate() {
-            outcomes.push(Planned::Done(WriteOutcome::Invalid(invalid)));
-            continue;
-        }
-        let key = write.key();
-        if let Some(entry) = existing.get(&(key.0, key.1.to_owned())) {
-            outcomes.push(Planned::Done(if write.same_request_as(entry) {
-                WriteOutcome::Duplicate(entry.clone())
-            } else {
-                WriteOutcome::Invalid(key_reused(key.1))
-            }));
-            continue;
-        }
-        // Only an applied write claims its key: one refused (short of credits, or an
-        // overflow) recorded nothing, so a later write with that key is judged afresh,
-        // exactly as a retried call would be.
-        if let Some((earlier, index)) = seen.get(&key) {
-            outcomes.push(if write.same_request(earlier) {
-                Planned::DuplicateOfInsert(*index)
-            } else {
-                Planned::Done(WriteOutcome::Invalid(key_reused(key.1)))
-            });
-            continue;
-        }
-        let user = write.user_id.as_str();
-        let wallet = wallets.entry(user).or_default();
-        if loaded.insert(user) {
-            wallet.balance = balances.get(user).copied().unwrap_or(Micros::ZERO);
-        }
-        let balance = wallet.balance;
-        let (amount, draws, made) = match decide(write, wallet, now_us) {
-            Ok(decided) => decided,
-            Err(outcome) => {
-                outcomes.push(Planned::Done(outcome));
-                continue;
+    let mut outcomes = Vec::with_capacity(ops.len());
+    let mut touched: Vec<String> = Vec::new();
+    for op in ops {
+        match op {
+            Op::Write(write) => {
+                outcomes.push(planner.write(write, &mut seen));
+                touched.push(write.user_id.clone());
             }
-        };
-        let Some(balance_after) = balance.checked_add(amount) else {
-            outcomes.push(Planned::Done(WriteOutcome::Invalid(InvalidWrite::new(
-                "balance_overflow",
-                "the balance would overflow",
-            ))));
-            continue;
-        };
-        // Commit the decision to the wallet.
-        for (lot, taken) in &draws {
-            if let Some(tracked) = wallet.lots.iter_mut().find(|t| t.lot == *lot) {
-                tracked.remaining = Micros(tracked.remaining.0 - taken.0);
+            Op::Hold(op) => {
+                let (planned, user) = planner.hold_op(op);
+                outcomes.push(planned);
+                touched.extend(user);
             }
         }
-        if let Some((terms, lot_amount)) = made {
-            let index = new_lots.len();
-            new_lots.push(NewLot {
-                entry: inserts.len(),
-                user_id: write.user_id.clone(),
-                terms,
-                source: write
-                    .payment_id
-                    .clone()
-                    .unwrap_or_else(|| write.idempotency_key.clone()),
-                original: lot_amount,
-                remaining: lot_amount,
-            });
-            let tracked = Tracked {
-                lot: LotRef::New(index),
-                order: spending_key(
-                    terms.priority,
-                    terms.expires_at_us,
-                    terms.category,
-                    i64::MAX / 2 + index as i64,
-                ),
-                expires_at_us: terms.expires_at_us,
-                source: new_lots[index].source.clone(),
-                remaining: lot_amount,
-            };
-            let at = wallet.lots.partition_point(|t| t.order <= tracked.order);
-            wallet.lots.insert(at, tracked);
-        }
-        wallet.balance = balance_after;
-        seen.insert(key, (write, inserts.len()));
-        outcomes.push(Planned::Insert(inserts.len()));
-        inserts.push(NewEntry {
-            write: WriteRequest {
-                amount,
-                ..write.clone()
-            },
-            balance_after,
-            draws,
-        });
     }
+    // Reservations freed on lots past their instant leave now, not back to the balance.
+    touched.sort_unstable();
+    touched.dedup();
+    for user in &touched {
+        planner.expire_due(user);
+    }
+    let mut new_lots = planner.new_lots;
     // New lots' remainders after the draws of later entries of this plan.
-    for entry in &inserts {
+    for entry in &planner.inserts {
         for (lot, taken) in &entry.draws {
             if let LotRef::New(j) = lot {
                 new_lots[*j].remaining = Micros(new_lots[*j].remaining.0 - taken.0);
@@ -667,84 +854,394 @@ pub fn plan(
         }
     }
     Plan {
-        inserts,
+        inserts: planner.inserts,
         new_lots,
+        holds: planner.changes,
+        lot_moves: planner.lot_moves,
         outcomes,
         created_at_us: now_us,
     }
 }
 
-/// What one valid write does to its user's wallet: its signed amount, its draws, and
-/// the lot it makes (terms and amount), or the outcome that refuses it.
-// The refusal is consumed at once by the caller: boxing it would buy nothing.
-#[allow(clippy::type_complexity, clippy::result_large_err)]
-fn decide(
-    write: &WriteRequest,
-    wallet: &Wallet,
-    now_us: i64,
-) -> Result<(Micros, Vec<(LotRef, Micros)>, Option<(LotTerms, Micros)>), WriteOutcome> {
-    let balance = wallet.balance;
-    let mut scratch = Wallet {
-        balance,
-        lots: wallet.lots.clone(),
-    };
-    match write.kind {
-        EntryKind::Deduction => {
-            let required = write.amount.0.saturating_neg();
-            if balance.0 < required {
-                return Err(WriteOutcome::Insufficient {
-                    balance,
-                    required: Micros(required),
-                });
-            }
-            Ok((write.amount, scratch.draw(required, None, now_us), None))
+impl<'a> Planner<'a> {
+    fn write<'w>(
+        &mut self,
+        write: &'w WriteRequest,
+        seen: &mut HashMap<(KeySource, &'w str), (&'w WriteRequest, usize)>,
+    ) -> Planned {
+        let done = |outcome: WriteOutcome| Planned::Done(Box::new(OpOutcome::Write(outcome)));
+        if let Err(invalid) = write.validate() {
+            return done(WriteOutcome::Invalid(invalid));
         }
-        EntryKind::Revocation | EntryKind::Expiration => {
-            let Some(target) = write.target_lot_id else {
-                return Err(WriteOutcome::Invalid(InvalidWrite::new(
-                    "missing_lot",
-                    "a revocation names its lot",
-                )));
+        let key = write.key();
+        if let Some(entry) = self.existing.get(&(key.0, key.1.to_owned())) {
+            return done(if write.same_request_as(entry) {
+                WriteOutcome::Duplicate(entry.clone())
+            } else {
+                WriteOutcome::Invalid(key_reused(key.1))
+            });
+        }
+        // Only an applied write claims its key: one refused (short of credits, or an
+        // overflow) recorded nothing, so a later write with that key is judged afresh,
+        // exactly as a retried call would be.
+        if let Some((earlier, index)) = seen.get(&key) {
+            return if write.same_request(earlier) {
+                Planned::DuplicateOfInsert(*index)
+            } else {
+                done(WriteOutcome::Invalid(key_reused(key.1)))
             };
-            let live = scratch
-                .live(now_us)
-                .find(|&i| scratch.lots[i].lot == LotRef::Existing(target));
-            let Some(index) = live else {
-                return Err(WriteOutcome::Invalid(InvalidWrite::new(
-                    NOTHING_TO_REVOKE,
-                    format!("lot {target} has nothing left to revoke"),
-                )));
-            };
-            let amount = scratch.lots[index].remaining;
-            Ok((
-                Micros(-amount.0),
-                vec![(LotRef::Existing(target), amount)],
-                None,
-            ))
         }
-        _ if write.amount.0 < 0 => {
-            // A debit (refund, dispute, admin): its own payment's lot first, then the
-            // spending order, and a debt past the lots.
-            let draws = scratch.draw(
-                write.amount.0.saturating_neg(),
-                write.payment_id.as_deref(),
-                now_us,
-            );
-            Ok((write.amount, draws, None))
-        }
-        _ => {
-            let terms = write.terms();
-            if terms.expires_at_us.is_some_and(|at| at <= now_us) {
-                return Err(WriteOutcome::Invalid(InvalidWrite::new(
-                    "invalid_expires_at",
-                    "expires_at must be in the future",
-                )));
+        let now_us = self.now_us;
+        let new_lot_index = self.new_lots.len();
+        let wallet = self.wallets.entry(write.user_id.clone()).or_default();
+        let balance = wallet.balance;
+        let mut amount = write.amount;
+        let mut draws = Vec::new();
+        let mut made = None;
+        match write.kind {
+            EntryKind::Deduction => {
+                let required = write.amount.0.saturating_neg();
+                if wallet.available() < required {
+                    return done(WriteOutcome::Insufficient {
+                        balance,
+                        held: Micros(wallet.held()),
+                        required: Micros(required),
+                    });
+                }
+                draws = wallet.draw(required, None, now_us).0;
             }
-            // A debt is paid first; only the rest becomes a lot.
-            let debt = (-balance.0).max(0);
-            let lot_amount = write.amount.0 - write.amount.0.min(debt);
-            let made = (lot_amount > 0).then_some((terms, Micros(lot_amount)));
-            Ok((write.amount, Vec::new(), made))
+            EntryKind::Revocation | EntryKind::Expiration => {
+                let target = write.target_lot_id.map(LotRef::Existing);
+                let left = wallet
+                    .lots
+                    .iter()
+                    .find(|t| Some(t.lot) == target && !t.is_expired(now_us))
+                    .map_or(0, Tracked::unreserved);
+                let (Some(target), true) = (target, left > 0) else {
+                    return done(WriteOutcome::Invalid(InvalidWrite::new(
+                        NOTHING_TO_REVOKE,
+                        format!(
+                            "lot {} has nothing left to revoke",
+                            write.target_lot_id.unwrap_or_default()
+                        ),
+                    )));
+                };
+                if let Some(tracked) = wallet.lot_mut(target) {
+                    tracked.remaining = Micros(tracked.remaining.0 - left);
+                }
+                amount = Micros(-left);
+                draws = vec![(target, Micros(left))];
+            }
+            _ if write.amount.0 < 0 => {
+                // A debit (refund, dispute, admin): its own payment's lot first, then
+                // the spending order, and a debt past the lots.
+                let (taken, short) = wallet.draw(
+                    write.amount.0.saturating_neg(),
+                    write.payment_id.as_deref(),
+                    now_us,
+                );
+                draws = taken;
+                wallet.debt += short;
+            }
+            _ => {
+                let terms = write.terms();
+                if terms.expires_at_us.is_some_and(|at| at <= now_us) {
+                    return done(WriteOutcome::Invalid(InvalidWrite::new(
+                        "invalid_expires_at",
+                        "expires_at must be in the future",
+                    )));
+                }
+                // A debt is paid first; only the rest becomes a lot.
+                let paid = write.amount.0.min(wallet.debt);
+                wallet.debt -= paid;
+                let lot_amount = write.amount.0 - paid;
+                if lot_amount > 0 {
+                    let source = write
+                        .payment_id
+                        .clone()
+                        .unwrap_or_else(|| write.idempotency_key.clone());
+                    let tracked = Tracked {
+                        lot: LotRef::New(new_lot_index),
+                        order: spending_key(
+                            terms.priority,
+                            terms.expires_at_us,
+                            terms.category,
+                            i64::MAX / 2 + new_lot_index as i64,
+                        ),
+                        expires_at_us: terms.expires_at_us,
+                        source: source.clone(),
+                        remaining: Micros(lot_amount),
+                        reserved: Micros::ZERO,
+                        expired: Micros::ZERO,
+                    };
+                    let at = wallet.lots.partition_point(|t| t.order <= tracked.order);
+                    wallet.lots.insert(at, tracked);
+                    made = Some(NewLot {
+                        entry: self.inserts.len(),
+                        user_id: write.user_id.clone(),
+                        terms,
+                        source,
+                        original: Micros(lot_amount),
+                        remaining: Micros(lot_amount),
+                    });
+                }
+            }
+        }
+        let Some(balance_after) = balance.checked_add(amount) else {
+            return done(WriteOutcome::Invalid(InvalidWrite::new(
+                "balance_overflow",
+                "the balance would overflow",
+            )));
+        };
+        wallet.balance = balance_after;
+        if let Some(lot) = made {
+            self.new_lots.push(lot);
+        }
+        seen.insert(key, (write, self.inserts.len()));
+        self.inserts.push(NewEntry {
+            write: WriteRequest {
+                amount,
+                ..write.clone()
+            },
+            balance_after,
+            draws,
+        });
+        Planned::Insert(self.inserts.len() - 1)
+    }
+
+    /// One hold operation; also the user whose wallet it touched.
+    fn hold_op(&mut self, op: &HoldOp) -> (Planned, Option<String>) {
+        let done = |outcome: HoldOutcome| Planned::Done(Box::new(OpOutcome::Hold(outcome)));
+        if let Err(invalid) = op.validate() {
+            return (done(HoldOutcome::Invalid(invalid)), None);
+        }
+        let now_us = self.now_us;
+        let found = self.find_hold(op.hold_id());
+        let Some(index) = found else {
+            let HoldOp::Hold(request) = op else {
+                return (done(HoldOutcome::NotFound), None);
+            };
+            return (self.reserve(request), Some(request.user_id.clone()));
+        };
+        let hold = self.hold(index).clone();
+        let user = Some(hold.user_id.clone());
+        let planned = match op {
+            HoldOp::Hold(request) => {
+                if !hold.same_request(request) {
+                    done(HoldOutcome::Invalid(InvalidWrite::new(
+                        IDEMPOTENCY_KEY_REUSED,
+                        format!("hold {:?} was made for a different request", hold.hold_id),
+                    )))
+                } else {
+                    self.state(index, true)
+                }
+            }
+            HoldOp::Release { .. } => match hold.status {
+                HoldStatus::Settled => done(HoldOutcome::AlreadyResolved(hold)),
+                HoldStatus::Released | HoldStatus::Expired => self.state(index, true),
+                HoldStatus::Held => {
+                    self.free(index);
+                    let saved = self.hold_mut(index);
+                    saved.status = HoldStatus::Released;
+                    saved.resolved_at_us = Some(now_us);
+                    self.state(index, false)
+                }
+            },
+            HoldOp::Extend { ttl_secs, .. } => {
+                if hold.is_active(now_us) {
+                    let saved = self.hold_mut(index);
+                    saved.expires_at_us =
+                        now_us.saturating_add(ttl_secs.saturating_mul(1_000_000));
+                    self.state(index, false)
+                } else {
+                    done(HoldOutcome::AlreadyResolved(hold))
+                }
+            }
+            HoldOp::Settle {
+                amount,
+                description,
+                ..
+            } => self.settle(index, *amount, description),
+        };
+        (planned, user)
+    }
+
+    fn reserve(&mut self, request: &HoldRequest) -> Planned {
+        let now_us = self.now_us;
+        let wallet = self.wallets.entry(request.user_id.clone()).or_default();
+        if wallet.available() < request.amount.0 {
+            return Planned::Done(Box::new(OpOutcome::Hold(HoldOutcome::Insufficient {
+                balance: wallet.balance,
+                held: Micros(wallet.held()),
+                required: request.amount,
+            })));
+        }
+        let mut need = request.amount.0;
+        let mut reservations = Vec::new();
+        for i in wallet.spendable(None, now_us) {
+            if need == 0 {
+                break;
+            }
+            // Only lots that exist can be reserved (holds never share a plan with credits).
+            let LotRef::Existing(lot_id) = wallet.lots[i].lot else {
+                continue;
+            };
+            let take = need.min(wallet.lots[i].unreserved());
+            wallet.lots[i].reserved = Micros(wallet.lots[i].reserved.0 + take);
+            self.lot_moves.entry(lot_id).or_default().held += take;
+            reservations.push((lot_id, Micros(take)));
+            need -= take;
+        }
+        if need > 0 {
+            // Available but not in existing lots: refuse rather than reserve less.
+            for (lot_id, take) in &reservations {
+                if let Some(t) = wallet.lot_mut(LotRef::Existing(*lot_id)) {
+                    t.reserved = Micros(t.reserved.0 - take.0);
+                }
+                self.lot_moves.entry(*lot_id).or_default().held -= take.0;
+            }
+            return Planned::Done(Box::new(OpOutcome::Hold(HoldOutcome::Insufficient {
+                balance: wallet.balance,
+                held: Micros(wallet.held()),
+                required: request.amount,
+            })));
+        }
+        let hold = Hold {
+            hold_id: request.hold_id.clone(),
+            user_id: request.user_id.clone(),
+            amount: request.amount,
+            status: HoldStatus::Held,
+            settled: None,
+            entry_id: None,
+            shortfall: Micros::ZERO,
+            late: false,
+            description: request.description.clone(),
+            created_at_us: now_us,
+            expires_at_us: now_us.saturating_add(request.ttl_secs.saturating_mul(1_000_000)),
+            resolved_at_us: None,
+            reservations,
+        };
+        let index = self.all_holds.len();
+        self.all_holds.push(hold.clone());
+        wallet.holds.push(index);
+        self.changes.push(HoldChange {
+            hold,
+            is_new: true,
+            dirty: true,
+            entry: None,
+        });
+        self.changed.insert(index, self.changes.len() - 1);
+        Planned::HoldState {
+            hold: self.changes.len() - 1,
+            duplicate: false,
+        }
+    }
+
+    fn settle(&mut self, index: usize, amount: Micros, description: &str) -> Planned {
+        let now_us = self.now_us;
+        let hold = self.hold(index).clone();
+        let done = |outcome: HoldOutcome| Planned::Done(Box::new(OpOutcome::Hold(outcome)));
+        match hold.status {
+            HoldStatus::Settled => {
+                let entry = self
+                    .existing
+                    .get(&(KeySource::System, settle_key(&hold.hold_id)))
+                    .cloned();
+                return match entry {
+                    Some(entry) if hold.settled == Some(amount) => {
+                        done(HoldOutcome::Settled {
+                            hold,
+                            entry,
+                            duplicate: true,
+                        })
+                    }
+                    _ => done(HoldOutcome::AlreadyResolved(hold)),
+                };
+            }
+            HoldStatus::Released => {
+                return if amount.0 == 0 {
+                    self.state(index, true)
+                } else {
+                    done(HoldOutcome::AlreadyResolved(hold))
+                };
+            }
+            HoldStatus::Held | HoldStatus::Expired => {}
+        }
+        let active = hold.is_active(now_us);
+        if amount.0 == 0 {
+            // Settling 0 is a release; a late one records nothing and keeps EXPIRED.
+            if active {
+                self.free(index);
+                let saved = self.hold_mut(index);
+                saved.status = HoldStatus::Released;
+                saved.settled = Some(Micros::ZERO);
+                saved.resolved_at_us = Some(now_us);
+            }
+            return self.state(index, false);
+        }
+        let wallet = self.wallets.entry(hold.user_id.clone()).or_default();
+        let balance = wallet.balance;
+        // The hold's reservations first, even from a lot that expired since: the hold
+        // was promised while it was live. What is not drawn of them is freed.
+        let mut need = amount.0;
+        let mut draws: Vec<(LotRef, Micros)> = Vec::new();
+        if active {
+            for (lot_id, reserved) in &hold.reservations {
+                let Some(tracked) = wallet.lot_mut(LotRef::Existing(*lot_id)) else {
+                    continue;
+                };
+                let take = need.min(reserved.0);
+                tracked.reserved = Micros(tracked.reserved.0 - reserved.0);
+                tracked.remaining = Micros(tracked.remaining.0 - take);
+                self.lot_moves.entry(*lot_id).or_default().held -= reserved.0;
+                need -= take;
+                if take > 0 {
+                    draws.push((LotRef::Existing(*lot_id), Micros(take)));
+                }
+            }
+        }
+        // More than held: the excess from available lots; past them, a debt.
+        let (more, short) = wallet.draw(need, None, now_us);
+        for (lot, take) in more {
+            match draws.iter_mut().find(|(l, _)| *l == lot) {
+                Some((_, drawn)) => *drawn = Micros(drawn.0 + take.0),
+                None => draws.push((lot, take)),
+            }
+        }
+        wallet.debt += short;
+        let balance_after = Micros(balance.0 - amount.0);
+        wallet.balance = balance_after;
+        let insert = self.inserts.len();
+        self.inserts.push(NewEntry {
+            write: WriteRequest {
+                user_id: hold.user_id.clone(),
+                kind: EntryKind::Deduction,
+                amount: Micros(-amount.0),
+                idempotency_key: settle_key(&hold.hold_id),
+                key_source: KeySource::System,
+                payment_id: None,
+                description: if description.trim().is_empty() {
+                    hold.description.clone()
+                } else {
+                    description.to_owned()
+                },
+                lot_terms: None,
+                target_lot_id: None,
+            },
+            balance_after,
+            draws,
+        });
+        let saved = self.hold_mut(index);
+        saved.status = HoldStatus::Settled;
+        saved.settled = Some(amount);
+        saved.shortfall = Micros(short);
+        saved.late = !active;
+        saved.resolved_at_us = Some(now_us);
+        let change = self.changed[&index];
+        self.changes[change].entry = Some(insert);
+        Planned::Settle {
+            insert,
+            hold: change,
         }
     }
 }
@@ -829,6 +1326,7 @@ mod tests {
             outcomes[1],
             WriteOutcome::Insufficient {
                 balance: Micros(40),
+                held: Micros(0),
                 required: Micros(60)
             }
         );
@@ -968,6 +1466,8 @@ mod tests {
             original: Micros(micros),
             remaining: Micros(micros),
             created_at_us: 0,
+            held: Micros::ZERO,
+            expired: Micros::ZERO,
         }
     }
 

@@ -6,6 +6,7 @@
 pub mod checkout;
 pub mod error;
 pub mod group_commit;
+pub mod holds;
 pub mod ledger;
 pub mod lots;
 pub mod payments;
@@ -21,7 +22,7 @@ use reeve_runtime::auth::{Scope, ScopeTable, ServiceTokens};
 use reeve_runtime::config::{self, ConfigError};
 use tokio_util::sync::CancellationToken;
 
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{GroupCommit, HoldCommit};
 use crate::service::CreditsApi;
 
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://reeve-data/reeve.db";
@@ -45,6 +46,13 @@ pub const METHOD_SCOPES: ScopeTable = &[
     ("RecordPaymentEvent", Scope::Stripe),
     ("ListLots", Scope::Deduct),
     ("RevokeLot", Scope::Admin),
+    ("Hold", Scope::Deduct),
+    ("SettleHold", Scope::Deduct),
+    ("SettleHoldBatch", Scope::Deduct),
+    ("ReleaseHold", Scope::Deduct),
+    ("ExtendHold", Scope::Deduct),
+    ("GetHold", Scope::Deduct),
+    ("ListHolds", Scope::Deduct),
 ];
 
 /// Everything credits-svc needs to start.
@@ -132,11 +140,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let workers = config
         .deduct_workers
         .unwrap_or(if is_sqlite { 1 } else { 4 });
-    let deductions = GroupCommit::start(Arc::clone(&store), workers, 1_000, config.clock.clone());
+    let deductions =
+        GroupCommit::start_deductions(Arc::clone(&store), workers, 1_000, config.clock.clone());
+    let holds = HoldCommit::start_holds(Arc::clone(&store), workers, 1_000, config.clock.clone());
     let checkout = checkout::Checkout::new(config.checkout.clone())?;
     let api = CreditsApi::new(
         Arc::clone(&store),
         deductions,
+        holds,
         checkout,
         config.clock.clone(),
     );

@@ -87,6 +87,11 @@ pub struct Lot {
     pub original: Micros,
     pub remaining: Micros,
     pub created_at_us: i64,
+    /// Reserved by holds in state HELD (as stored: a hold past its instant counts
+    /// until it is marked expired).
+    pub held: Micros,
+    /// What left through expiration entries so far.
+    pub expired: Micros,
 }
 
 impl Lot {
@@ -146,6 +151,8 @@ mod tests {
             original: Micros(10),
             remaining: Micros(10),
             created_at_us: 0,
+            held: Micros::ZERO,
+            expired: Micros::ZERO,
         }
     }
 

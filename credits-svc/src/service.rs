@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status};
 
 use crate::checkout::Checkout;
 use crate::error::CreditsError;
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{GroupCommit, HoldCommit};
+use crate::holds::{Hold, HoldOp, HoldOutcome, HoldRequest, HoldStatus};
 use crate::ledger::{EntryKind, LedgerEntry, WriteOutcome, WriteRequest};
 use crate::lots::{Category, Lot, LotTerms};
 use crate::payments::{PaymentEvent, PaymentEventKind};
@@ -24,6 +25,7 @@ pub const MAX_PAGE_SIZE: u32 = 500;
 pub struct CreditsApi {
     store: Arc<dyn LedgerStore>,
     deductions: GroupCommit,
+    holds: HoldCommit,
     checkout: Checkout,
     clock: Clock,
 }
@@ -32,12 +34,14 @@ impl CreditsApi {
     pub fn new(
         store: Arc<dyn LedgerStore>,
         deductions: GroupCommit,
+        holds: HoldCommit,
         checkout: Checkout,
         clock: Clock,
     ) -> CreditsApi {
         CreditsApi {
             store,
             deductions,
+            holds,
             checkout,
             clock,
         }
@@ -101,9 +105,11 @@ fn single_result(outcome: WriteOutcome) -> Result<(LedgerEntry, bool), CreditsEr
     match outcome {
         WriteOutcome::Applied(entry) => Ok((entry, false)),
         WriteOutcome::Duplicate(entry) => Ok((entry, true)),
-        WriteOutcome::Insufficient { balance, required } => {
-            Err(CreditsError::insufficient(balance, required))
-        }
+        WriteOutcome::Insufficient {
+            balance,
+            held,
+            required,
+        } => Err(CreditsError::insufficient(balance, held, required)),
         WriteOutcome::Invalid(invalid) => Err(CreditsError::Invalid(invalid)),
     }
 }
@@ -244,12 +250,15 @@ fn outcome_to_proto(key: String, outcome: WriteOutcome) -> pb::DeductOutcome {
     let result = match outcome {
         WriteOutcome::Applied(entry) => R::Applied(applied(&entry)),
         WriteOutcome::Duplicate(entry) => R::Duplicate(applied(&entry)),
-        WriteOutcome::Insufficient { balance, required } => {
-            R::Insufficient(pb::InsufficientCredits {
-                balance_micros: balance.0,
-                required_micros: required.0,
-            })
-        }
+        WriteOutcome::Insufficient {
+            balance,
+            held,
+            required,
+        } => R::Insufficient(pb::InsufficientCredits {
+            balance_micros: balance.0,
+            required_micros: required.0,
+            held_micros: held.0,
+        }),
         WriteOutcome::Invalid(invalid) => R::Invalid(pb::Invalid {
             code: invalid.code.to_owned(),
             message: invalid.message,
@@ -327,8 +336,340 @@ fn payment_response(outcome: PaymentOutcome) -> Result<pb::PaymentEventResponse,
     })
 }
 
+fn page_size(requested: i32) -> Result<u32, CreditsError> {
+    match u32::try_from(requested) {
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(size) if size <= MAX_PAGE_SIZE => Ok(size),
+        _ => Err(CreditsError::invalid(
+            "invalid_page_size",
+            format!("page_size must be 0 to {MAX_PAGE_SIZE}"),
+        )),
+    }
+}
+
+/// A hold as answered at `now_us`: a HELD hold past its instant is EXPIRED.
+pub fn hold_to_proto(hold: Hold, now_us: i64) -> pb::Hold {
+    let lapsed = hold.status == HoldStatus::Held && hold.expires_at_us <= now_us;
+    let status = match (hold.status, lapsed) {
+        (_, true) | (HoldStatus::Expired, _) => pb::HoldStatus::Expired,
+        (HoldStatus::Held, false) => pb::HoldStatus::Held,
+        (HoldStatus::Settled, _) => pb::HoldStatus::Settled,
+        (HoldStatus::Released, _) => pb::HoldStatus::Released,
+    };
+    pb::Hold {
+        hold_id: hold.hold_id,
+        user_id: hold.user_id,
+        amount_micros: hold.amount.0,
+        status: status.into(),
+        settled_micros: hold.settled.map_or(0, |m| m.0),
+        entry_id: hold.entry_id.unwrap_or(0),
+        created_at: Some(timestamp(hold.created_at_us)),
+        expires_at: Some(timestamp(hold.expires_at_us)),
+        resolved_at: if lapsed {
+            Some(timestamp(hold.expires_at_us))
+        } else {
+            hold.resolved_at_us.map(timestamp)
+        },
+        shortfall_micros: hold.shortfall.0,
+        late: hold.late,
+        description: hold.description,
+        reservations: if lapsed || hold.status != HoldStatus::Held {
+            Vec::new()
+        } else {
+            hold.reservations
+                .into_iter()
+                .map(|(lot_id, amount)| pb::LotDraw {
+                    lot_id,
+                    amount_micros: amount.0,
+                })
+                .collect()
+        },
+    }
+}
+
+/// A hold operation's outcome as an RPC result.
+enum HoldAnswer {
+    Hold { hold: Hold, duplicate: bool },
+    Settled(Box<pb::SettleHoldResponse>),
+}
+
+fn hold_answer(outcome: HoldOutcome, now_us: i64) -> Result<HoldAnswer, CreditsError> {
+    match outcome {
+        HoldOutcome::Hold { hold, duplicate } => Ok(HoldAnswer::Hold { hold, duplicate }),
+        HoldOutcome::Settled {
+            hold,
+            entry,
+            duplicate,
+        } => Ok(HoldAnswer::Settled(Box::new(pb::SettleHoldResponse {
+            shortfall_micros: hold.shortfall.0,
+            hold: Some(hold_to_proto(hold, now_us)),
+            entry: Some(entry_to_proto(entry)),
+            duplicate,
+        }))),
+        HoldOutcome::Insufficient {
+            balance,
+            held,
+            required,
+        } => Err(CreditsError::insufficient(balance, held, required)),
+        HoldOutcome::AlreadyResolved(hold) => Err(CreditsError::HoldResolved(Box::new(hold))),
+        HoldOutcome::NotFound => Err(CreditsError::NotFound("no hold with this id".to_owned())),
+        HoldOutcome::Invalid(invalid) => Err(CreditsError::Invalid(invalid)),
+    }
+}
+
+impl CreditsApi {
+    async fn hold_op(&self, op: HoldOp) -> Result<HoldAnswer, CreditsError> {
+        op.validate().map_err(CreditsError::Invalid)?;
+        let outcome = self.holds.submit(op).await?;
+        let label = match &outcome {
+            HoldOutcome::Hold { duplicate: true, .. } | HoldOutcome::Settled { duplicate: true, .. } => {
+                "duplicate"
+            }
+            HoldOutcome::Hold { .. } | HoldOutcome::Settled { .. } => "applied",
+            HoldOutcome::Insufficient { .. } => "insufficient",
+            HoldOutcome::AlreadyResolved(_) => "already_resolved",
+            HoldOutcome::NotFound => "not_found",
+            HoldOutcome::Invalid(_) => "invalid",
+        };
+        metrics::counter!("reeve_hold_operations_total", "outcome" => label).increment(1);
+        hold_answer(outcome, self.clock.now_us())
+    }
+
+    fn hold_reply(&self, answer: HoldAnswer) -> (pb::Hold, bool) {
+        match answer {
+            HoldAnswer::Hold { hold, duplicate } => (hold_to_proto(hold, self.clock.now_us()), duplicate),
+            HoldAnswer::Settled(settled) => (settled.hold.unwrap_or_default(), settled.duplicate),
+        }
+    }
+}
+
+fn ttl_or_default(ttl_seconds: i64) -> i64 {
+    if ttl_seconds == 0 {
+        crate::holds::DEFAULT_TTL_SECS
+    } else {
+        ttl_seconds
+    }
+}
+
 #[tonic::async_trait]
 impl pb::credit_service_server::CreditService for CreditsApi {
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, hold_id = %request.get_ref().hold_id))]
+    async fn hold(
+        &self,
+        request: Request<pb::HoldRequest>,
+    ) -> Result<Response<pb::HoldResponse>, Status> {
+        let request = request.into_inner();
+        let answer = self
+            .hold_op(HoldOp::Hold(HoldRequest {
+                hold_id: request.hold_id,
+                user_id: request.user_id,
+                amount: Micros(request.amount_micros),
+                ttl_secs: ttl_or_default(request.ttl_seconds),
+                description: request.description,
+            }))
+            .await?;
+        let (hold, duplicate) = self.hold_reply(answer);
+        Ok(Response::new(pb::HoldResponse {
+            hold: Some(hold),
+            duplicate,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(hold_id = %request.get_ref().hold_id))]
+    async fn settle_hold(
+        &self,
+        request: Request<pb::SettleHoldRequest>,
+    ) -> Result<Response<pb::SettleHoldResponse>, Status> {
+        let request = request.into_inner();
+        let answer = self
+            .hold_op(HoldOp::Settle {
+                hold_id: request.hold_id,
+                amount: Micros(request.amount_micros),
+                description: request.description,
+            })
+            .await?;
+        Ok(Response::new(match answer {
+            HoldAnswer::Settled(settled) => *settled,
+            // A settle of 0 (a release).
+            HoldAnswer::Hold { hold, duplicate } => pb::SettleHoldResponse {
+                shortfall_micros: 0,
+                hold: Some(hold_to_proto(hold, self.clock.now_us())),
+                entry: None,
+                duplicate,
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(items = request.get_ref().items.len()))]
+    async fn settle_hold_batch(
+        &self,
+        request: Request<pb::SettleHoldBatchRequest>,
+    ) -> Result<Response<pb::SettleHoldBatchResponse>, Status> {
+        let items = request.into_inner().items;
+        if items.len() > MAX_BATCH_ITEMS {
+            return Err(CreditsError::invalid(
+                "batch_too_large",
+                format!("a batch holds at most {MAX_BATCH_ITEMS} items, got {}", items.len()),
+            )
+            .into());
+        }
+        let ids: Vec<String> = items.iter().map(|i| i.hold_id.clone()).collect();
+        let ops: Vec<HoldOp> = items
+            .into_iter()
+            .map(|item| HoldOp::Settle {
+                hold_id: item.hold_id,
+                amount: Micros(item.amount_micros),
+                description: item.description,
+            })
+            .collect();
+        let now_us = self.clock.now_us();
+        let outcomes = self
+            .store
+            .apply_holds(&ops, now_us)
+            .await
+            .map_err(CreditsError::from)?;
+        use pb::settle_hold_outcome::Result as R;
+        let outcomes = ids
+            .into_iter()
+            .zip(outcomes)
+            .map(|(hold_id, outcome)| {
+                let result = match hold_answer(outcome, now_us) {
+                    Ok(HoldAnswer::Settled(settled)) => R::Settled(*settled),
+                    Ok(HoldAnswer::Hold { hold, duplicate }) => R::Settled(pb::SettleHoldResponse {
+                        shortfall_micros: 0,
+                        hold: Some(hold_to_proto(hold, now_us)),
+                        entry: None,
+                        duplicate,
+                    }),
+                    Err(CreditsError::HoldResolved(hold)) => {
+                        R::AlreadyResolved(hold_to_proto(*hold, now_us))
+                    }
+                    Err(CreditsError::NotFound(message)) => R::Invalid(pb::Invalid {
+                        code: crate::holds::HOLD_NOT_FOUND.to_owned(),
+                        message,
+                    }),
+                    Err(other) => R::Invalid(pb::Invalid {
+                        code: match &other {
+                            CreditsError::Invalid(invalid) => invalid.code.to_owned(),
+                            _ => "invalid".to_owned(),
+                        },
+                        message: other.to_string(),
+                    }),
+                };
+                pb::SettleHoldOutcome {
+                    hold_id,
+                    result: Some(result),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::SettleHoldBatchResponse { outcomes }))
+    }
+
+    #[tracing::instrument(skip_all, fields(hold_id = %request.get_ref().hold_id))]
+    async fn release_hold(
+        &self,
+        request: Request<pb::ReleaseHoldRequest>,
+    ) -> Result<Response<pb::ReleaseHoldResponse>, Status> {
+        let answer = self
+            .hold_op(HoldOp::Release {
+                hold_id: request.into_inner().hold_id,
+            })
+            .await?;
+        let (hold, duplicate) = self.hold_reply(answer);
+        Ok(Response::new(pb::ReleaseHoldResponse {
+            hold: Some(hold),
+            duplicate,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(hold_id = %request.get_ref().hold_id))]
+    async fn extend_hold(
+        &self,
+        request: Request<pb::ExtendHoldRequest>,
+    ) -> Result<Response<pb::ExtendHoldResponse>, Status> {
+        let request = request.into_inner();
+        let answer = self
+            .hold_op(HoldOp::Extend {
+                hold_id: request.hold_id,
+                ttl_secs: ttl_or_default(request.ttl_seconds),
+            })
+            .await?;
+        let (hold, _) = self.hold_reply(answer);
+        Ok(Response::new(pb::ExtendHoldResponse { hold: Some(hold) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(hold_id = %request.get_ref().hold_id))]
+    async fn get_hold(
+        &self,
+        request: Request<pb::GetHoldRequest>,
+    ) -> Result<Response<pb::GetHoldResponse>, Status> {
+        let hold_id = request.into_inner().hold_id;
+        reeve_runtime::ids::check_key(&hold_id, "hold_id")
+            .map_err(|invalid| CreditsError::Invalid(invalid.into()))?;
+        let hold = self
+            .store
+            .hold(&hold_id)
+            .await
+            .map_err(CreditsError::from)?
+            .ok_or_else(|| CreditsError::NotFound(format!("no hold {hold_id:?}")))?;
+        Ok(Response::new(pb::GetHoldResponse {
+            hold: Some(hold_to_proto(hold, self.clock.now_us())),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
+    async fn list_holds(
+        &self,
+        request: Request<pb::ListHoldsRequest>,
+    ) -> Result<Response<pb::ListHoldsResponse>, Status> {
+        let request = request.into_inner();
+        check_user_id(&request.user_id)?;
+        let status = match pb::HoldStatus::try_from(request.status) {
+            Ok(pb::HoldStatus::Unspecified) => None,
+            Ok(pb::HoldStatus::Held) => Some(HoldStatus::Held),
+            Ok(pb::HoldStatus::Settled) => Some(HoldStatus::Settled),
+            Ok(pb::HoldStatus::Released) => Some(HoldStatus::Released),
+            Ok(pb::HoldStatus::Expired) => Some(HoldStatus::Expired),
+            Err(_) => {
+                return Err(CreditsError::invalid("invalid_status", "unknown hold status").into());
+            }
+        };
+        let page_size = page_size(request.page_size)?;
+        let before = match request.page_token.as_str() {
+            "" => None,
+            token => Some(
+                token
+                    .split_once(':')
+                    .and_then(|(us, id)| Some((us.parse::<i64>().ok()?, id.to_owned())))
+                    .ok_or_else(|| {
+                        CreditsError::invalid(
+                            "invalid_page_token",
+                            "page_token is not one this service issued",
+                        )
+                    })?,
+            ),
+        };
+        let mut holds = self
+            .store
+            .holds(&request.user_id, status, before, page_size + 1)
+            .await
+            .map_err(CreditsError::from)?;
+        let next_page_token = if holds.len() > page_size as usize {
+            holds.truncate(page_size as usize);
+            holds
+                .last()
+                .map(|h| format!("{}:{}", h.created_at_us, h.hold_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let now_us = self.clock.now_us();
+        Ok(Response::new(pb::ListHoldsResponse {
+            holds: holds.into_iter().map(|h| hold_to_proto(h, now_us)).collect(),
+            next_page_token,
+        }))
+    }
+
     #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
     async fn get_balance(
         &self,
@@ -348,6 +689,8 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             promotional_micros: details.promotional.0,
             next_expiry_at: details.next_expiry.map(|(at, _)| timestamp(at)),
             next_expiry_micros: details.next_expiry.map_or(0, |(_, amount)| amount.0),
+            held_micros: details.held.0,
+            available_micros: details.available().0,
         }))
     }
 
@@ -491,17 +834,7 @@ impl pb::credit_service_server::CreditService for CreditsApi {
     ) -> Result<Response<pb::HistoryResponse>, Status> {
         let request = request.into_inner();
         check_user_id(&request.user_id)?;
-        let page_size = match u32::try_from(request.page_size) {
-            Ok(0) => DEFAULT_PAGE_SIZE,
-            Ok(size) if size <= MAX_PAGE_SIZE => size,
-            _ => {
-                return Err(CreditsError::invalid(
-                    "invalid_page_size",
-                    format!("page_size must be 0 to {MAX_PAGE_SIZE}"),
-                )
-                .into());
-            }
-        };
+        let page_size = page_size(request.page_size)?;
         let before_id = match request.page_token.as_str() {
             "" => None,
             token => Some(

@@ -13,6 +13,8 @@ use reeve_runtime::Micros;
 use crate::ledger::{
     EntryKind, ExistingEntries, KeySource, LedgerEntry, LotDraw, WriteOutcome, WriteRequest,
 };
+use crate::holds::{Hold, HoldOp, HoldOutcome, HoldStatus};
+use crate::ledger::{Op, OpOutcome};
 use crate::lots::{Category, Lot};
 use crate::payments::{DisputeState, PaymentEvent, PaymentState};
 
@@ -159,6 +161,20 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> Result<Vec<LedgerEntry>, StoreError>;
     /// The cached balance beside the sum of the user's entries.
     async fn audit(&self, user_id: &str) -> Result<BalanceAudit, StoreError>;
+    /// Applies hold operations in order, in one transaction per call (coalesced with
+    /// concurrent ones by the hold group commit): one outcome per operation.
+    async fn apply_holds(&self, ops: &[HoldOp], now_us: i64) -> Result<Vec<HoldOutcome>, StoreError>;
+    /// One hold by id, as stored (its status not yet moved past its instant).
+    async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, StoreError>;
+    /// Up to `limit` of the user's holds (of one status, or all), newest first, created
+    /// before `before_us` (and with a smaller id at that instant).
+    async fn holds(
+        &self,
+        user_id: &str,
+        status: Option<HoldStatus>,
+        before: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<Hold>, StoreError>;
     /// Applies one Stripe money event (see [`crate::payments`]) in one transaction.
     async fn record_payment_event(
         &self,
@@ -184,6 +200,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn LedgerStore>, StoreError> {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BalanceDetails {
     pub balance: Micros,
+    /// What active holds reserve of the balance.
+    pub held: Micros,
     pub paid: Micros,
     pub promotional: Micros,
     /// The earliest expiring live lot (in spending order among ties): when and how much.
@@ -191,24 +209,42 @@ pub struct BalanceDetails {
 }
 
 impl BalanceDetails {
-    /// From the cached balance and the user's lots with a remainder: lots whose expiry
-    /// instant has come leave the balance now, whether or not they were swept.
-    pub fn at(cached: Micros, mut lots: Vec<Lot>, now_us: i64) -> BalanceDetails {
+    /// What may be spent or held now.
+    pub fn available(&self) -> Micros {
+        Micros(self.balance.0 - self.held.0)
+    }
+
+    /// From the cached balance, the user's lots with a remainder and what holds
+    /// active at `now_us` reserve of each lot: what no active hold reserves of a lot
+    /// whose expiry instant has come leaves the balance now, swept or not.
+    pub fn at(
+        cached: Micros,
+        mut lots: Vec<Lot>,
+        active_reserved: &std::collections::HashMap<i64, i64>,
+        now_us: i64,
+    ) -> BalanceDetails {
         lots.sort_by(crate::lots::spending_order);
         let mut details = BalanceDetails {
             balance: cached,
             ..BalanceDetails::default()
         };
         for lot in &lots {
-            if !lot.is_live(now_us) {
-                details.balance = Micros(details.balance.0 - lot.remaining.0);
-                continue;
-            }
+            let reserved = active_reserved.get(&lot.id).copied().unwrap_or(0);
+            details.held = Micros(details.held.0 + reserved);
+            let counted = if lot.is_expired(now_us) {
+                details.balance = Micros(details.balance.0 - (lot.remaining.0 - reserved));
+                reserved
+            } else {
+                lot.remaining.0
+            };
             match lot.category {
-                Category::Paid => details.paid = Micros(details.paid.0 + lot.remaining.0),
+                Category::Paid => details.paid = Micros(details.paid.0 + counted),
                 Category::Promotional => {
-                    details.promotional = Micros(details.promotional.0 + lot.remaining.0)
+                    details.promotional = Micros(details.promotional.0 + counted)
                 }
+            }
+            if !lot.is_live(now_us) {
+                continue;
             }
             if let Some(at) = lot.expires_at_us
                 && details.next_expiry.is_none_or(|(next, _)| at < next)
@@ -239,9 +275,11 @@ struct LotRow {
     original_micros: i64,
     remaining_micros: i64,
     created_at_us: i64,
+    held_micros: i64,
+    expired_micros: i64,
 }
 
-const LOT_COLUMNS: &str = "id, user_id, category, priority, expires_at_us, source, original_micros, remaining_micros, created_at_us";
+const LOT_COLUMNS: &str = "id, user_id, category, priority, expires_at_us, source, original_micros, remaining_micros, created_at_us, held_micros, expired_micros";
 
 impl TryFrom<LotRow> for Lot {
     type Error = StoreError;
@@ -263,6 +301,8 @@ impl TryFrom<LotRow> for Lot {
             original: Micros(row.original_micros),
             remaining: Micros(row.remaining_micros),
             created_at_us: row.created_at_us,
+            held: Micros(row.held_micros),
+            expired: Micros(row.expired_micros),
         })
     }
 }
@@ -270,10 +310,14 @@ impl TryFrom<LotRow> for Lot {
 /// The cached balance and the lots with a remainder, read in one statement so a sweep
 /// committing in between cannot be half seen (both stores).
 const BALANCE_SQL: &str = "SELECT a.balance_micros, l.id, l.user_id, l.category, l.priority, \
-     l.expires_at_us, l.source, l.original_micros, l.remaining_micros, l.created_at_us \
+     l.expires_at_us, l.source, l.original_micros, l.remaining_micros, l.created_at_us, \
+     l.held_micros, l.expired_micros, r.amount_micros AS reserved_micros, \
+     h.expires_at_us AS hold_expires_at_us \
      FROM (SELECT $1 AS user_id) AS u \
      LEFT JOIN credit_accounts AS a ON a.user_id = u.user_id \
-     LEFT JOIN credit_lots AS l ON l.user_id = u.user_id AND l.remaining_micros > 0";
+     LEFT JOIN credit_lots AS l ON l.user_id = u.user_id AND l.remaining_micros > 0 \
+     LEFT JOIN credit_hold_reservations AS r ON r.lot_id = l.id AND l.held_micros > 0 \
+     LEFT JOIN credit_holds AS h ON h.hold_id = r.hold_id AND h.status = 'held'";
 
 #[derive(sqlx::FromRow)]
 struct BalanceRow {
@@ -287,35 +331,178 @@ struct BalanceRow {
     original_micros: Option<i64>,
     remaining_micros: Option<i64>,
     created_at_us: Option<i64>,
+    held_micros: Option<i64>,
+    expired_micros: Option<i64>,
+    reserved_micros: Option<i64>,
+    hold_expires_at_us: Option<i64>,
 }
 
-/// The balance answer from the rows of [`BALANCE_SQL`].
+/// The balance answer from the rows of [`BALANCE_SQL`] (a lot appears once per
+/// reservation on it).
 fn balance_of(rows: Vec<BalanceRow>, now_us: i64) -> Result<BalanceDetails, StoreError> {
     let cached = rows.first().and_then(|r| r.balance_micros).unwrap_or(0);
-    let mut lots = Vec::new();
+    let mut lots: Vec<Lot> = Vec::new();
+    let mut active: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
     for row in rows {
-        if let (Some(id), Some(user_id), Some(category), Some(priority), Some(source)) =
+        let (Some(id), Some(user_id), Some(category), Some(priority), Some(source)) =
             (row.id, row.user_id, row.category, row.priority, row.source)
+        else {
+            continue;
+        };
+        if let (Some(reserved), Some(until)) = (row.reserved_micros, row.hold_expires_at_us)
+            && now_us < until
         {
-            lots.push(Lot::try_from(LotRow {
-                id,
-                user_id,
-                category,
-                priority,
-                expires_at_us: row.expires_at_us,
-                source,
-                original_micros: row.original_micros.unwrap_or(0),
-                remaining_micros: row.remaining_micros.unwrap_or(0),
-                created_at_us: row.created_at_us.unwrap_or(0),
-            })?);
+            *active.entry(id).or_default() += reserved;
         }
+        if lots.iter().any(|lot| lot.id == id) {
+            continue;
+        }
+        lots.push(Lot::try_from(LotRow {
+            id,
+            user_id,
+            category,
+            priority,
+            expires_at_us: row.expires_at_us,
+            source,
+            original_micros: row.original_micros.unwrap_or(0),
+            remaining_micros: row.remaining_micros.unwrap_or(0),
+            created_at_us: row.created_at_us.unwrap_or(0),
+            held_micros: row.held_micros.unwrap_or(0),
+            expired_micros: row.expired_micros.unwrap_or(0),
+        })?);
     }
-    Ok(BalanceDetails::at(Micros(cached), lots, now_us))
+    Ok(BalanceDetails::at(Micros(cached), lots, &active, now_us))
 }
 
 fn lots_of(rows: Vec<LotRow>) -> Result<Vec<Lot>, StoreError> {
     rows.into_iter().map(Lot::try_from).collect()
 }
+
+/// One `credit_holds` row as both stores select it.
+#[derive(sqlx::FromRow)]
+struct HoldRow {
+    hold_id: String,
+    user_id: String,
+    amount_micros: i64,
+    status: String,
+    settled_micros: Option<i64>,
+    entry_id: Option<i64>,
+    shortfall_micros: i64,
+    late: bool,
+    description: String,
+    created_at_us: i64,
+    expires_at_us: i64,
+    resolved_at_us: Option<i64>,
+}
+
+const HOLD_COLUMNS: &str = "hold_id, user_id, amount_micros, status, settled_micros, entry_id, shortfall_micros, late, description, created_at_us, expires_at_us, resolved_at_us";
+
+impl TryFrom<HoldRow> for Hold {
+    type Error = StoreError;
+
+    fn try_from(row: HoldRow) -> Result<Hold, StoreError> {
+        let status = HoldStatus::parse(&row.status).ok_or_else(|| {
+            StoreError::Corrupt(format!("hold {:?} has unknown status {:?}", row.hold_id, row.status))
+        })?;
+        Ok(Hold {
+            hold_id: row.hold_id,
+            user_id: row.user_id,
+            amount: Micros(row.amount_micros),
+            status,
+            settled: row.settled_micros.map(Micros),
+            entry_id: row.entry_id,
+            shortfall: Micros(row.shortfall_micros),
+            late: row.late,
+            description: row.description,
+            created_at_us: row.created_at_us,
+            expires_at_us: row.expires_at_us,
+            resolved_at_us: row.resolved_at_us,
+            reservations: Vec::new(),
+        })
+    }
+}
+
+/// Holds with their reservations (`(hold_id, lot_id, amount)` rows in order).
+fn holds_of(rows: Vec<HoldRow>, reservations: Vec<(String, i64, i64)>) -> Result<Vec<Hold>, StoreError> {
+    let mut holds: Vec<Hold> = rows.into_iter().map(Hold::try_from).collect::<Result<_, _>>()?;
+    for (hold_id, lot_id, amount) in reservations {
+        if let Some(hold) = holds.iter_mut().find(|h| h.hold_id == hold_id) {
+            hold.reservations.push((lot_id, Micros(amount)));
+        }
+    }
+    Ok(holds)
+}
+
+/// What an operation list needs loaded: the users to lock besides the writers (the
+/// owners of the holds it names, found first), and the keys it may have used.
+fn keys_of_ops(ops: &[Op]) -> Vec<String> {
+    let mut keys: Vec<String> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Write(write) if write.validate().is_ok() => Some(write.idempotency_key.clone()),
+            Op::Hold(HoldOp::Settle { hold_id, .. }) => Some(crate::holds::settle_key(hold_id)),
+            _ => None,
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+fn writes_of(ops: &[Op]) -> Vec<WriteRequest> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::Write(write) => Some(write.clone()),
+            Op::Hold(_) => None,
+        })
+        .collect()
+}
+
+/// The hold ids the operations name.
+fn hold_ids_of(ops: &[Op]) -> Vec<String> {
+    let mut ids: Vec<String> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Hold(op) if op.validate().is_ok() => Some(op.hold_id().to_owned()),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The users of `Hold` requests (the other hold operations name holds, whose owners
+/// are looked up).
+fn hold_users_of(ops: &[Op]) -> Vec<String> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::Hold(HoldOp::Hold(request)) if request.user_id.chars().count() > 0 => {
+                reeve_runtime::ids::check_user_id(&request.user_id)
+                    .is_ok()
+                    .then(|| request.user_id.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Saves a changed hold's state.
+const UPDATE_HOLD_SQL: &str = "UPDATE credit_holds SET status = $2, settled_micros = $3, \
+     entry_id = $4, shortfall_micros = $5, late = $6, expires_at_us = $7, resolved_at_us = $8 \
+     WHERE hold_id = $1";
+/// A resolved hold reserves nothing: its reservation rows go.
+const DELETE_RESERVATIONS_SQL: &str = "DELETE FROM credit_hold_reservations WHERE hold_id = $1";
+/// Users with lots past their instant or held holds past theirs (the sweeper's work).
+const DUE_USERS_SQL: &str = "SELECT user_id FROM ( \
+     SELECT user_id FROM credit_lots WHERE remaining_micros > 0 AND expires_at_us <= $1 \
+     UNION SELECT user_id FROM credit_holds WHERE status = 'held' AND expires_at_us <= $1 \
+     ) AS due ORDER BY user_id LIMIT $2";
+/// A page of a user's holds, newest first (after `SELECT {HOLD_COLUMNS}`).
+const HOLDS_PAGE_SQL: &str = "FROM credit_holds WHERE user_id = $1 \
+     AND ($2 IS NULL OR status = $2) \
+     AND (created_at_us < $3 OR (created_at_us = $3 AND hold_id < $4)) \
+     ORDER BY created_at_us DESC, hold_id DESC LIMIT $5";
 
 /// Attaches each entry's draws (`(entry_id, lot_id, amount)` rows, in draw order).
 fn attach_draws(entries: &mut [LedgerEntry], draws: Vec<(i64, i64, i64)>) {
@@ -685,6 +872,33 @@ pub(crate) async fn run_payment_event(
             Ok(Some(payment_outcome(outcome, capped)))
         }
     }
+}
+
+/// Hold outcomes of an operation list's outcomes.
+pub(crate) fn hold_outcomes(outcomes: Vec<OpOutcome>) -> Vec<HoldOutcome> {
+    outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            OpOutcome::Hold(outcome) => outcome,
+            OpOutcome::Write(_) => HoldOutcome::Invalid(crate::ledger::InvalidWrite::new(
+                "internal",
+                "a write outcome in a plan of holds",
+            )),
+        })
+        .collect()
+}
+
+pub(crate) fn write_outcomes(outcomes: Vec<OpOutcome>) -> Vec<WriteOutcome> {
+    outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            OpOutcome::Write(outcome) => outcome,
+            OpOutcome::Hold(_) => WriteOutcome::Invalid(crate::ledger::InvalidWrite::new(
+                "internal",
+                "a hold outcome in a plan of writes",
+            )),
+        })
+        .collect()
 }
 
 /// The outcome of a payment write once the plan ran.

@@ -411,7 +411,8 @@ async fn batch_outcomes_are_per_item_and_in_order(backend: Backend) {
         result(2),
         Outcome::Insufficient(pb::InsufficientCredits {
             balance_micros: 6 * CREDIT,
-            required_micros: 7 * CREDIT
+            required_micros: 7 * CREDIT,
+            held_micros: 0,
         })
     );
     assert_eq!(result(3), Outcome::Duplicate(first));
@@ -421,7 +422,8 @@ async fn batch_outcomes_are_per_item_and_in_order(backend: Backend) {
         result(6),
         Outcome::Insufficient(pb::InsufficientCredits {
             balance_micros: 0,
-            required_micros: CREDIT
+            required_micros: CREDIT,
+            held_micros: 0,
         })
     );
     assert!(matches!(result(7), Outcome::Invalid(i) if i.code == "invalid_amount"));

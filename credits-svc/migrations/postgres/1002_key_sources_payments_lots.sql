@@ -89,6 +89,10 @@ CREATE TABLE credit_lots (
     source           TEXT    NOT NULL,
     original_micros  BIGINT  NOT NULL CHECK (original_micros > 0),
     remaining_micros BIGINT  NOT NULL CHECK (remaining_micros >= 0 AND remaining_micros <= original_micros),
+    -- Reserved by holds in state HELD (those past their instant included until marked).
+    held_micros      BIGINT  NOT NULL DEFAULT 0 CHECK (held_micros >= 0 AND held_micros <= remaining_micros),
+    -- Left through expiration entries so far.
+    expired_micros   BIGINT  NOT NULL DEFAULT 0 CHECK (expired_micros >= 0),
     -- The credit entry that made it; NULL for the lots this migration makes.
     entry_id         BIGINT,
     created_at_us    BIGINT  NOT NULL

@@ -93,6 +93,10 @@ CREATE TABLE credit_lots (
     source           TEXT    NOT NULL,
     original_micros  INTEGER NOT NULL CHECK (original_micros > 0),
     remaining_micros INTEGER NOT NULL CHECK (remaining_micros >= 0 AND remaining_micros <= original_micros),
+    -- Reserved by holds in state HELD (those past their instant included until marked).
+    held_micros      INTEGER NOT NULL DEFAULT 0 CHECK (held_micros >= 0 AND held_micros <= remaining_micros),
+    -- Left through expiration entries so far.
+    expired_micros   INTEGER NOT NULL DEFAULT 0 CHECK (expired_micros >= 0),
     entry_id         INTEGER,
     created_at_us    INTEGER NOT NULL
 ) STRICT;

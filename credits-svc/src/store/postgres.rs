@@ -17,16 +17,10 @@ use reeve_runtime::Micros;
 use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
 
-use super::{
-    BALANCE_SQL, BalanceAudit, BalanceDetails, BalanceRow, DisputeRow, ENTRY_COLUMNS, EntryRow,
-    INSERT_PAYMENT_SQL, LOT_COLUMNS, LedgerStore, LotRow, PAYMENT_COLUMNS, PaymentOutcome,
-    PaymentRow, PaymentTx, SELECT_DISPUTE_SQL, StoreError, TAKE_LEGACY_REFUNDS_SQL,
-    UPDATE_PAYMENT_SQL, UPSERT_DISPUTE_SQL, attach_draws, attach_existing_draws, balance_of,
-    entries, entries_by_key, lots_in_order, lots_of, run_payment_event, with_retries,
-};
-use crate::ledger::{self, LedgerEntry, LotRef, WriteOutcome, WriteRequest};
-use crate::lots::Lot;
-use crate::payments::{DisputeState, PaymentEvent, PaymentState};
+// The store module's rows, SQL text and shared steps.
+#[allow(clippy::wildcard_imports)]
+use super::*;
+use crate::ledger::{self, LotRef};
 
 #[derive(Debug, Clone)]
 pub struct PgLedger {
@@ -50,11 +44,12 @@ impl PgLedger {
     /// One attempt; `None` when a concurrent transaction took one of our keys first.
     async fn try_apply(
         &self,
-        writes: &[WriteRequest],
+        ops: &[Op],
+        sweep: &[String],
         now_us: i64,
-    ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
+    ) -> Result<Option<Vec<OpOutcome>>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some(outcomes) = apply_in(&mut tx, writes, &[], now_us).await? else {
+        let Some(outcomes) = apply_in(&mut tx, ops, sweep, now_us).await? else {
             tx.rollback().await?;
             return Ok(None);
         };
@@ -77,18 +72,34 @@ impl PgLedger {
     }
 }
 
-/// Applies `writes` inside an open transaction: create missing accounts, lock the
-/// balances in user order (with `sweep`: users whose due lots must expire), read their
-/// lots and the used keys, plan, then append entries, draws and lot movements and move
-/// balances in one statement (a second one only when credits make lots). `None` when a
-/// concurrent transaction claimed one of the keys first (roll back and replan).
+/// Applies `ops` inside an open transaction: find the owners of the holds they name,
+/// create missing accounts, lock the balances in user order (with `sweep`: users whose
+/// due lots and holds must expire), read their lots (and holds when any are involved)
+/// and the used keys, plan, then append entries and draws, move balances and lots in
+/// one statement, and save holds. `None` when a concurrent transaction claimed one of
+/// the keys or hold ids first (roll back and replan).
 async fn apply_in(
     conn: &mut PgConnection,
-    writes: &[WriteRequest],
+    ops: &[Op],
     sweep: &[String],
     now_us: i64,
-) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
-    let to_create = ledger::users_to_create(writes);
+) -> Result<Option<Vec<OpOutcome>>, StoreError> {
+    let writes = writes_of(ops);
+    let hold_ids = hold_ids_of(ops);
+    let mut users = ledger::users_to_lock(&writes);
+    users.extend(sweep.iter().cloned());
+    users.extend(hold_users_of(ops));
+    if !hold_ids.is_empty() {
+        let owners: Vec<String> =
+            sqlx::query_scalar("SELECT user_id FROM credit_holds WHERE hold_id = ANY($1::text[])")
+                .bind(&hold_ids)
+                .fetch_all(&mut *conn)
+                .await?;
+        users.extend(owners);
+    }
+    users.sort_unstable();
+    users.dedup();
+    let to_create = ledger::users_to_create(&writes);
     if !to_create.is_empty() {
         sqlx::query(
             "INSERT INTO credit_accounts (user_id, balance_micros, updated_at_us) \
@@ -100,10 +111,6 @@ async fn apply_in(
         .execute(&mut *conn)
         .await?;
     }
-    let mut users = ledger::users_to_lock(writes);
-    users.extend(sweep.iter().cloned());
-    users.sort_unstable();
-    users.dedup();
     let balances: HashMap<String, Micros> = sqlx::query_as::<_, (String, i64)>(
         "SELECT user_id, balance_micros FROM credit_accounts \
          WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE",
@@ -123,11 +130,32 @@ async fn apply_in(
         .fetch_all(&mut *conn)
         .await?,
     )?;
+    let holds = if hold_ids.is_empty() && lots.iter().all(|lot| lot.held.0 == 0) {
+        Vec::new()
+    } else {
+        let rows = sqlx::query_as::<_, HoldRow>(&format!(
+            "SELECT {HOLD_COLUMNS} FROM credit_holds \
+             WHERE hold_id = ANY($2::text[]) OR (user_id = ANY($1::text[]) AND status = 'held')"
+        ))
+        .bind(&users)
+        .bind(&hold_ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        let ids: Vec<&str> = rows.iter().map(|h| h.hold_id.as_str()).collect();
+        let reservations: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT hold_id, lot_id, amount_micros FROM credit_hold_reservations \
+             WHERE hold_id = ANY($1::text[]) ORDER BY hold_id, position",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        holds_of(rows, reservations)?
+    };
     let mut existing = entries_by_key(
         sqlx::query_as::<_, EntryRow>(&format!(
             "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key = ANY($1::text[])"
         ))
-        .bind(ledger::keys_of(writes))
+        .bind(keys_of_ops(ops))
         .fetch_all(&mut *conn)
         .await?,
     )?;
@@ -143,9 +171,50 @@ async fn apply_in(
         attach_existing_draws(&mut existing, draws);
     }
 
-    let plan = ledger::plan(writes, &balances, &lots, &existing, now_us);
+    let plan = ledger::plan_ops(ops, &balances, &lots, &holds, &existing, now_us);
+    let Some(ids) = append_entries(conn, &plan, now_us).await? else {
+        return Ok(None);
+    };
+    let lot_ids = make_lots(conn, &plan, &ids, now_us).await?;
+    if !save_holds(conn, &plan, &ids).await? {
+        return Ok(None);
+    }
+    Ok(Some(plan.finish_ops(&ids, &lot_ids)))
+}
+
+/// Appends the plan's entries with their draws, moves balances and existing lots, in
+/// one statement; the entries' ids in plan order, or `None` when a key was taken
+/// concurrently.
+async fn append_entries(
+    conn: &mut PgConnection,
+    plan: &ledger::Plan,
+    now_us: i64,
+) -> Result<Option<Vec<i64>>, StoreError> {
+    // Every existing lot the plan moves: remainder, reserved and expired amounts.
+    let spent = plan.spent();
+    let mut moved: Vec<i64> = spent.keys().chain(plan.lot_moves.keys()).copied().collect();
+    moved.sort_unstable();
+    moved.dedup();
+    let lot_spent: Vec<i64> = moved.iter().map(|id| spent.get(id).copied().unwrap_or(0)).collect();
+    let lot_held: Vec<i64> = moved
+        .iter()
+        .map(|id| plan.lot_moves.get(id).map_or(0, |m| m.held))
+        .collect();
+    let lot_expired: Vec<i64> = moved
+        .iter()
+        .map(|id| plan.lot_moves.get(id).map_or(0, |m| m.expired))
+        .collect();
     if plan.inserts.is_empty() {
-        return Ok(Some(plan.finish(&[], &[])));
+        if !moved.is_empty() {
+            sqlx::query(LOT_MOVES_SQL)
+                .bind(&moved)
+                .bind(&lot_spent)
+                .bind(&lot_held)
+                .bind(&lot_expired)
+                .execute(&mut *conn)
+                .await?;
+        }
+        return Ok(Some(Vec::new()));
     }
     let count = plan.inserts.len();
     let mut users = Vec::with_capacity(count);
@@ -204,12 +273,13 @@ async fn apply_in(
             SELECT e.id, d.lot_id, d.amount_micros, d.position \
             FROM UNNEST($11::text[], $12::text[], $13::int8[], $14::int8[], $15::int4[]) AS d(idempotency_key, key_source, lot_id, amount_micros, position) \
             JOIN new_entries AS e USING (idempotency_key, key_source) \
-         ), spent AS ( \
+         ), lots_moved AS ( \
             UPDATE credit_lots AS l \
-            SET remaining_micros = l.remaining_micros - s.amount_micros \
-            FROM (SELECT lot_id, SUM(amount_micros)::int8 AS amount_micros \
-                  FROM UNNEST($13::int8[], $14::int8[]) AS x(lot_id, amount_micros) GROUP BY lot_id) AS s \
-            WHERE l.id = s.lot_id \
+            SET remaining_micros = l.remaining_micros - m.spent, \
+                held_micros = l.held_micros + m.held, \
+                expired_micros = l.expired_micros + m.expired \
+            FROM UNNEST($16::int8[], $17::int8[], $18::int8[], $19::int8[]) AS m(id, spent, held, expired) \
+            WHERE l.id = m.id \
          ) \
          SELECT id, idempotency_key, key_source FROM new_entries",
     )
@@ -228,6 +298,10 @@ async fn apply_in(
     .bind(&draw_lots)
     .bind(&draw_amounts)
     .bind(&draw_positions)
+    .bind(&moved)
+    .bind(&lot_spent)
+    .bind(&lot_held)
+    .bind(&lot_expired)
     .fetch_all(&mut *conn)
     .await?;
     if inserted.len() != count {
@@ -247,8 +321,83 @@ async fn apply_in(
                 .ok_or_else(|| StoreError::Corrupt(format!("no id returned for key {key:?}")))
         })
         .collect::<Result<Vec<i64>, StoreError>>()?;
-    let lot_ids = make_lots(conn, &plan, &ids, now_us).await?;
-    Ok(Some(plan.finish(&ids, &lot_ids)))
+    Ok(Some(ids))
+}
+
+/// Moves existing lots by (id, spent, held, expired) arrays.
+const LOT_MOVES_SQL: &str = "UPDATE credit_lots AS l \
+     SET remaining_micros = l.remaining_micros - m.spent, \
+         held_micros = l.held_micros + m.held, \
+         expired_micros = l.expired_micros + m.expired \
+     FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) AS m(id, spent, held, expired) \
+     WHERE l.id = m.id";
+
+/// Saves the plan's holds: new ones with their reservations, changed ones' state (a
+/// resolved hold's reservations go). `false` when a new hold id was taken concurrently.
+async fn save_holds(conn: &mut PgConnection, plan: &ledger::Plan, entry_ids: &[i64]) -> Result<bool, StoreError> {
+    let saved = plan.saved_holds(entry_ids);
+    for (change, hold) in plan.holds.iter().zip(&saved) {
+        if !change.dirty {
+            continue;
+        }
+        if change.is_new {
+            let inserted: Option<String> = sqlx::query_scalar(&format!(
+                "INSERT INTO credit_holds ({HOLD_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 ON CONFLICT (hold_id) DO NOTHING RETURNING hold_id"
+            ))
+            .bind(&hold.hold_id)
+            .bind(&hold.user_id)
+            .bind(hold.amount.0)
+            .bind(hold.status.as_str())
+            .bind(hold.settled.map(|m| m.0))
+            .bind(hold.entry_id)
+            .bind(hold.shortfall.0)
+            .bind(hold.late)
+            .bind(&hold.description)
+            .bind(hold.created_at_us)
+            .bind(hold.expires_at_us)
+            .bind(hold.resolved_at_us)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if inserted.is_none() {
+                return Ok(false);
+            }
+            if hold.status == HoldStatus::Held && !hold.reservations.is_empty() {
+                let lots: Vec<i64> = hold.reservations.iter().map(|(lot, _)| *lot).collect();
+                let amounts: Vec<i64> = hold.reservations.iter().map(|(_, a)| a.0).collect();
+                sqlx::query(
+                    "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) \
+                     SELECT $1, lot_id, amount_micros, position::int4 \
+                     FROM UNNEST($2::int8[], $3::int8[]) WITH ORDINALITY AS r(lot_id, amount_micros, position)",
+                )
+                .bind(&hold.hold_id)
+                .bind(&lots)
+                .bind(&amounts)
+                .execute(&mut *conn)
+                .await?;
+            }
+            continue;
+        }
+        sqlx::query(UPDATE_HOLD_SQL)
+            .bind(&hold.hold_id)
+            .bind(hold.status.as_str())
+            .bind(hold.settled.map(|m| m.0))
+            .bind(hold.entry_id)
+            .bind(hold.shortfall.0)
+            .bind(hold.late)
+            .bind(hold.expires_at_us)
+            .bind(hold.resolved_at_us)
+            .execute(&mut *conn)
+            .await?;
+        if hold.status != HoldStatus::Held {
+            sqlx::query(DELETE_RESERVATIONS_SQL)
+                .bind(&hold.hold_id)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(true)
 }
 
 /// Makes the lots of the plan's credits (and records draws from them, when later
@@ -387,7 +536,8 @@ impl PaymentTx for PgTx<'_> {
         writes: &[WriteRequest],
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
-        apply_in(self.0, writes, &[], now_us).await
+        let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
+        Ok(apply_in(self.0, &ops, &[], now_us).await?.map(write_outcomes))
     }
 }
 
@@ -440,27 +590,15 @@ impl LedgerStore for PgLedger {
     }
 
     async fn expire_due(&self, now_us: i64, limit: u32) -> Result<usize, StoreError> {
-        let users: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT user_id FROM credit_lots \
-             WHERE remaining_micros > 0 AND expires_at_us <= $1 ORDER BY user_id LIMIT $2",
-        )
-        .bind(now_us)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let users: Vec<String> = sqlx::query_scalar(DUE_USERS_SQL)
+            .bind(now_us)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
         if users.is_empty() {
             return Ok(0);
         }
-        with_retries(|| async {
-            let mut tx = self.pool.begin().await?;
-            let Some(_) = apply_in(&mut tx, &[], &users, now_us).await? else {
-                tx.rollback().await?;
-                return Ok(None);
-            };
-            tx.commit().await?;
-            Ok(Some(()))
-        })
-        .await?;
+        with_retries(|| self.try_apply(&[], &users, now_us)).await?;
         Ok(users.len())
     }
 
@@ -472,7 +610,60 @@ impl LedgerStore for PgLedger {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        with_retries(|| self.try_apply(writes, now_us)).await
+        let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
+        Ok(write_outcomes(
+            with_retries(|| self.try_apply(&ops, &[], now_us)).await?,
+        ))
+    }
+
+    async fn apply_holds(
+        &self,
+        ops: &[HoldOp],
+        now_us: i64,
+    ) -> Result<Vec<HoldOutcome>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ops: Vec<Op> = ops.iter().cloned().map(Op::Hold).collect();
+        Ok(hold_outcomes(
+            with_retries(|| self.try_apply(&ops, &[], now_us)).await?,
+        ))
+    }
+
+    async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, StoreError> {
+        let row = sqlx::query_as::<_, HoldRow>(&format!(
+            "SELECT {HOLD_COLUMNS} FROM credit_holds WHERE hold_id = $1"
+        ))
+        .bind(hold_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let reservations: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT hold_id, lot_id, amount_micros FROM credit_hold_reservations \
+             WHERE hold_id = $1 ORDER BY position",
+        )
+        .bind(hold_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(holds_of(row.into_iter().collect(), reservations)?.pop())
+    }
+
+    async fn holds(
+        &self,
+        user_id: &str,
+        status: Option<HoldStatus>,
+        before: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<Hold>, StoreError> {
+        let (before_us, before_id) = before.unwrap_or((i64::MAX, String::new()));
+        let rows = sqlx::query_as::<_, HoldRow>(&format!("SELECT {HOLD_COLUMNS} {HOLDS_PAGE_SQL}"))
+            .bind(user_id)
+            .bind(status.map(HoldStatus::as_str))
+            .bind(before_us)
+            .bind(before_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        holds_of(rows, Vec::new())
     }
 
     async fn record_payment_event(

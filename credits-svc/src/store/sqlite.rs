@@ -12,16 +12,10 @@ use reeve_runtime::Micros;
 use sqlx::SqliteConnection;
 use sqlx::sqlite::SqlitePool;
 
-use super::{
-    BALANCE_SQL, BalanceAudit, BalanceDetails, BalanceRow, DisputeRow, ENTRY_COLUMNS, EntryRow,
-    INSERT_PAYMENT_SQL, LOT_COLUMNS, LedgerStore, LotRow, PAYMENT_COLUMNS, PaymentOutcome,
-    PaymentRow, PaymentTx, SELECT_DISPUTE_SQL, StoreError, TAKE_LEGACY_REFUNDS_SQL,
-    UPDATE_PAYMENT_SQL, UPSERT_DISPUTE_SQL, attach_draws, attach_existing_draws, balance_of,
-    entries, entries_by_key, lots_in_order, lots_of, run_payment_event, with_retries,
-};
-use crate::ledger::{self, ExistingEntries, LedgerEntry, LotRef, WriteOutcome, WriteRequest};
-use crate::lots::Lot;
-use crate::payments::{DisputeState, PaymentEvent, PaymentState};
+// The store module's rows, SQL text and shared steps.
+#[allow(clippy::wildcard_imports)]
+use super::*;
+use crate::ledger::{self, LotRef};
 
 /// Bound parameters per `IN (…)` list, well under SQLite's limit.
 const IN_LIST_CHUNK: usize = 4_096;
@@ -93,13 +87,64 @@ impl LedgerStore for SqliteLedger {
         row.map(Lot::try_from).transpose()
     }
 
+    async fn apply_holds(
+        &self,
+        ops: &[HoldOp],
+        now_us: i64,
+    ) -> Result<Vec<HoldOutcome>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ops: Vec<Op> = ops.iter().cloned().map(Op::Hold).collect();
+        with_retries(|| async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let outcomes = apply_in(&mut tx, &ops, &[], now_us).await?;
+            tx.commit().await?;
+            Ok(Some(hold_outcomes(outcomes)))
+        })
+        .await
+    }
+
+    async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, StoreError> {
+        let row = sqlx::query_as::<_, HoldRow>(&format!(
+            "SELECT {HOLD_COLUMNS} FROM credit_holds WHERE hold_id = $1"
+        ))
+        .bind(hold_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let reservations: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT hold_id, lot_id, amount_micros FROM credit_hold_reservations \
+             WHERE hold_id = $1 ORDER BY position",
+        )
+        .bind(hold_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(holds_of(row.into_iter().collect(), reservations)?.pop())
+    }
+
+    async fn holds(
+        &self,
+        user_id: &str,
+        status: Option<HoldStatus>,
+        before: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<Hold>, StoreError> {
+        let (before_us, before_id) = before.unwrap_or((i64::MAX, String::new()));
+        let rows = sqlx::query_as::<_, HoldRow>(&format!("SELECT {HOLD_COLUMNS} {HOLDS_PAGE_SQL}"))
+            .bind(user_id)
+            .bind(status.map(HoldStatus::as_str))
+            .bind(before_us)
+            .bind(before_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        holds_of(rows, Vec::new())
+    }
+
     async fn expire_due(&self, now_us: i64, limit: u32) -> Result<usize, StoreError> {
         with_retries(|| async {
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-            let users: Vec<String> = sqlx::query_scalar(
-                "SELECT DISTINCT user_id FROM credit_lots \
-                 WHERE remaining_micros > 0 AND expires_at_us <= $1 ORDER BY user_id LIMIT $2",
-            )
+            let users: Vec<String> = sqlx::query_scalar(DUE_USERS_SQL)
             .bind(now_us)
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
@@ -121,11 +166,12 @@ impl LedgerStore for SqliteLedger {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
+        let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
         with_retries(|| async {
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-            let outcomes = apply_in(&mut tx, writes, &[], now_us).await?;
+            let outcomes = apply_in(&mut tx, &ops, &[], now_us).await?;
             tx.commit().await?;
-            Ok(Some(outcomes))
+            Ok(Some(write_outcomes(outcomes)))
         })
         .await
     }
@@ -196,23 +242,39 @@ impl LedgerStore for SqliteLedger {
     }
 }
 
-/// Applies `writes` inside an exclusive transaction (no other writer can overtake it);
-/// `sweep` names users whose due lots must expire even without a write.
+/// Applies `ops` inside an exclusive transaction (no other writer can overtake it);
+/// `sweep` names users whose due lots and holds must expire even without an operation.
 async fn apply_in(
     conn: &mut SqliteConnection,
-    writes: &[WriteRequest],
+    ops: &[Op],
     sweep: &[String],
     now_us: i64,
-) -> Result<Vec<WriteOutcome>, StoreError> {
-    for user in ledger::users_to_create(writes) {
+) -> Result<Vec<OpOutcome>, StoreError> {
+    let writes = writes_of(ops);
+    let hold_ids = hold_ids_of(ops);
+    for user in ledger::users_to_create(&writes) {
         sqlx::query("INSERT OR IGNORE INTO credit_accounts (user_id, balance_micros, updated_at_us) VALUES (?, 0, ?)")
             .bind(user)
             .bind(now_us)
             .execute(&mut *conn)
             .await?;
     }
-    let mut users = ledger::users_to_lock(writes);
+    let mut users = ledger::users_to_lock(&writes);
     users.extend(sweep.iter().cloned());
+    users.extend(hold_users_of(ops));
+    let mut holds_rows: Vec<HoldRow> = Vec::new();
+    for chunk in hold_ids.chunks(IN_LIST_CHUNK) {
+        let sql = format!(
+            "SELECT {HOLD_COLUMNS} FROM credit_holds WHERE hold_id IN ({})",
+            placeholders(chunk.len())
+        );
+        let mut query = sqlx::query_as::<_, HoldRow>(&sql);
+        for id in chunk {
+            query = query.bind(id);
+        }
+        holds_rows.extend(query.fetch_all(&mut *conn).await?);
+    }
+    users.extend(holds_rows.iter().map(|h| h.user_id.clone()));
     users.sort_unstable();
     users.dedup();
     let mut balances: HashMap<String, Micros> = HashMap::new();
@@ -244,7 +306,7 @@ async fn apply_in(
         lots.extend(lots_of(query.fetch_all(&mut *conn).await?)?);
     }
     let mut existing = ExistingEntries::new();
-    for keys in ledger::keys_of(writes).chunks(IN_LIST_CHUNK) {
+    for keys in keys_of_ops(ops).chunks(IN_LIST_CHUNK) {
         let sql = format!(
             "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key IN ({})",
             placeholders(keys.len())
@@ -271,7 +333,38 @@ async fn apply_in(
     }
     attach_existing_draws(&mut existing, draws);
 
-    let plan = ledger::plan(writes, &balances, &lots, &existing, now_us);
+    if !hold_ids.is_empty() || lots.iter().any(|lot| lot.held.0 > 0) {
+        for chunk in users.chunks(IN_LIST_CHUNK) {
+            let sql = format!(
+                "SELECT {HOLD_COLUMNS} FROM credit_holds WHERE status = 'held' AND user_id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query_as::<_, HoldRow>(&sql);
+            for user in chunk {
+                query = query.bind(user);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                if !holds_rows.iter().any(|h| h.hold_id == row.hold_id) {
+                    holds_rows.push(row);
+                }
+            }
+        }
+    }
+    let mut reservations: Vec<(String, i64, i64)> = Vec::new();
+    for row in &holds_rows {
+        reservations.extend(
+            sqlx::query_as::<_, (String, i64, i64)>(
+                "SELECT hold_id, lot_id, amount_micros FROM credit_hold_reservations \
+                 WHERE hold_id = ? ORDER BY position",
+            )
+            .bind(&row.hold_id)
+            .fetch_all(&mut *conn)
+            .await?,
+        );
+    }
+    let holds = holds_of(holds_rows, reservations)?;
+
+    let plan = ledger::plan_ops(ops, &balances, &lots, &holds, &existing, now_us);
     let mut ids = Vec::with_capacity(plan.inserts.len());
     for entry in &plan.inserts {
         let write = &entry.write;
@@ -331,13 +424,24 @@ async fn apply_in(
             .await?;
         }
     }
-    for (lot_id, spent) in plan.spent() {
-        sqlx::query("UPDATE credit_lots SET remaining_micros = remaining_micros - ? WHERE id = ?")
-            .bind(spent)
-            .bind(lot_id)
-            .execute(&mut *conn)
-            .await?;
+    let spent = plan.spent();
+    let mut moved: Vec<i64> = spent.keys().chain(plan.lot_moves.keys()).copied().collect();
+    moved.sort_unstable();
+    moved.dedup();
+    for lot_id in moved {
+        let lot_move = plan.lot_moves.get(&lot_id).copied().unwrap_or_default();
+        sqlx::query(
+            "UPDATE credit_lots SET remaining_micros = remaining_micros - ?, \
+             held_micros = held_micros + ?, expired_micros = expired_micros + ? WHERE id = ?",
+        )
+        .bind(spent.get(&lot_id).copied().unwrap_or(0))
+        .bind(lot_move.held)
+        .bind(lot_move.expired)
+        .bind(lot_id)
+        .execute(&mut *conn)
+        .await?;
     }
+    save_holds(conn, &plan, &ids).await?;
     for (user, delta) in plan.deltas() {
         sqlx::query("UPDATE credit_accounts SET balance_micros = balance_micros + ?, updated_at_us = ? WHERE user_id = ?")
             .bind(delta)
@@ -346,7 +450,75 @@ async fn apply_in(
             .execute(&mut *conn)
             .await?;
     }
-    Ok(plan.finish(&ids, &lot_ids))
+    Ok(plan.finish_ops(&ids, &lot_ids))
+}
+
+/// Saves the plan's holds: new ones with their reservations, changed ones' state (a
+/// resolved hold's reservations go).
+async fn save_holds(
+    conn: &mut SqliteConnection,
+    plan: &ledger::Plan,
+    entry_ids: &[i64],
+) -> Result<(), StoreError> {
+    let saved = plan.saved_holds(entry_ids);
+    for (change, hold) in plan.holds.iter().zip(&saved) {
+        if !change.dirty {
+            continue;
+        }
+        if change.is_new {
+            sqlx::query(&format!(
+                "INSERT INTO credit_holds ({HOLD_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ))
+            .bind(&hold.hold_id)
+            .bind(&hold.user_id)
+            .bind(hold.amount.0)
+            .bind(hold.status.as_str())
+            .bind(hold.settled.map(|m| m.0))
+            .bind(hold.entry_id)
+            .bind(hold.shortfall.0)
+            .bind(hold.late)
+            .bind(&hold.description)
+            .bind(hold.created_at_us)
+            .bind(hold.expires_at_us)
+            .bind(hold.resolved_at_us)
+            .execute(&mut *conn)
+            .await?;
+            if hold.status == HoldStatus::Held {
+                for (position, (lot, amount)) in hold.reservations.iter().enumerate() {
+                    sqlx::query(
+                        "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) \
+                         VALUES (?, ?, ?, ?)",
+                    )
+                    .bind(&hold.hold_id)
+                    .bind(lot)
+                    .bind(amount.0)
+                    .bind(i64::try_from(position).unwrap_or(i64::MAX))
+                    .execute(&mut *conn)
+                    .await?;
+                }
+            }
+            continue;
+        }
+        sqlx::query(UPDATE_HOLD_SQL)
+            .bind(&hold.hold_id)
+            .bind(hold.status.as_str())
+            .bind(hold.settled.map(|m| m.0))
+            .bind(hold.entry_id)
+            .bind(hold.shortfall.0)
+            .bind(hold.late)
+            .bind(hold.expires_at_us)
+            .bind(hold.resolved_at_us)
+            .execute(&mut *conn)
+            .await?;
+        if hold.status != HoldStatus::Held {
+            sqlx::query(DELETE_RESERVATIONS_SQL)
+                .bind(&hold.hold_id)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// The payment-event steps on an open SQLite transaction.
@@ -433,6 +605,11 @@ impl PaymentTx for SqliteTx<'_> {
         writes: &[WriteRequest],
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
-        apply_in(self.0, writes, &[], now_us).await.map(Some)
+        {
+        let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
+        apply_in(self.0, &ops, &[], now_us)
+            .await
+            .map(|outcomes| Some(write_outcomes(outcomes)))
+    }
     }
 }
