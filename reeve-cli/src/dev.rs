@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use reeve_runtime::config::{self, ConfigError, Source};
+use secrecy::{ExposeSecret, SecretString};
 
 /// The key `reeve up` hands to its fake Stripe; never a real key.
 pub const FAKE_STRIPE_KEY: &str = "sk_test_reeve_fake_stripe";
@@ -146,12 +147,14 @@ fn write_secrets(
 
 /// Prints a user JWT (HS256, `sub` = the user, expiring in `ttl_secs`).
 pub fn print_token(user_id: &str, ttl_secs: i64) -> anyhow::Result<()> {
-    let secret = config::var("REEVE_JWT_HS256_SECRET")?.ok_or_else(|| {
-        ConfigError::new(
-            "REEVE_JWT_HS256_SECRET",
-            "is required to mint a dev token (run `reeve up` once, or set it)",
-        )
-    })?;
+    let secret = config::var("REEVE_JWT_HS256_SECRET")?
+        .map(SecretString::from)
+        .ok_or_else(|| {
+            ConfigError::new(
+                "REEVE_JWT_HS256_SECRET",
+                "is required to mint a dev token (run `reeve up` once, or set it)",
+            )
+        })?;
     if !(1..=30 * 86_400).contains(&ttl_secs) {
         anyhow::bail!("--ttl-secs must be 1 to 2592000");
     }
@@ -160,7 +163,7 @@ pub fn print_token(user_id: &str, ttl_secs: i64) -> anyhow::Result<()> {
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(secret.expose_secret().as_bytes()),
     )?;
     println!("{token}");
     Ok(())

@@ -14,6 +14,7 @@ use anyhow::Context;
 
 use reeve_runtime::config::{self, ConfigError, Source};
 use reeve_runtime::telemetry::{self, LogFormat};
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use crate::dev;
@@ -40,7 +41,9 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
             fake_stripe::Config {
                 listen_addr,
                 webhook_url: String::new(),
-                webhook_secret: bridge_config.webhook_secret.clone(),
+                // The fake signs with the secret the bridge verifies (a test double's
+                // plain field: exposed here, once).
+                webhook_secret: bridge_config.webhook_secret.expose_secret().to_owned(),
             },
             services.clone(),
         )

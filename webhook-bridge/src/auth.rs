@@ -17,6 +17,7 @@ use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use reeve_runtime::auth::{Caller, Scope, bearer_token};
 use reeve_runtime::config::ConfigError;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -34,7 +35,7 @@ pub const ROUTE_SCOPES: &[(&str, Scope)] = &[
 #[derive(Clone)]
 pub enum JwtKey {
     /// `REEVE_JWT_HS256_SECRET`
-    Hs256(Vec<u8>),
+    Hs256(SecretString),
     /// The PEM text of `REEVE_JWT_RS256_PUBLIC_KEY_FILE`.
     Rs256Pem(Vec<u8>),
 }
@@ -70,6 +71,7 @@ impl JwtVerifier {
     ) -> Result<JwtVerifier, ConfigError> {
         let (key, algorithm) = match key {
             JwtKey::Hs256(secret) => {
+                let secret = secret.expose_secret().as_bytes();
                 if secret.len() < 16 {
                     return Err(ConfigError::new(
                         "REEVE_JWT_HS256_SECRET",

@@ -34,6 +34,7 @@ use reeve_proto::quota::v1::quota_service_client::QuotaServiceClient;
 use reeve_runtime::auth::{BearerToken, ServiceTokens};
 use reeve_runtime::config::{self, ConfigError};
 use reeve_runtime::connections::{ConnInfo, GuardedListener, Limits};
+use secrecy::SecretString;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -48,7 +49,8 @@ pub const DEFAULT_QUOTA_ADDR: &str = "127.0.0.1:50052";
 /// Largest request body: a full batch of 10,000 deductions fits.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
-/// Everything the bridge needs to start.
+/// Everything the bridge needs to start. Secrets are `SecretString`s, exposed only where
+/// they are used; `Debug` never shows them.
 #[derive(Clone)]
 pub struct Config {
     /// `REEVE_HTTP_ADDR`: where to listen.
@@ -59,14 +61,14 @@ pub struct Config {
     /// `REEVE_SERVICE_TOKENS`: accepted on the service routes.
     pub service_tokens: ServiceTokens,
     /// `REEVE_SERVICE_TOKEN`: what the bridge presents to the services.
-    pub service_token: String,
+    pub service_token: SecretString,
     /// `REEVE_JWT_HS256_SECRET` or `REEVE_JWT_RS256_PUBLIC_KEY_FILE`.
     pub jwt: JwtKey,
     /// `REEVE_JWT_AUDIENCE` / `REEVE_JWT_ISSUER`: checked against `aud` / `iss` when set.
     pub jwt_audience: Option<String>,
     pub jwt_issuer: Option<String>,
     /// `STRIPE_WEBHOOK_SECRET`.
-    pub webhook_secret: String,
+    pub webhook_secret: SecretString,
     /// `REEVE_DATABASE_URL`: where Stripe events are kept.
     pub database_url: String,
     /// `REEVE_CURRENCY`: the only currency credited.
@@ -136,11 +138,12 @@ impl Config {
         };
         BearerToken::new(&service_token)
             .map_err(|_| ConfigError::new("REEVE_SERVICE_TOKEN", "must be printable ASCII"))?;
+        let service_token = SecretString::from(service_token);
         let jwt = match (
             config::var("REEVE_JWT_HS256_SECRET")?,
             config::var("REEVE_JWT_RS256_PUBLIC_KEY_FILE")?,
         ) {
-            (Some(secret), None) => JwtKey::Hs256(secret.into_bytes()),
+            (Some(secret), None) => JwtKey::Hs256(SecretString::from(secret)),
             (None, Some(path)) => JwtKey::Rs256Pem(std::fs::read(&path).map_err(|e| {
                 ConfigError::new(
                     "REEVE_JWT_RS256_PUBLIC_KEY_FILE",
@@ -163,12 +166,14 @@ impl Config {
         let jwt_audience = config::var("REEVE_JWT_AUDIENCE")?;
         let jwt_issuer = config::var("REEVE_JWT_ISSUER")?;
         JwtVerifier::new(&jwt, jwt_audience.as_deref(), jwt_issuer.as_deref())?;
-        let webhook_secret = config::var("STRIPE_WEBHOOK_SECRET")?.ok_or_else(|| {
-            ConfigError::new(
-                "STRIPE_WEBHOOK_SECRET",
-                "is required to verify Stripe webhooks",
-            )
-        })?;
+        let webhook_secret = config::var("STRIPE_WEBHOOK_SECRET")?
+            .map(SecretString::from)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "STRIPE_WEBHOOK_SECRET",
+                    "is required to verify Stripe webhooks",
+                )
+            })?;
         let database_url = config::var("REEVE_DATABASE_URL")?
             .unwrap_or_else(|| "sqlite://reeve-data/reeve.db".to_owned());
         if !(database_url.starts_with("postgres://")
@@ -206,7 +211,8 @@ pub struct AppState {
     pub service_tokens: ServiceTokens,
     pub events: EventStore,
     pub currency: String,
-    pub webhook_secret: String,
+    /// `STRIPE_WEBHOOK_SECRET`, exposed only to verify a signature.
+    pub webhook_secret: SecretString,
     credits: CreditsClient,
     quota: QuotaClient,
     credits_channel: Channel,
@@ -372,12 +378,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let credits = connection(
         "REEVE_CREDITS_ADDR",
         &config.credits_url,
-        config.service_token.clone().into(),
+        config.service_token.clone(),
     )?;
     let quota = connection(
         "REEVE_QUOTA_ADDR",
         &config.quota_url,
-        config.service_token.clone().into(),
+        config.service_token.clone(),
     )?;
     let state = Arc::new(AppState {
         jwt: JwtVerifier::new(

@@ -168,7 +168,7 @@ async fn audience_is_checked_when_configured() {
     );
     let strict = Stack::start_with_jwt_audience(
         Backend::Sqlite,
-        JwtKey::Hs256(JWT_SECRET.as_bytes().to_vec()),
+        JwtKey::Hs256(JWT_SECRET.into()),
         Some("reeve"),
     )
     .await;

@@ -8,6 +8,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
+use secrecy::ExposeSecret;
 use tracing::Instrument;
 
 use crate::AppState;
@@ -29,9 +30,10 @@ pub async fn receive(
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
-    let event = verify::verify(&body, signature, &state.webhook_secret).inspect_err(|error| {
-        tracing::warn!(code = error.code(), "Stripe webhook refused");
-    })?;
+    let event = verify::verify(&body, signature, state.webhook_secret.expose_secret())
+        .inspect_err(|error| {
+            tracing::warn!(code = error.code(), "Stripe webhook refused");
+        })?;
     let span =
         tracing::info_span!("stripe_event", event_id = %event.id, event_type = %event.event_type);
     apply::handle(&state, event)

@@ -69,7 +69,7 @@ pub fn credits_config(
 
 impl Stack {
     pub async fn start(backend: Backend) -> Stack {
-        Stack::start_with_jwt(backend, JwtKey::Hs256(JWT_SECRET.as_bytes().to_vec())).await
+        Stack::start_with_jwt(backend, JwtKey::Hs256(JWT_SECRET.into())).await
     }
 
     pub async fn start_with_jwt(backend: Backend, jwt: JwtKey) -> Stack {
@@ -118,11 +118,11 @@ impl Stack {
             credits_url: format!("http://{}", credits.local_addr),
             quota_url: format!("http://{}", quota.local_addr),
             service_tokens: ServiceTokens::new([SERVICE_TOKEN]),
-            service_token: SERVICE_TOKEN.to_owned(),
+            service_token: SERVICE_TOKEN.into(),
             jwt,
             jwt_audience: audience.map(str::to_owned),
             jwt_issuer: None,
-            webhook_secret: WEBHOOK_SECRET.to_owned(),
+            webhook_secret: WEBHOOK_SECRET.into(),
             database_url: db.url.clone(),
             currency: "usd".to_owned(),
         };
