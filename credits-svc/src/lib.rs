@@ -53,6 +53,7 @@ pub const METHOD_SCOPES: ScopeTable = &[
     ("ExtendHold", Scope::Deduct),
     ("GetHold", Scope::Deduct),
     ("ListHolds", Scope::Deduct),
+    ("ListPaymentEntries", Scope::Stripe),
 ];
 
 /// Everything credits-svc needs to start.

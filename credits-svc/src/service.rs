@@ -936,4 +936,81 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         let outcome = self.record_payment(&event).await?;
         Ok(Response::new(payment_response(outcome)?))
     }
+
+    #[tracing::instrument(skip_all, fields(payment_ids = request.get_ref().payment_ids.len()))]
+    async fn list_payment_entries(
+        &self,
+        request: Request<pb::ListPaymentEntriesRequest>,
+    ) -> Result<Response<pb::ListPaymentEntriesResponse>, Status> {
+        let request = request.into_inner();
+        if request.payment_ids.len() > 10_000 {
+            return Err(CreditsError::invalid(
+                "too_many_payment_ids",
+                "at most 10,000 payment_ids per call",
+            )
+            .into());
+        }
+        for id in &request.payment_ids {
+            reeve_runtime::ids::check_key(id, "payment_ids")
+                .map_err(|invalid| CreditsError::Invalid(invalid.into()))?;
+        }
+        let bound = |at: Option<&prost_types::Timestamp>, field, default| {
+            at.map_or(Ok(default), |t| micros_of(t, field))
+        };
+        let since_us = bound(request.since.as_ref(), "since", i64::MIN)?;
+        let until_us = bound(request.until.as_ref(), "until", i64::MAX)?;
+        let page_size = match u32::try_from(request.page_size) {
+            Ok(0) => 500,
+            Ok(size) if size <= 1_000 => size,
+            _ => {
+                return Err(CreditsError::invalid(
+                    "invalid_page_size",
+                    "page_size must be 0 to 1000",
+                )
+                .into());
+            }
+        };
+        let after_id = match request.page_token.as_str() {
+            "" => 0,
+            token => token
+                .parse::<i64>()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| {
+                    CreditsError::invalid(
+                        "invalid_page_token",
+                        "page_token is not one this service issued",
+                    )
+                })?,
+        };
+        let mut entries = self
+            .store
+            .payment_entries(
+                &request.payment_ids,
+                since_us,
+                until_us,
+                after_id,
+                page_size + 1,
+            )
+            .await
+            .map_err(CreditsError::from)?;
+        let next_page_token = if entries.len() > page_size as usize {
+            entries.truncate(page_size as usize);
+            entries.last().map(|e| e.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let entries = entries
+            .into_iter()
+            .map(|entry| pb::PaymentEntry {
+                payment_id: entry.payment_id.clone().unwrap_or_default(),
+                key_source: entry.key_source.as_str().to_owned(),
+                entry: Some(entry_to_proto(entry)),
+            })
+            .collect();
+        Ok(Response::new(pb::ListPaymentEntriesResponse {
+            entries,
+            next_page_token,
+        }))
+    }
 }

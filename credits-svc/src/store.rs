@@ -181,6 +181,18 @@ pub trait LedgerStore: Send + Sync + 'static {
         event: &PaymentEvent,
         now_us: i64,
     ) -> Result<PaymentOutcome, StoreError>;
+    /// Up to `limit` entries with an id above `after_id`, oldest first, that belong to
+    /// Stripe payments: those naming one of `payment_ids` (as payment or key, any key
+    /// source) when given, else those in the Stripe key source or naming a payment,
+    /// created in `[since_us, until_us)`. Read-only (reconciliation).
+    async fn payment_entries(
+        &self,
+        payment_ids: &[String],
+        since_us: i64,
+        until_us: i64,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError>;
     /// Connections of the pool, for metrics.
     fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats;
 }

@@ -543,6 +543,41 @@ impl PaymentTx for PgTx<'_> {
 
 #[async_trait]
 impl LedgerStore for PgLedger {
+    async fn payment_entries(
+        &self,
+        payment_ids: &[String],
+        since_us: i64,
+        until_us: i64,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let rows = if payment_ids.is_empty() {
+            sqlx::query_as::<_, EntryRow>(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM credit_ledger \
+                 WHERE (key_source = 'stripe' OR payment_id IS NOT NULL) \
+                 AND created_at_us >= $1 AND created_at_us < $2 AND id > $3 ORDER BY id LIMIT $4"
+            ))
+            .bind(since_us)
+            .bind(until_us)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+        } else {
+            sqlx::query_as::<_, EntryRow>(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM credit_ledger \
+                 WHERE (payment_id = ANY($1::text[]) OR idempotency_key = ANY($1::text[])) \
+                 AND id > $2 ORDER BY id LIMIT $3"
+            ))
+            .bind(payment_ids)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+        };
+        entries(rows)
+    }
+
     fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats {
         reeve_runtime::telemetry::PoolStats {
             open: self.pool.size(),

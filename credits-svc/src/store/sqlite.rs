@@ -41,6 +41,53 @@ impl SqliteLedger {
 
 #[async_trait]
 impl LedgerStore for SqliteLedger {
+    async fn payment_entries(
+        &self,
+        payment_ids: &[String],
+        since_us: i64,
+        until_us: i64,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let rows = if payment_ids.is_empty() {
+            sqlx::query_as::<_, EntryRow>(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM credit_ledger \
+                 WHERE (key_source = 'stripe' OR payment_id IS NOT NULL) \
+                 AND created_at_us >= ? AND created_at_us < ? AND id > ? ORDER BY id LIMIT ?"
+            ))
+            .bind(since_us)
+            .bind(until_us)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+        } else {
+            // Numbered parameters, each id bound once and used in both lists.
+            let n = payment_ids.len();
+            let list = (1..=n)
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT {ENTRY_COLUMNS} FROM credit_ledger \
+                 WHERE (payment_id IN ({list}) OR idempotency_key IN ({list})) \
+                 AND id > ?{} ORDER BY id LIMIT ?{}",
+                n + 1,
+                n + 2
+            );
+            let mut query = sqlx::query_as::<_, EntryRow>(&sql);
+            for id in payment_ids {
+                query = query.bind(id);
+            }
+            query
+                .bind(after_id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+        };
+        entries(rows)
+    }
+
     fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats {
         reeve_runtime::telemetry::PoolStats {
             open: self.pool.size(),
