@@ -373,9 +373,16 @@ enum Planned {
     /// Becomes `Duplicate` of the entry at this index of `inserts`.
     DuplicateOfInsert(usize),
     /// A settle: the entry at `insert`, the hold at this index of `holds`.
-    Settle { insert: usize, hold: usize },
+    Settle {
+        insert: usize,
+        hold: usize,
+        duplicate: bool,
+    },
     /// A hold answer from the hold at this index of `holds`.
-    HoldState { hold: usize, duplicate: bool },
+    HoldState {
+        hold: usize,
+        duplicate: bool,
+    },
     Done(Box<OpOutcome>),
 }
 
@@ -471,10 +478,14 @@ impl Plan {
                 Planned::DuplicateOfInsert(index) => {
                     OpOutcome::Write(WriteOutcome::Duplicate(self.entry(*index, ids, lot_ids)))
                 }
-                Planned::Settle { insert, hold } => OpOutcome::Hold(HoldOutcome::Settled {
+                Planned::Settle {
+                    insert,
+                    hold,
+                    duplicate,
+                } => OpOutcome::Hold(HoldOutcome::Settled {
                     hold: holds[*hold].clone(),
                     entry: self.entry(*insert, ids, lot_ids),
-                    duplicate: false,
+                    duplicate: *duplicate,
                 }),
                 Planned::HoldState { hold, duplicate } => OpOutcome::Hold(HoldOutcome::Hold {
                     hold: holds[*hold].clone(),
@@ -588,7 +599,12 @@ impl Wallet {
 
     /// Takes up to `amount` from unreserved live parts; returns the draws and what
     /// could not be drawn.
-    fn draw(&mut self, amount: i64, first_source: Option<&str>, now_us: i64) -> (Vec<(LotRef, Micros)>, i64) {
+    fn draw(
+        &mut self,
+        amount: i64,
+        first_source: Option<&str>,
+        now_us: i64,
+    ) -> (Vec<(LotRef, Micros)>, i64) {
         let mut need = amount;
         let mut draws = Vec::new();
         for i in self.spendable(first_source, now_us) {
@@ -1050,8 +1066,7 @@ impl<'a> Planner<'a> {
             HoldOp::Extend { ttl_secs, .. } => {
                 if hold.is_active(now_us) {
                     let saved = self.hold_mut(index);
-                    saved.expires_at_us =
-                        now_us.saturating_add(ttl_secs.saturating_mul(1_000_000));
+                    saved.expires_at_us = now_us.saturating_add(ttl_secs.saturating_mul(1_000_000));
                     self.state(index, false)
                 } else {
                     done(HoldOutcome::AlreadyResolved(hold))
@@ -1142,19 +1157,32 @@ impl<'a> Planner<'a> {
         let hold = self.hold(index).clone();
         let done = |outcome: HoldOutcome| Planned::Done(Box::new(OpOutcome::Hold(outcome)));
         match hold.status {
+            // Settled earlier in this same plan: the same amount is that settle again.
+            HoldStatus::Settled
+                if let Some(change) = self.changed.get(&index).copied()
+                    && let Some(insert) = self.changes[change].entry =>
+            {
+                return if hold.settled == Some(amount) {
+                    Planned::Settle {
+                        insert,
+                        hold: change,
+                        duplicate: true,
+                    }
+                } else {
+                    done(HoldOutcome::AlreadyResolved(hold))
+                };
+            }
             HoldStatus::Settled => {
                 let entry = self
                     .existing
                     .get(&(KeySource::System, settle_key(&hold.hold_id)))
                     .cloned();
                 return match entry {
-                    Some(entry) if hold.settled == Some(amount) => {
-                        done(HoldOutcome::Settled {
-                            hold,
-                            entry,
-                            duplicate: true,
-                        })
-                    }
+                    Some(entry) if hold.settled == Some(amount) => done(HoldOutcome::Settled {
+                        hold,
+                        entry,
+                        duplicate: true,
+                    }),
                     _ => done(HoldOutcome::AlreadyResolved(hold)),
                 };
             }
@@ -1242,6 +1270,7 @@ impl<'a> Planner<'a> {
         Planned::Settle {
             insert,
             hold: change,
+            duplicate: false,
         }
     }
 }
