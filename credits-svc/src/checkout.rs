@@ -29,7 +29,7 @@ pub const DEFAULT_CANCEL_URL: &str = "http://localhost:3000/credits?checkout=can
 #[derive(Clone)]
 pub struct CheckoutConfig {
     /// `STRIPE_SECRET_KEY`; never printed.
-    pub secret_key: String,
+    pub secret_key: secrecy::SecretString,
     /// `STRIPE_API_BASE`, ending in '/'.
     pub api_base: String,
     /// `REEVE_PURCHASE_MIN` / `REEVE_PURCHASE_MAX`: whole credits per purchase.
@@ -106,7 +106,7 @@ impl CheckoutConfig {
         check_url("REEVE_CHECKOUT_CANCEL_URL", &cancel_url)?;
         let currency = config::currency()?;
         Ok(Some(CheckoutConfig {
-            secret_key,
+            secret_key: secret_key.into(),
             api_base,
             min_credits,
             max_credits,
@@ -149,7 +149,7 @@ impl Checkout {
         let client = match &config {
             None => None,
             Some(config) => Some(
-                stripe::ClientBuilder::new(config.secret_key.clone())
+                stripe::ClientBuilder::new(secrecy::ExposeSecret::expose_secret(&config.secret_key))
                     .url(config.api_base.clone())
                     .timeout(Duration::from_secs(20))
                     .build()

@@ -56,8 +56,8 @@ pub const METHOD_SCOPES: ScopeTable = &[
     ("ListPaymentEntries", Scope::Stripe),
 ];
 
-/// Everything credits-svc needs to start.
-#[derive(Debug, Clone)]
+/// Everything credits-svc needs to start. `Debug` hides the database URL's password.
+#[derive(Clone)]
 pub struct Config {
     /// `REEVE_DATABASE_URL`: `postgres://…` or `sqlite://…`.
     pub database_url: String,
@@ -76,6 +76,20 @@ pub struct Config {
     pub lot_sweep_interval: std::time::Duration,
     /// The time the service reads (the system clock outside tests).
     pub clock: reeve_runtime::clock::Clock,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &reeve_runtime::db::redacted_url(&self.database_url))
+            .field("listen_addr", &self.listen_addr)
+            .field("service_tokens", &self.service_tokens)
+            .field("deduct_workers", &self.deduct_workers)
+            .field("checkout", &self.checkout)
+            .field("lot_sweep_interval", &self.lot_sweep_interval)
+            .field("clock", &self.clock)
+            .finish()
+    }
 }
 
 impl Config {

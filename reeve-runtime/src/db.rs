@@ -46,3 +46,32 @@ pub async fn sqlite_pool(url: &str) -> Result<SqlitePool, sqlx::Error> {
         .connect_with(options)
         .await
 }
+
+/// A database URL fit for logs and `Debug`: any password replaced.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_url;
+
+    #[test]
+    fn passwords_never_leave_a_database_url() {
+        assert_eq!(
+            redacted_url("postgres://reeve:s3cret@db:5432/reeve"),
+            "postgres://reeve:<redacted>@db:5432/reeve"
+        );
+        assert_eq!(redacted_url("postgres://reeve@db/reeve"), "postgres://reeve@db/reeve");
+        assert_eq!(redacted_url("sqlite://reeve-data/reeve.db"), "sqlite://reeve-data/reeve.db");
+    }
+}

@@ -56,7 +56,7 @@ pub fn credits_config(
         lot_sweep_interval: std::time::Duration::from_secs(60),
         clock: reeve_runtime::clock::Clock::system(),
         checkout: Some(credits_svc::checkout::CheckoutConfig {
-            secret_key: STRIPE_KEY.to_owned(),
+            secret_key: STRIPE_KEY.into(),
             api_base: stripe_api_base,
             min_credits: 5,
             max_credits: 1_000,
