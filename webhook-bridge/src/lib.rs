@@ -287,11 +287,16 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(routes::credits::deduct_batch),
         )
         .route("/api/credits/history", get(routes::credits::history))
+        .route(
+            "/api/credits/history.csv",
+            get(routes::history_csv::download),
+        )
         .route("/api/credits/lots", get(routes::lots::list))
         .route("/api/credits/grants", post(routes::lots::grant))
         .route("/api/credits/webhook", post(routes::webhook::receive))
         .route("/api/tier/usage", get(routes::tier::usage))
         .route("/api/tier/check", get(routes::tier::check))
+        .merge(routes::billing::routes())
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/openapi.json", get(openapi::serve))

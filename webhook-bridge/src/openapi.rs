@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use crate::routes::{credits, lots, tier, webhook};
+use crate::routes::{credits, history_csv, lots, tier, webhook};
 
 /// Every error: `{"error": {"code": "...", "message": "..."}}`; insufficient credits
 /// adds `balance`, `required` (decimal strings) and their `_micros`.
@@ -69,6 +69,7 @@ impl Modify for SecuritySchemes {
     info(title = "Reeve credits & quotas", description = "Prepaid credits (exact decimal amounts, 1 credit = 1 USD) and tier quotas."),
     paths(
         credits::balance, credits::purchase, credits::deduct, credits::deduct_batch, credits::history,
+        history_csv::download,
         lots::list, lots::grant,
         webhook::receive, tier::usage, tier::check,
     ),

@@ -1,8 +1,10 @@
 //! The HTTP routes, grouped by resource. Handlers decode, make one gRPC call and
 //! encode; errors go through [`crate::error::ApiError`].
 
+pub mod billing;
 pub mod credits;
 pub mod health;
+pub mod history_csv;
 pub mod lots;
 pub mod tier;
 pub mod webhook;
