@@ -3,9 +3,17 @@
 //! so a retried Deduct carries the caller's idempotency key and is applied once.
 //! Purchase is the one call not retried (it has no key: a retry could open a second
 //! Checkout Session). RPCs not wrapped here are reached through [`CreditsClient::raw`].
+//!
+//! Holds are keyed by `hold_id`: a retried Hold answers the original hold
+//! (`duplicate`), a retried settle of the same amount the stored result. Refusals the
+//! caller acts on (insufficient credits, a hold already resolved) are read out of the
+//! status's `ErrorInfo` by [`Refusal::of`].
+
+use std::collections::HashMap;
 
 use reeve_proto::credits::v1 as pb;
 use tonic::Status;
+use tonic_types::StatusExt;
 
 use crate::connect::{Connection, RawCreditsClient};
 use crate::retry::{self, RetryPolicy};
@@ -80,6 +88,41 @@ impl CreditsClient {
         pb::PaymentEventResponse
     );
 
+    retried!(
+        /// Reserves credits for `ttl_seconds` under the caller's `hold_id` (the key).
+        hold, "Hold", pb::HoldRequest, pb::HoldResponse
+    );
+    retried!(
+        /// Records the real cost of a hold once (0 releases it). For steady traffic,
+        /// prefer [`crate::Recorder::settle`], which batches through SettleHoldBatch.
+        settle_hold, "SettleHold", pb::SettleHoldRequest, pb::SettleHoldResponse
+    );
+    retried!(
+        /// Up to 10,000 settles with one outcome each.
+        settle_hold_batch,
+        "SettleHoldBatch",
+        pb::SettleHoldBatchRequest,
+        pb::SettleHoldBatchResponse
+    );
+    retried!(
+        /// Frees a hold's reservation (repeatable; refused after a settle).
+        release_hold,
+        "ReleaseHold",
+        pb::ReleaseHoldRequest,
+        pb::ReleaseHoldResponse
+    );
+    retried!(
+        /// Moves an active hold's expiry to now + `ttl_seconds` (long streams).
+        extend_hold, "ExtendHold", pb::ExtendHoldRequest, pb::ExtendHoldResponse
+    );
+    retried!(get_hold, "GetHold", pb::GetHoldRequest, pb::GetHoldResponse);
+    retried!(
+        list_holds,
+        "ListHolds",
+        pb::ListHoldsRequest,
+        pb::ListHoldsResponse
+    );
+
     /// Starts a purchase; not retried (no idempotency key).
     pub async fn purchase(
         &self,
@@ -90,5 +133,57 @@ impl CreditsClient {
             .purchase(request)
             .await
             .map(tonic::Response::into_inner)
+    }
+}
+
+/// A refusal credits-svc explains in the status's `ErrorInfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `INSUFFICIENT_CREDITS` (Deduct, Hold): nothing was written.
+    Insufficient {
+        balance_micros: i64,
+        /// What active holds reserve (0 in a Deduct's refusal from older servers).
+        held_micros: i64,
+        required_micros: i64,
+    },
+    /// `HOLD_ALREADY_RESOLVED` (SettleHold, ReleaseHold, ExtendHold): the hold's
+    /// stored outcome refuses the call.
+    HoldAlreadyResolved {
+        hold_id: String,
+        /// `settled`, `released` or `expired`.
+        status: String,
+        settled_micros: i64,
+        entry_id: i64,
+    },
+}
+
+impl Refusal {
+    /// The refusal `status` carries, if it is one of these.
+    pub fn of(status: &Status) -> Option<Refusal> {
+        if status.code() != tonic::Code::FailedPrecondition {
+            return None;
+        }
+        let info = status.get_details_error_info()?;
+        let metadata: &HashMap<String, String> = &info.metadata;
+        let micros = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        match info.reason.as_str() {
+            "INSUFFICIENT_CREDITS" => Some(Refusal::Insufficient {
+                balance_micros: micros("balance_micros"),
+                held_micros: micros("held_micros"),
+                required_micros: micros("required_micros"),
+            }),
+            "HOLD_ALREADY_RESOLVED" => Some(Refusal::HoldAlreadyResolved {
+                hold_id: metadata.get("hold_id").cloned().unwrap_or_default(),
+                status: metadata.get("status").cloned().unwrap_or_default(),
+                settled_micros: micros("settled_micros"),
+                entry_id: micros("entry_id"),
+            }),
+            _ => None,
+        }
     }
 }

@@ -8,11 +8,14 @@
 //!   ([`retry`]): jittered backoff, only on UNAVAILABLE, DEADLINE_EXCEEDED and
 //!   RESOURCE_EXHAUSTED, always the same request (the same idempotency key).
 //! - [`QuotaGuard`]: consume a feature's quota before metered work.
-//! - [`Recorder`]: buffered, batched deductions that are never lost or doubled,
-//!   optionally kept in a write-ahead file ([`wal`]) across crashes.
+//! - [`Recorder`]: buffered, batched deductions and hold settles that are never lost
+//!   or doubled, optionally kept in a write-ahead file ([`wal`]) across crashes.
+//! - [`Meter`]: the metered call: hold → the caller's work → settle the reported cost
+//!   through the recorder, or release on error or drop.
 
 pub mod connect;
 pub mod credits;
+pub mod metered;
 pub mod quota;
 pub mod quota_guard;
 pub mod recorder;
@@ -20,12 +23,13 @@ pub mod retry;
 pub mod wal;
 
 pub use connect::{ClientBuilder, ConnectError, Connection};
-pub use credits::CreditsClient;
+pub use credits::{CreditsClient, Refusal};
+pub use metered::{HeldCredits, Meter, MeteredError, Reservation};
 pub use quota::QuotaClient;
 pub use quota_guard::{GuardError, Permit, QuotaGuard};
 pub use recorder::{
     Charge, Deduction, ItemOutcome, Outcome, RecordError, Recorder, RecorderBuilder, RecorderError,
-    RecorderStats,
+    RecorderStats, Settlement,
 };
 pub use retry::RetryPolicy;
 pub use secrecy::SecretString;

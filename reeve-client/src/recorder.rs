@@ -1,5 +1,6 @@
-//! The recorder: the gateway hands it a deduction and goes on; the recorder batches
-//! deductions into DeductBatch calls and sees each one through to a final outcome.
+//! The recorder: the gateway hands it a charge (a deduction, or the real cost of a
+//! hold) and goes on; the recorder batches deductions into DeductBatch calls and
+//! settlements into SettleHoldBatch calls, and sees each one through to a final outcome.
 //!
 //! Invariants (what this module must never do):
 //! - **Never drop an accepted item.** `record` returns once the item is in the bounded
@@ -11,8 +12,10 @@
 //! - **Never double an item.** Every attempt resends the same items with the same
 //!   idempotency keys; a replay after a crash does too. The server's ledger applies a
 //!   key once and answers `duplicate` afterwards.
-//! - **Never retry a refusal blindly.** `insufficient` and `invalid` are final and go
-//!   to the caller's outcome handler, as do `applied` and `duplicate` (the successes).
+//! - **Never retry a refusal blindly.** `insufficient`, `invalid` and (for a settle)
+//!   `already_resolved` (the hold was released, expired or settled with another
+//!   amount) are final and go to the caller's outcome handler, as do `applied`,
+//!   `duplicate` and `settled` (the successes).
 //!   A batch the server refuses as a whole for another reason (e.g. a token without
 //!   the deduct scope) reaches the handler as [`Outcome::Rejected`] per item; with a
 //!   write-ahead file those items stay in it and are replayed at the next start.
@@ -20,11 +23,13 @@
 //! Shape: callers → bounded buffer (an mpsc channel) → one batcher task, which cuts
 //! batches at `batch_items` or `batch_delay` and starts at most `max_in_flight` flush
 //! tasks at once (waiting for a free slot is what makes the buffer fill and push back).
-//! Each flush is one `tracing` span. Items are [`Charge`]s, an enum: deductions today;
-//! settlements of holds (`SettleHoldBatch`) are meant to become a second variant, cut
-//! into a second batch kind by the same batcher and written to the same write-ahead
-//! file with an op of their own (see the crate README).
+//! Each flush is one `tracing` span. Items are [`Charge`]s, an enum with one variant
+//! per batch RPC: the batcher keeps one open batch per kind (each with its own
+//! `batch_items`/`batch_delay` cut), so a DeductBatch never carries a settle nor the
+//! reverse; every kind shares the slots, the resend loop, the write-ahead file (an op
+//! per kind) and its done marks.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -83,24 +88,100 @@ impl Deduction {
     }
 }
 
+/// The real cost of a hold, to settle once (the hold's id is the key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub hold_id: String,
+    /// The hold's user. Not sent (the hold knows its user): for the outcome handler.
+    pub user_id: String,
+    /// The real cost, 0 or more (0 releases the hold).
+    pub amount_micros: i64,
+    pub description: String,
+}
+
+impl Settlement {
+    pub fn new(
+        hold_id: impl Into<String>,
+        user_id: impl Into<String>,
+        amount_micros: i64,
+    ) -> Settlement {
+        Settlement {
+            hold_id: hold_id.into(),
+            user_id: user_id.into(),
+            amount_micros,
+            description: String::new(),
+        }
+    }
+
+    pub fn with_description(mut self, description: impl Into<String>) -> Settlement {
+        self.description = description.into();
+        self
+    }
+
+    pub(crate) fn to_proto(&self) -> pb::SettleHoldRequest {
+        pb::SettleHoldRequest {
+            hold_id: self.hold_id.clone(),
+            amount_micros: self.amount_micros,
+            description: self.description.clone(),
+        }
+    }
+}
+
 /// What the recorder carries: one variant per batch RPC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Charge {
     /// Flushed through DeductBatch.
     Deduct(Deduction),
+    /// Flushed through SettleHoldBatch.
+    SettleHold(Settlement),
 }
 
 impl Charge {
+    /// The deduction's key, or the settled hold's id.
     pub fn idempotency_key(&self) -> &str {
         match self {
             Charge::Deduct(d) => &d.idempotency_key,
+            Charge::SettleHold(s) => &s.hold_id,
         }
     }
 
     pub fn user_id(&self) -> &str {
         match self {
             Charge::Deduct(d) => &d.user_id,
+            Charge::SettleHold(s) => &s.user_id,
+        }
+    }
+
+    pub fn amount_micros(&self) -> i64 {
+        match self {
+            Charge::Deduct(d) => d.amount_micros,
+            Charge::SettleHold(s) => s.amount_micros,
+        }
+    }
+}
+
+/// The batch kinds: one batch RPC each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Deduct = 0,
+    SettleHold = 1,
+}
+
+impl Kind {
+    const ALL: [Kind; 2] = [Kind::Deduct, Kind::SettleHold];
+
+    fn of(charge: &Charge) -> Kind {
+        match charge {
+            Charge::Deduct(_) => Kind::Deduct,
+            Charge::SettleHold(_) => Kind::SettleHold,
+        }
+    }
+
+    fn rpc(self) -> &'static str {
+        match self {
+            Kind::Deduct => "DeductBatch",
+            Kind::SettleHold => "SettleHoldBatch",
         }
     }
 }
@@ -123,8 +204,27 @@ pub enum Outcome {
         balance_micros: i64,
         required_micros: i64,
     },
-    /// Not applied: malformed, or the key was used for another request. Final.
+    /// Not applied: malformed, the key was used for another request, or (a settle) no
+    /// such hold (`hold_not_found`). Final.
     Invalid { code: String, message: String },
+    /// A hold's cost recorded once, as the deduction `entry_id` (0 for a settle of 0,
+    /// which released the hold); `duplicate` when it had been recorded before (a
+    /// resend or a replay). `shortfall_micros` is what no lot could cover (now a
+    /// debt); `late` when settled after the hold expired.
+    Settled {
+        entry_id: i64,
+        balance_after_micros: i64,
+        shortfall_micros: i64,
+        late: bool,
+        duplicate: bool,
+    },
+    /// The hold's stored outcome refuses this settle: it was released, or settled
+    /// with another amount (`HOLD_ALREADY_RESOLVED`). Nothing written. Final.
+    AlreadyResolved {
+        status: pb::HoldStatus,
+        settled_micros: i64,
+        entry_id: i64,
+    },
     /// The server refused the whole batch (not a transient failure): e.g. the token
     /// lacks the deduct scope. With a write-ahead file the item is kept there and
     /// replayed at the next start.
@@ -134,7 +234,10 @@ pub enum Outcome {
 impl Outcome {
     /// Applied or duplicate: the money was recorded exactly once.
     pub fn is_success(&self) -> bool {
-        matches!(self, Outcome::Applied { .. } | Outcome::Duplicate { .. })
+        matches!(
+            self,
+            Outcome::Applied { .. } | Outcome::Duplicate { .. } | Outcome::Settled { .. }
+        )
     }
 
     fn label(&self) -> &'static str {
@@ -144,7 +247,36 @@ impl Outcome {
             Outcome::Insufficient { .. } => "insufficient",
             Outcome::Invalid { .. } => "invalid",
             Outcome::Rejected { .. } => "rejected",
+            Outcome::Settled {
+                duplicate: false, ..
+            } => "settled",
+            Outcome::Settled {
+                duplicate: true, ..
+            } => "duplicate",
+            Outcome::AlreadyResolved { .. } => "already_resolved",
         }
+    }
+
+    fn from_settle(result: Option<pb::settle_hold_outcome::Result>) -> Option<Outcome> {
+        use pb::settle_hold_outcome::Result as R;
+        Some(match result? {
+            R::Settled(settled) => Outcome::Settled {
+                entry_id: settled.entry.as_ref().map_or(0, |e| e.id),
+                balance_after_micros: settled.entry.as_ref().map_or(0, |e| e.balance_after_micros),
+                shortfall_micros: settled.shortfall_micros,
+                late: settled.hold.as_ref().is_some_and(|h| h.late),
+                duplicate: settled.duplicate,
+            },
+            R::AlreadyResolved(hold) => Outcome::AlreadyResolved {
+                status: hold.status(),
+                settled_micros: hold.settled_micros,
+                entry_id: hold.entry_id,
+            },
+            R::Invalid(i) => Outcome::Invalid {
+                code: i.code,
+                message: i.message,
+            },
+        })
     }
 
     fn from_proto(result: Option<pb::deduct_outcome::Result>) -> Option<Outcome> {
@@ -184,7 +316,9 @@ pub enum RecordError {
     Full,
     #[error("the recorder is closed")]
     Closed,
-    #[error("amount_micros must be positive and the idempotency key non-empty")]
+    #[error(
+        "amount_micros must be positive (0 or more for a settle) and the key or hold id non-empty"
+    )]
     Invalid,
     #[error(transparent)]
     WriteAhead(#[from] WalError),
@@ -235,7 +369,8 @@ impl std::fmt::Debug for RecorderBuilder {
 }
 
 impl RecorderBuilder {
-    /// Flush at this many items (N; at most 10,000, DeductBatch's limit). Default 500.
+    /// Flush at this many items of one kind (N; at most 10,000, the batch RPCs' limit).
+    /// Default 500.
     pub fn batch_items(mut self, items: usize) -> RecorderBuilder {
         self.batch_items = items.clamp(1, 10_000);
         self
@@ -422,6 +557,25 @@ impl Recorder {
         .await
     }
 
+    /// Settles hold `hold_id` (of `user_id`) at its real cost, batched with other
+    /// settles into SettleHoldBatch; returns once accepted (waiting while the buffer
+    /// is full). A cost of 0 releases the hold. From then on the cost is recorded
+    /// exactly once, or the refusal (the hold already resolved, no such hold) reaches
+    /// the handler.
+    pub async fn settle(
+        &self,
+        hold_id: impl Into<String>,
+        user_id: impl Into<String>,
+        amount_micros: i64,
+    ) -> Result<(), RecordError> {
+        self.record_charge(Charge::SettleHold(Settlement::new(
+            hold_id,
+            user_id,
+            amount_micros,
+        )))
+        .await
+    }
+
     /// Like [`Recorder::record`], but a full buffer is an error instead of a wait.
     pub async fn try_record(
         &self,
@@ -507,6 +661,10 @@ fn check(charge: &Charge) -> Result<(), RecordError> {
             Err(RecordError::Invalid)
         }
         Charge::Deduct(_) => Ok(()),
+        Charge::SettleHold(s) if s.amount_micros < 0 || s.hold_id.is_empty() => {
+            Err(RecordError::Invalid)
+        }
+        Charge::SettleHold(_) => Ok(()),
     }
 }
 
@@ -522,20 +680,40 @@ struct Batcher {
     buffer_items: usize,
 }
 
+/// The open batch of one kind.
+#[derive(Default)]
+struct Lane {
+    items: Vec<Pending>,
+    /// When it is due: `batch_delay` after its first item.
+    deadline: Option<Instant>,
+}
+
+impl Lane {
+    fn take(&mut self) -> Vec<Pending> {
+        self.deadline = None;
+        std::mem::take(&mut self.items)
+    }
+}
+
 impl Batcher {
     async fn run(mut self) {
         let mut flushes = JoinSet::new();
         let replay = std::mem::take(&mut self.replay);
-        let mut replay = replay.into_iter().peekable();
-        while replay.peek().is_some() {
-            let batch: Vec<Pending> = replay.by_ref().take(self.batch_items).collect();
-            self.dispatch(batch, &mut flushes).await;
+        let (deductions, settles): (Vec<Pending>, Vec<Pending>) = replay
+            .into_iter()
+            .partition(|p| Kind::of(&p.charge) == Kind::Deduct);
+        for (kind, items) in [(Kind::Deduct, deductions), (Kind::SettleHold, settles)] {
+            let mut items = items.into_iter().peekable();
+            while items.peek().is_some() {
+                let batch: Vec<Pending> = items.by_ref().take(self.batch_items).collect();
+                self.dispatch(kind, batch, &mut flushes).await;
+            }
         }
-        let mut batch: Vec<Pending> = Vec::with_capacity(self.batch_items);
-        let mut deadline: Option<Instant> = None;
+        let mut lanes: [Lane; 2] = Default::default();
+        let mut received_now: Vec<Pending> = Vec::with_capacity(self.batch_items);
         let mut closed = false;
         loop {
-            let room = self.batch_items - batch.len();
+            let due = lanes.iter().filter_map(|lane| lane.deadline).min();
             tokio::select! {
                 biased;
                 () = self.closing.cancelled(), if !closed => {
@@ -543,31 +721,41 @@ impl Batcher {
                     self.receiver.close();
                     closed = true;
                 }
-                received = self.receiver.recv_many(&mut batch, room) => {
+                received = self.receiver.recv_many(&mut received_now, self.batch_items) => {
                     if received == 0 {
                         break;
                     }
-                    deadline.get_or_insert_with(|| Instant::now() + self.batch_delay);
                     metrics::gauge!("reeve_client_recorder_buffer_items")
                         .set((self.buffer_items - self.receiver.capacity().min(self.buffer_items)) as f64);
-                    if batch.len() >= self.batch_items {
-                        let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_items));
-                        deadline = None;
-                        self.dispatch(full, &mut flushes).await;
+                    for pending in received_now.drain(..) {
+                        let kind = Kind::of(&pending.charge);
+                        let lane = &mut lanes[kind as usize];
+                        lane.deadline.get_or_insert_with(|| Instant::now() + self.batch_delay);
+                        lane.items.push(pending);
+                        if lane.items.len() >= self.batch_items {
+                            let full = lane.take();
+                            self.dispatch(kind, full, &mut flushes).await;
+                        }
                     }
                 }
-                () = sleep_until(deadline), if deadline.is_some() => {
-                    let due = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_items));
-                    deadline = None;
-                    self.dispatch(due, &mut flushes).await;
+                () = sleep_until(due), if due.is_some() => {
+                    let now = Instant::now();
+                    for kind in Kind::ALL {
+                        let lane = &mut lanes[kind as usize];
+                        if lane.deadline.is_some_and(|at| at <= now) {
+                            let batch = lane.take();
+                            self.dispatch(kind, batch, &mut flushes).await;
+                        }
+                    }
                 }
             }
             while let Some(done) = flushes.try_join_next() {
                 report_panic(done);
             }
         }
-        if !batch.is_empty() {
-            self.dispatch(batch, &mut flushes).await;
+        for kind in Kind::ALL {
+            let batch = lanes[kind as usize].take();
+            self.dispatch(kind, batch, &mut flushes).await;
         }
         while let Some(done) = flushes.join_next().await {
             report_panic(done);
@@ -576,7 +764,7 @@ impl Batcher {
     }
 
     /// Waits for a free flush slot (back-pressure), then flushes `batch` on a task.
-    async fn dispatch(&self, batch: Vec<Pending>, flushes: &mut JoinSet<()>) {
+    async fn dispatch(&self, kind: Kind, batch: Vec<Pending>, flushes: &mut JoinSet<()>) {
         if batch.is_empty() {
             return;
         }
@@ -587,7 +775,7 @@ impl Batcher {
         let in_flight = self.slots.available_permits();
         metrics::gauge!("reeve_client_recorder_in_flight_batches").set(in_flight as f64);
         flushes.spawn(async move {
-            flusher.flush(batch).await;
+            flusher.flush(kind, batch).await;
             drop(slot);
         });
     }
@@ -622,28 +810,44 @@ struct Flusher {
 }
 
 impl Flusher {
-    async fn flush(&self, batch: Vec<Pending>) {
+    async fn flush(&self, kind: Kind, batch: Vec<Pending>) {
         let span = tracing::info_span!(
             "recorder.flush",
-            rpc = "DeductBatch",
+            rpc = kind.rpc(),
             items = batch.len(),
             attempts = tracing::field::Empty,
             refused = tracing::field::Empty,
         );
-        self.flush_deductions(batch).instrument(span).await;
+        async {
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            metrics::histogram!("reeve_client_recorder_flush_items", "rpc" => kind.rpc())
+                .record(batch.len() as f64);
+            let outcomes = match kind {
+                Kind::Deduct => self.send_deductions(&batch).await,
+                Kind::SettleHold => self.send_settles(&batch).await,
+            };
+            self.finish(batch, outcomes).await;
+        }
+        .instrument(span)
+        .await;
     }
 
-    async fn send_until_answered(
+    /// Sends one batch (through `send`, the same request every time) until the server
+    /// answers it with one outcome per item, or refuses it as a whole for a reason a
+    /// resend cannot change.
+    async fn send_until_answered<T, F, Fut>(
         &self,
-        request: &pb::DeductBatchRequest,
-    ) -> Result<Vec<pb::DeductOutcome>, Status> {
-        let items = request.items.len();
+        items: usize,
+        mut send: F,
+    ) -> Result<Vec<T>, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Vec<T>, Status>>,
+    {
         let mut attempt = 1u32;
         loop {
-            let answer = self.raw.clone().deduct_batch(request.clone()).await;
-            let failure = match answer {
-                Ok(reply) => {
-                    let outcomes = reply.into_inner().outcomes;
+            let failure = match send().await {
+                Ok(outcomes) => {
                     if outcomes.len() == items {
                         tracing::Span::current().record("attempts", attempt);
                         return Ok(outcomes);
@@ -664,27 +868,56 @@ impl Flusher {
         }
     }
 
-    async fn flush_deductions(&self, batch: Vec<Pending>) {
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!("reeve_client_recorder_flush_items").record(batch.len() as f64);
+    async fn send_deductions(&self, batch: &[Pending]) -> Result<Vec<Outcome>, Status> {
         let request = pb::DeductBatchRequest {
             items: batch
                 .iter()
-                .map(|p| match &p.charge {
-                    Charge::Deduct(d) => d.to_proto(),
+                .filter_map(|p| match &p.charge {
+                    Charge::Deduct(d) => Some(d.to_proto()),
+                    Charge::SettleHold(_) => None,
                 })
                 .collect(),
         };
-        let outcomes: Vec<Outcome> = match self.send_until_answered(&request).await {
-            Ok(outcomes) => outcomes
-                .into_iter()
-                .map(|o| {
-                    Outcome::from_proto(o.result).unwrap_or(Outcome::Rejected {
-                        code: Code::Internal,
-                        message: "the server answered no result for this item".to_owned(),
-                    })
+        let outcomes = self
+            .send_until_answered(batch.len(), || {
+                let mut raw = self.raw.clone();
+                let request = request.clone();
+                async move { Ok(raw.deduct_batch(request).await?.into_inner().outcomes) }
+            })
+            .await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| Outcome::from_proto(o.result).unwrap_or_else(no_result))
+            .collect())
+    }
+
+    async fn send_settles(&self, batch: &[Pending]) -> Result<Vec<Outcome>, Status> {
+        let request = pb::SettleHoldBatchRequest {
+            items: batch
+                .iter()
+                .filter_map(|p| match &p.charge {
+                    Charge::SettleHold(s) => Some(s.to_proto()),
+                    Charge::Deduct(_) => None,
                 })
                 .collect(),
+        };
+        let outcomes = self
+            .send_until_answered(batch.len(), || {
+                let mut raw = self.raw.clone();
+                let request = request.clone();
+                async move { Ok(raw.settle_hold_batch(request).await?.into_inner().outcomes) }
+            })
+            .await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| Outcome::from_settle(o.result).unwrap_or_else(no_result))
+            .collect())
+    }
+
+    /// Marks final outcomes done in the write-ahead file, then tells the handler.
+    async fn finish(&self, batch: Vec<Pending>, outcomes: Result<Vec<Outcome>, Status>) {
+        let outcomes: Vec<Outcome> = match outcomes {
+            Ok(outcomes) => outcomes,
             Err(status) => {
                 tracing::error!(code = ?status.code(), message = status.message(), "batch refused as a whole");
                 batch
@@ -728,5 +961,13 @@ impl Flusher {
             }
         }
         tracing::Span::current().record("refused", refused);
+    }
+}
+
+/// An outcome the server left empty: reported, never guessed at.
+fn no_result() -> Outcome {
+    Outcome::Rejected {
+        code: Code::Internal,
+        message: "the server answered no result for this item".to_owned(),
     }
 }

@@ -5,8 +5,11 @@
 //!
 //! ```text
 //! {"op":"deduct","seq":7,"user_id":"alice","amount_micros":1500,"idempotency_key":"llm-call-1","description":""}
+//! {"op":"settle_hold","seq":8,"hold_id":"llm-call-2","user_id":"alice","amount_micros":900,"description":""}
 //! {"op":"done","seq":7}
 //! ```
+//!
+//! One op per [`Charge`] variant (`deduct`, `settle_hold`); `done` lines serve both.
 //!
 //! - An item line is written, and the file `fdatasync`ed, *before* `record` returns
 //!   (group commit: one writer thread writes every line waiting and syncs once for
@@ -74,6 +77,14 @@ enum Line {
         #[serde(default)]
         description: String,
     },
+    SettleHold {
+        seq: u64,
+        hold_id: String,
+        user_id: String,
+        amount_micros: i64,
+        #[serde(default)]
+        description: String,
+    },
     Done {
         seq: u64,
     },
@@ -88,6 +99,13 @@ impl Line {
                 amount_micros: d.amount_micros,
                 idempotency_key: d.idempotency_key.clone(),
                 description: d.description.clone(),
+            },
+            Charge::SettleHold(s) => Line::SettleHold {
+                seq,
+                hold_id: s.hold_id.clone(),
+                user_id: s.user_id.clone(),
+                amount_micros: s.amount_micros,
+                description: s.description.clone(),
             },
         }
     }
@@ -143,7 +161,7 @@ fn recover(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<u64, Line>, u64), WalE
             reason: e.to_string(),
         })?;
         match line {
-            Line::Deduct { seq, .. } => {
+            Line::Deduct { seq, .. } | Line::SettleHold { seq, .. } => {
                 max_seq = max_seq.max(seq);
                 pending.insert(seq, line);
             }
@@ -194,6 +212,18 @@ fn charge_of(line: &Line) -> Option<Charge> {
             user_id: user_id.clone(),
             amount_micros: *amount_micros,
             idempotency_key: idempotency_key.clone(),
+            description: description.clone(),
+        })),
+        Line::SettleHold {
+            hold_id,
+            user_id,
+            amount_micros,
+            description,
+            ..
+        } => Some(Charge::SettleHold(crate::recorder::Settlement {
+            hold_id: hold_id.clone(),
+            user_id: user_id.clone(),
+            amount_micros: *amount_micros,
             description: description.clone(),
         })),
         Line::Done { .. } => None,
@@ -393,7 +423,7 @@ impl Writer {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::recorder::Deduction;
+    use crate::recorder::{Deduction, Settlement};
 
     fn deduction(key: &str) -> Charge {
         Charge::Deduct(Deduction::new("alice", 10, key))
@@ -404,6 +434,7 @@ mod tests {
             .iter()
             .map(|(_, c)| match c {
                 Charge::Deduct(d) => d.idempotency_key.clone(),
+                Charge::SettleHold(s) => format!("settle:{}", s.hold_id),
             })
             .collect()
     }
@@ -431,6 +462,29 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
         let (_wal, replay) = Wal::open(&path).unwrap();
         assert!(replay.is_empty());
+    }
+
+    #[tokio::test]
+    async fn settles_and_deductions_share_the_file_and_replay_as_what_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("recorder.wal");
+        let (wal, _) = Wal::open(&path).unwrap();
+        let settle = Charge::SettleHold(
+            Settlement::new("hold-1", "alice", 0).with_description("released by cost 0"),
+        );
+        let a = wal.append(deduction("a")).await.unwrap();
+        wal.append(settle.clone()).await.unwrap();
+        let c = wal
+            .append(Charge::SettleHold(Settlement::new("hold-2", "bob", 7)))
+            .await
+            .unwrap();
+        wal.done(vec![a, c]).await.unwrap();
+        drop(wal);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(r#"{"op":"settle_hold","seq":2,"hold_id":"hold-1","user_id":"alice","amount_micros":0,"description":"released by cost 0"}"#), "{text}");
+
+        let (_wal, replay) = Wal::open(&path).unwrap();
+        assert_eq!(replay, vec![(2, settle)]);
     }
 
     #[test]

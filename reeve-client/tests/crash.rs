@@ -1,6 +1,7 @@
-//! A process using the recorder, killed: with `kill -9` mid-flush, its write-ahead file
-//! brings every accepted item to the ledger exactly once at the next start; with
-//! SIGTERM, `close()` drains everything before the process exits.
+//! A process using the recorder, killed: with `kill -9` mid-flush (of deductions, or of
+//! hold settles), its write-ahead file brings every accepted item to the ledger exactly
+//! once at the next start; with SIGTERM, `close()` drains everything before the
+//! process exits.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -169,4 +170,75 @@ async fn sigterm_closes_the_recorder_which_drains_before_exit() {
         missing.is_empty(),
         "accepted but never applied: {missing:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_flush_of_settles_then_replay_applies_each_settle_exactly_once() {
+    let credits = Credits::start().await;
+    for u in 0..USERS {
+        credits.grant(&format!("user-{u}"), 10_000 * CREDIT).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let wal = dir.path().join("recorder.wal");
+    let mut child = probe(&credits, "record", "hcrash", Some(&wal));
+    child.env("PROBE_KIND", "settle");
+    let mut child = child.spawn().unwrap();
+    let (accepted, _) = accepted_keys(&mut child, 2_000, |child| {
+        child.start_kill().unwrap();
+    })
+    .await;
+    assert!(!child.wait().await.unwrap().success());
+
+    let before = credits.settle_entries().await;
+    assert!(
+        before.len() < accepted.len(),
+        "a backlog of settles was buffered at the kill ({} applied, {} accepted)",
+        before.len(),
+        accepted.len()
+    );
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+
+    let mut replay = probe(&credits, "replay", "hcrash", Some(&wal));
+    replay.env("PROBE_KIND", "settle");
+    let mut replay = replay.spawn().unwrap();
+    let (_, last) = accepted_keys(&mut replay, usize::MAX, |_| {}).await;
+    assert!(replay.wait().await.unwrap().success());
+    assert_eq!(last, "closed");
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+
+    // Every accepted settle is in the ledger once, at its amount; no other settle is.
+    let settled = credits.settle_entries().await;
+    let mut per_user = vec![(0i64, 0i64); USERS as usize];
+    for (hold_id, (count, micros)) in &settled {
+        assert_eq!(*count, 1, "{hold_id} settled {count} times");
+        let i = index_of(hold_id);
+        assert!(hold_id.starts_with("hcrash-"), "{hold_id} was never held");
+        assert_eq!(*micros, 1_000 + (i % 997) as i64, "{hold_id}");
+        per_user[(i % USERS) as usize].0 += 1;
+        per_user[(i % USERS) as usize].1 += micros;
+    }
+    let missing: Vec<_> = accepted
+        .iter()
+        .filter(|key| !settled.contains_key(*key))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "accepted but never settled: {missing:?}"
+    );
+    assert!(
+        settled.len() > before.len(),
+        "the replay settled the backlog"
+    );
+    for (u, (count, sum)) in per_user.into_iter().enumerate() {
+        let (entries, balance) = credits.audit(&format!("user-{u}")).await;
+        assert_eq!((entries, balance), (1 + count, 10_000 * CREDIT - sum));
+    }
+    // A settled hold reserves nothing; a hold whose settle was never accepted still
+    // reserves (until it expires, charging nothing).
+    for key in accepted.iter().take(50) {
+        assert_eq!(
+            credits.hold(key).await.status(),
+            reeve_proto::credits::v1::HoldStatus::Settled
+        );
+    }
 }

@@ -111,3 +111,55 @@ impl Credits {
         rows.into_iter().collect()
     }
 }
+
+impl Credits {
+    /// Every settle entry of the ledger: hold id → (how many entries, micros charged).
+    pub async fn settle_entries(&self) -> std::collections::HashMap<String, (i64, i64)> {
+        let pool = sqlx::PgPool::connect(&self.db.url).await.unwrap();
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT idempotency_key, COUNT(*), (-SUM(amount_micros))::int8 FROM credit_ledger \
+             WHERE kind = 'deduction' AND idempotency_key LIKE 'settle:%' GROUP BY idempotency_key",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(key, count, micros)| {
+                (
+                    key.strip_prefix("settle:").unwrap().to_owned(),
+                    (count, micros),
+                )
+            })
+            .collect()
+    }
+
+    /// The hold as credits-svc answers it now.
+    pub async fn hold(&self, hold_id: &str) -> pb::Hold {
+        self.connection()
+            .credits()
+            .get_hold(pb::GetHoldRequest {
+                hold_id: hold_id.to_owned(),
+            })
+            .await
+            .unwrap()
+            .hold
+            .unwrap()
+    }
+
+    /// (balance, held, available) of `user_id`.
+    pub async fn balance(&self, user_id: &str) -> (i64, i64, i64) {
+        let answer = self
+            .connection()
+            .credits()
+            .get_balance(pb::GetBalanceRequest {
+                user_id: user_id.to_owned(),
+            })
+            .await
+            .unwrap();
+        (
+            answer.balance_micros,
+            answer.held_micros,
+            answer.available_micros,
+        )
+    }
+}
