@@ -29,6 +29,10 @@ pub const ROUTE_SCOPES: &[(&str, Scope)] = &[
     ("/api/credits/deduct", Scope::Deduct),
     ("/api/credits/deduct/batch", Scope::Deduct),
     ("/api/credits/grants", Scope::Admin),
+    ("/api/credits/holds", Scope::Deduct),
+    ("/api/credits/holds/{hold_id}", Scope::Deduct),
+    ("/api/credits/holds/{hold_id}/settle", Scope::Deduct),
+    ("/api/credits/holds/{hold_id}/release", Scope::Deduct),
 ];
 
 /// The key user tokens are verified with.

@@ -22,9 +22,25 @@ pub enum ApiError {
     /// 403: a service token without the scope this route needs.
     #[error("{message}")]
     Forbidden { code: &'static str, message: String },
-    /// 402: a deduction larger than the balance.
+    /// 402: a deduction or hold larger than what may be spent; `held` is what active
+    /// holds reserve (when the backend says).
     #[error("insufficient credits: balance {balance}, required {required}")]
-    InsufficientCredits { balance: Micros, required: Micros },
+    InsufficientCredits {
+        balance: Micros,
+        held: Option<Micros>,
+        required: Micros,
+    },
+    /// 409 `hold_already_resolved`: the hold's stored outcome refuses this settle or
+    /// release; the outcome goes in the body.
+    #[error("{message}")]
+    HoldAlreadyResolved {
+        message: String,
+        hold_id: String,
+        status: String,
+        settled: Option<Micros>,
+        entry_id: Option<i64>,
+        shortfall: Micros,
+    },
     /// 404
     #[error("{message}")]
     NotFound { code: String, message: String },
@@ -106,7 +122,9 @@ impl ApiError {
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict { .. } | ApiError::HoldAlreadyResolved { .. } => {
+                StatusCode::CONFLICT
+            }
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal {
                 code: "backend_error",
@@ -127,6 +145,7 @@ impl ApiError {
             | ApiError::Internal { code, .. }
             | ApiError::Refused { code, .. } => code,
             ApiError::InsufficientCredits { .. } => "insufficient_credits",
+            ApiError::HoldAlreadyResolved { .. } => "hold_already_resolved",
         }
     }
 
@@ -135,11 +154,47 @@ impl ApiError {
         let mut error = Map::new();
         error.insert("code".to_owned(), Value::from(self.code()));
         error.insert("message".to_owned(), Value::from(self.to_string()));
-        if let ApiError::InsufficientCredits { balance, required } = self {
-            error.insert("balance".to_owned(), Value::from(balance.to_string()));
-            error.insert("required".to_owned(), Value::from(required.to_string()));
-            error.insert("balance_micros".to_owned(), Value::from(balance.0));
-            error.insert("required_micros".to_owned(), Value::from(required.0));
+        match self {
+            ApiError::InsufficientCredits {
+                balance,
+                held,
+                required,
+            } => {
+                error.insert("balance".to_owned(), Value::from(balance.to_string()));
+                error.insert("required".to_owned(), Value::from(required.to_string()));
+                error.insert("balance_micros".to_owned(), Value::from(balance.0));
+                error.insert("required_micros".to_owned(), Value::from(required.0));
+                if let Some(held) = held {
+                    error.insert("held".to_owned(), Value::from(held.to_string()));
+                    error.insert("held_micros".to_owned(), Value::from(held.0));
+                }
+            }
+            ApiError::HoldAlreadyResolved {
+                hold_id,
+                status,
+                settled,
+                entry_id,
+                shortfall,
+                ..
+            } => {
+                error.insert("hold_id".to_owned(), Value::from(hold_id.as_str()));
+                error.insert("status".to_owned(), Value::from(status.as_str()));
+                error.insert(
+                    "settled".to_owned(),
+                    settled.map_or(Value::Null, |m| Value::from(m.to_string())),
+                );
+                error.insert(
+                    "settled_micros".to_owned(),
+                    settled.map_or(Value::Null, |m| Value::from(m.0)),
+                );
+                error.insert(
+                    "entry_id".to_owned(),
+                    entry_id.map_or(Value::Null, Value::from),
+                );
+                error.insert("shortfall".to_owned(), Value::from(shortfall.to_string()));
+                error.insert("shortfall_micros".to_owned(), Value::from(shortfall.0));
+            }
+            _ => {}
         }
         json!({ "error": error })
     }
@@ -250,14 +305,19 @@ impl From<tonic::Status> for ApiError {
                             .map(Micros)
                     };
                     match (micros("balance_micros"), micros("required_micros")) {
-                        (Some(balance), Some(required)) => {
-                            ApiError::InsufficientCredits { balance, required }
-                        }
+                        (Some(balance), Some(required)) => ApiError::InsufficientCredits {
+                            balance,
+                            held: micros("held_micros"),
+                            required,
+                        },
                         _ => ApiError::Internal {
                             code: "backend_error",
                             message: "malformed insufficient-credits reply".to_owned(),
                         },
                     }
+                }
+                Some((reason, metadata)) if reason == "HOLD_ALREADY_RESOLVED" => {
+                    hold_already_resolved(message, &metadata)
                 }
                 Some((reason, _)) if reason == "PURCHASES_DISABLED" => ApiError::Unavailable {
                     code: "purchases_disabled",
@@ -289,5 +349,27 @@ impl From<tonic::Status> for ApiError {
                 }
             }
         }
+    }
+}
+
+/// The stored outcome a `HOLD_ALREADY_RESOLVED` carries (`hold_id`, `status`,
+/// `settled_micros`, `entry_id`, `shortfall_micros`). Only a settled hold has a settled
+/// amount; an entry id of 0 is none.
+fn hold_already_resolved(
+    message: String,
+    metadata: &std::collections::HashMap<String, String>,
+) -> ApiError {
+    let text = |key: &str| metadata.get(key).cloned().unwrap_or_default();
+    let number = |key: &str| metadata.get(key).and_then(|v| v.parse::<i64>().ok());
+    let status = text("status");
+    ApiError::HoldAlreadyResolved {
+        message,
+        hold_id: text("hold_id"),
+        settled: number("settled_micros")
+            .filter(|_| status == "settled")
+            .map(Micros),
+        entry_id: number("entry_id").filter(|id| *id != 0),
+        shortfall: Micros(number("shortfall_micros").unwrap_or(0)),
+        status,
     }
 }

@@ -16,10 +16,12 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use crate::routes::{credits, history_csv, lots, tier, webhook};
+use crate::routes::{credits, history_csv, holds, lots, tier, webhook};
 
 /// Every error: `{"error": {"code": "...", "message": "..."}}`; insufficient credits
-/// adds `balance`, `required` (decimal strings) and their `_micros`.
+/// adds `balance`, `held`, `required` (decimal strings) and their `_micros`;
+/// `hold_already_resolved` adds the hold's stored outcome (`hold_id`, `status`,
+/// `settled`, `entry_id`, `shortfall`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
@@ -31,7 +33,23 @@ pub struct ErrorDetail {
     pub code: String,
     pub message: String,
     pub balance: Option<String>,
+    pub balance_micros: Option<i64>,
+    /// What active holds reserve (insufficient_credits).
+    pub held: Option<String>,
+    pub held_micros: Option<i64>,
     pub required: Option<String>,
+    pub required_micros: Option<i64>,
+    /// hold_already_resolved: the hold and its stored outcome.
+    pub hold_id: Option<String>,
+    /// held | settled | released | expired
+    pub status: Option<String>,
+    /// The settled cost; null unless `status` is settled.
+    pub settled: Option<String>,
+    pub settled_micros: Option<i64>,
+    /// The settle's deduction entry; null when none.
+    pub entry_id: Option<i64>,
+    pub shortfall: Option<String>,
+    pub shortfall_micros: Option<i64>,
 }
 
 /// What the webhook answers Stripe.
@@ -71,11 +89,12 @@ impl Modify for SecuritySchemes {
         credits::balance, credits::purchase, credits::deduct, credits::deduct_batch, credits::history,
         history_csv::download,
         lots::list, lots::grant,
+        holds::create, holds::settle, holds::release, holds::read,
         webhook::receive, tier::usage, tier::check,
     ),
     components(schemas(ErrorBody, ErrorDetail, HandledBody)),
     modifiers(&SecuritySchemes),
-    tags((name = "credits"), (name = "tier"), (name = "stripe"))
+    tags((name = "credits"), (name = "holds"), (name = "tier"), (name = "stripe"))
 )]
 pub struct ApiDoc;
 
@@ -83,6 +102,8 @@ pub struct ApiDoc;
 /// what `Micros::parse_positive_credits` accepts, zero excluded, below the services'
 /// bound on one amount (10^15 micros = 10^9 credits, included).
 const POSITIVE_DECIMAL_PATTERN: &str = r"^(?:[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|1000000000(?:\.0{1,6})?|0\.(?:[1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
+/// A settle's cost: zero (at most six zero decimals) or a positive decimal as above.
+const NON_NEGATIVE_DECIMAL_PATTERN: &str = r"^(?:0(?:\.0{1,6})?|[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|1000000000(?:\.0{1,6})?|0\.(?:[1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
 /// Largest whole amount: the services' bound on one amount, 10^9 credits.
 const MAX_DOCUMENTED_CREDITS: i64 = 1_000_000_000;
 /// Purchases: whole credits within the default bounds (`REEVE_PURCHASE_MIN` 5,
@@ -162,6 +183,29 @@ pub fn document(features: Option<&[String]>) -> Value {
     grant["expires_at"] = json!({
         "description": "RFC 3339, at most six decimals of a second; must be in the future (else 400 invalid_expires_at). Absent or null: never expires.",
         "type": ["string", "null"], "format": "date-time",
+    });
+    // A hold: a deduction's identifiers and amount, the hold id (a key) and a ttl.
+    let hold = &mut schemas["HoldBody"]["properties"];
+    for field in ["user_id", "description"] {
+        hold[field] = identifiers[field].clone();
+    }
+    hold["hold_id"] = identifier(
+        MAX_KEY_CHARS,
+        "1 to 256 characters, no control characters; the hold's idempotency key.",
+    );
+    hold["amount"] = identifiers["amount"].clone();
+    hold["ttl_seconds"] = json!({
+        "description": "Seconds the hold reserves: 1 to 86,400. Absent or null: 600.",
+        "type": ["integer", "null"], "minimum": 1, "maximum": holds::MAX_TTL_SECS,
+    });
+    let settle = &mut schemas["SettleBody"]["properties"];
+    settle["description"] = identifiers["description"].clone();
+    settle["amount"] = json!({
+        "description": "The real cost: decimal credits, 0 or more, at most six decimals (0 releases the hold).",
+        "oneOf": [
+            {"type": "string", "pattern": NON_NEGATIVE_DECIMAL_PATTERN},
+            {"type": "integer", "minimum": 0, "maximum": MAX_DOCUMENTED_CREDITS}
+        ]
     });
     schemas["PurchaseBody"]["properties"]["amount"] = json!({
         "description": "Whole credits within the purchase bounds (by default 5 to 1000).",
@@ -263,6 +307,13 @@ fn constrain_parameter(path: &str, parameter: &mut Value, features: Option<&[Str
         ("/api/credits/history", "cursor") => {
             parameter["required"] = json!(false);
             parameter["schema"] = json!({"type": "string", "pattern": CURSOR_PATTERN});
+        }
+        (path, "hold_id") if path.starts_with("/api/credits/holds/") => {
+            parameter["required"] = json!(true);
+            parameter["schema"] = identifier(
+                MAX_KEY_CHARS,
+                "The hold's id: 1 to 256 characters, no control characters.",
+            );
         }
         ("/api/tier/check", "feature") => {
             parameter["required"] = json!(true);

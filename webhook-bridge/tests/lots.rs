@@ -107,6 +107,8 @@ async fn the_balance_shows_paid_promotional_and_the_next_expiry(backend: Backend
             "paid": "0.000000", "paid_micros": 0,
             "promotional": "0.000000", "promotional_micros": 0,
             "next_expiry": null,
+            "held": "0.000000", "held_micros": 0,
+            "available": "0.000000", "available_micros": 0,
         })
     );
     let soon = in_secs(3_600);

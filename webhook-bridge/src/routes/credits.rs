@@ -37,6 +37,12 @@ pub struct Balance {
     /// The live lot that expires first and what will leave with it; null when no live
     /// lot expires.
     pub next_expiry: Option<NextExpiry>,
+    /// What active holds reserve.
+    pub held: String,
+    pub held_micros: i64,
+    /// What may be spent or held now: balance minus held.
+    pub available: String,
+    pub available_micros: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -74,6 +80,10 @@ pub async fn balance(
         promotional: Micros(reply.promotional_micros).to_string(),
         promotional_micros: reply.promotional_micros,
         next_expiry,
+        held: Micros(reply.held_micros).to_string(),
+        held_micros: reply.held_micros,
+        available: Micros(reply.available_micros).to_string(),
+        available_micros: reply.available_micros,
     }))
 }
 

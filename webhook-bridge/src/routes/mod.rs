@@ -5,6 +5,7 @@ pub mod billing;
 pub mod credits;
 pub mod health;
 pub mod history_csv;
+pub mod holds;
 pub mod lots;
 pub mod tier;
 pub mod webhook;
