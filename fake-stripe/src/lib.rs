@@ -7,6 +7,16 @@
 //! while the endpoint answers non-2xx. `POST /v1/refunds` and
 //! `POST /v1/test_helpers/disputes` send `charge.refunded` and `charge.dispute.created`
 //! the same way. It keeps everything in memory and must never be used with real money.
+//!
+//! For reconciliation it also lists what it made, as Stripe does (`GET
+//! /v1/payment_intents`, `/v1/refunds`, `/v1/disputes`: newest first, `limit`,
+//! `starting_after`, `created[gte|gt|lte|lt]`, `has_more`), retrieves payment intents
+//! and charges, closes disputes (`POST /v1/test_helpers/disputes/{id}/close` with
+//! `outcome=won|lost`: a won dispute sends `charge.dispute.funds_reinstated`), and can
+//! drop webhooks ([`FakeStripe::set_webhooks`], or `POST
+//! /v1/test_helpers/webhooks/{on|off}`) and deliver the dropped ones later
+//! ([`FakeStripe::deliver_dropped`], `POST /v1/test_helpers/webhooks/deliver_dropped`):
+//! payments Stripe knows and the ledger does not.
 
 // The checkout session object is one large json! literal.
 #![recursion_limit = "256"]
@@ -15,10 +25,11 @@ pub mod objects;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -68,6 +79,59 @@ struct FakeState {
     http: reqwest::Client,
     sessions: Mutex<HashMap<String, Session>>,
     payments: Mutex<HashMap<String, Payment>>,
+    /// What the list endpoints answer, in creation order.
+    listed: Mutex<Listed>,
+    /// Off: events are kept in `dropped` instead of being sent.
+    webhooks: AtomicBool,
+    dropped: Mutex<Vec<Value>>,
+}
+
+/// Objects as the list and retrieve endpoints answer them, oldest first.
+#[derive(Default)]
+struct Listed {
+    payment_intents: Vec<Value>,
+    charges: Vec<Value>,
+    refunds: Vec<Value>,
+    disputes: Vec<Value>,
+}
+
+impl Listed {
+    fn of(&mut self, kind: Kind) -> &mut Vec<Value> {
+        match kind {
+            Kind::PaymentIntents => &mut self.payment_intents,
+            Kind::Charges => &mut self.charges,
+            Kind::Refunds => &mut self.refunds,
+            Kind::Disputes => &mut self.disputes,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    PaymentIntents,
+    Charges,
+    Refunds,
+    Disputes,
+}
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::PaymentIntents => "/v1/payment_intents",
+            Kind::Charges => "/v1/charges",
+            Kind::Refunds => "/v1/refunds",
+            Kind::Disputes => "/v1/disputes",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::PaymentIntents => "payment_intent",
+            Kind::Charges => "charge",
+            Kind::Refunds => "refund",
+            Kind::Disputes => "dispute",
+        }
+    }
 }
 
 /// A running fake.
@@ -88,6 +152,18 @@ impl FakeStripe {
         *lock(&self.state.webhook_url) = url.into();
     }
 
+    /// Sends webhooks (`true`, the default) or keeps them undelivered (`false`), as an
+    /// endpoint that is down for longer than Stripe retries would see.
+    pub fn set_webhooks(&self, on: bool) {
+        self.state.webhooks.store(on, Ordering::SeqCst);
+    }
+
+    /// Delivers the events dropped while webhooks were off, oldest first (late
+    /// webhooks); one delivery report per event.
+    pub async fn deliver_dropped(&self) -> Vec<Value> {
+        deliver_dropped_events(&self.state).await
+    }
+
     pub async fn wait(self) -> anyhow::Result<()> {
         self.task.await??;
         Ok(())
@@ -106,6 +182,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             .build()?,
         sessions: Mutex::new(HashMap::new()),
         payments: Mutex::new(HashMap::new()),
+        listed: Mutex::new(Listed::default()),
+        webhooks: AtomicBool::new(true),
+        dropped: Mutex::new(Vec::new()),
     });
     let app = Router::new()
         .route("/v1/checkout/sessions", post(create_session))
@@ -113,8 +192,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         // "Paying" is any GET or POST on the checkout URL (or its /pay).
         .route("/checkout/{id}", get(pay).post(pay))
         .route("/checkout/{id}/pay", get(pay).post(pay))
-        .route("/v1/refunds", post(refund))
+        .route("/v1/refunds", post(refund).get(list_refunds))
         .route("/v1/test_helpers/disputes", post(dispute))
+        .route("/v1/test_helpers/disputes/{id}/close", post(close_dispute))
+        .route("/v1/test_helpers/payment_intents", post(direct_payment))
+        .route("/v1/test_helpers/webhooks/on", post(webhooks_on))
+        .route("/v1/test_helpers/webhooks/off", post(webhooks_off))
+        .route(
+            "/v1/test_helpers/webhooks/deliver_dropped",
+            post(deliver_dropped),
+        )
+        .route("/v1/payment_intents", get(list_payment_intents))
+        .route("/v1/payment_intents/{id}", get(retrieve_payment_intent))
+        .route("/v1/charges/{id}", get(retrieve_charge))
+        .route("/v1/disputes", get(list_disputes))
         .with_state(Arc::clone(&state));
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -336,6 +427,7 @@ async fn pay(
         &session.payment_intent_metadata,
         now,
     );
+    record_payment(&state, intent.clone(), &charge_id, &payment_intent, now);
     let succeeded = objects::event(
         &random_id("evt"),
         "payment_intent.succeeded",
@@ -460,6 +552,27 @@ async fn refund(
         now,
     );
     let previous_refunded = previous;
+    let refund = json!({
+        "id": refund_id,
+        "object": "refund",
+        "amount": payment.amount_refunded - previous_refunded,
+        "balance_transaction": null,
+        "charge": payment.charge_id,
+        "created": now,
+        "currency": payment.currency,
+        "metadata": {},
+        "payment_intent": payment_intent,
+        "reason": null,
+        "receipt_number": null,
+        "source_transfer_reversal": null,
+        "status": "succeeded",
+        "transfer_reversal": null,
+    });
+    {
+        let mut listed = lock(&state.listed);
+        listed.refunds.push(refund.clone());
+        replace(&mut listed.charges, charge.clone());
+    }
     let previous = json!({"amount_refunded": previous_refunded, "refunded": false});
     let event = objects::event(
         &random_id("evt"),
@@ -469,17 +582,9 @@ async fn refund(
         now,
     );
     let delivery = deliver(&state, event).await;
-    Json(json!({
-        "id": refund_id,
-        "object": "refund",
-        "amount": payment.amount_refunded - previous_refunded,
-        "charge": payment.charge_id,
-        "payment_intent": payment_intent,
-        "currency": payment.currency,
-        "status": "succeeded",
-        "delivery": delivery,
-    }))
-    .into_response()
+    let mut answer = refund;
+    answer["delivery"] = delivery;
+    Json(answer).into_response()
 }
 
 /// `POST /v1/test_helpers/disputes` with `payment_intent`: the cardholder disputes the
@@ -496,6 +601,16 @@ async fn dispute(
     let Some(payment) = lock(&state.payments).get(&payment_intent).cloned() else {
         return no_such_payment();
     };
+    let status = field(&fields, "status")
+        .unwrap_or("needs_response")
+        .to_owned();
+    if !DISPUTE_OPEN_STATUSES.contains(&status.as_str()) {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "status must be needs_response, under_review, warning_needs_response or warning_under_review",
+        );
+    }
     let now = now_secs();
     let dispute_id = random_id("dp");
     let dispute = json!({
@@ -515,8 +630,9 @@ async fn dispute(
         "payment_intent": payment_intent,
         "payment_method_details": null,
         "reason": "fraudulent",
-        "status": "needs_response"
+        "status": status
     });
+    lock(&state.listed).disputes.push(dispute.clone());
     let event = objects::event(
         &random_id("evt"),
         "charge.dispute.created",
@@ -530,7 +646,18 @@ async fn dispute(
 
 /// Sends one signed event, retrying (up to 6 attempts, backing off) while the endpoint
 /// answers non-2xx or cannot be reached. Returns the last status (0: unreachable).
+/// With webhooks off the event is kept for [`FakeStripe::deliver_dropped`] instead
+/// (status `"dropped"`).
 async fn deliver(state: &FakeState, event: Value) -> Value {
+    if !state.webhooks.load(Ordering::SeqCst) {
+        let answer = json!({"id": event.get("id"), "type": event.get("type"), "status": "dropped"});
+        lock(&state.dropped).push(event);
+        return answer;
+    }
+    send(state, event).await
+}
+
+async fn send(state: &FakeState, event: Value) -> Value {
     let payload = event.to_string();
     let event_type = event.get("type").cloned().unwrap_or(Value::Null);
     let event_id = event.get("id").cloned().unwrap_or(Value::Null);
@@ -556,4 +683,331 @@ async fn deliver(state: &FakeState, event: Value) -> Value {
         tracing::warn!(%event_type, status, attempt, "webhook delivery failed; retrying");
     }
     json!({"id": event_id, "type": event_type, "status": status})
+}
+
+/// Dispute statuses a test may open a dispute with (`warning_*`: an inquiry).
+const DISPUTE_OPEN_STATUSES: [&str; 4] = [
+    "needs_response",
+    "under_review",
+    "warning_needs_response",
+    "warning_under_review",
+];
+
+/// Replaces the object with the same id (or appends it).
+fn replace(objects: &mut Vec<Value>, object: Value) {
+    match objects.iter_mut().find(|o| o.get("id") == object.get("id")) {
+        Some(slot) => *slot = object,
+        None => objects.push(object),
+    }
+}
+
+/// Keeps a new payment intent and its charge for the list and retrieve endpoints.
+fn record_payment(
+    state: &FakeState,
+    intent: Value,
+    charge_id: &str,
+    payment_intent: &str,
+    now: i64,
+) {
+    let (amount, currency) = (
+        intent.get("amount").and_then(Value::as_i64).unwrap_or(0),
+        intent
+            .get("currency")
+            .and_then(Value::as_str)
+            .unwrap_or("usd")
+            .to_owned(),
+    );
+    let charge = objects::charge(charge_id, payment_intent, amount, 0, &currency, now);
+    let mut listed = lock(&state.listed);
+    listed.payment_intents.push(intent);
+    listed.charges.push(charge);
+}
+
+async fn deliver_dropped_events(state: &FakeState) -> Vec<Value> {
+    let events = std::mem::take(&mut *lock(&state.dropped));
+    let mut deliveries = Vec::with_capacity(events.len());
+    for event in events {
+        deliveries.push(send(state, event).await);
+    }
+    deliveries
+}
+
+async fn webhooks_on(State(state): State<Arc<FakeState>>) -> Response {
+    state.webhooks.store(true, Ordering::SeqCst);
+    Json(json!({"webhooks": "on"})).into_response()
+}
+
+async fn webhooks_off(State(state): State<Arc<FakeState>>) -> Response {
+    state.webhooks.store(false, Ordering::SeqCst);
+    Json(json!({"webhooks": "off"})).into_response()
+}
+
+async fn deliver_dropped(State(state): State<Arc<FakeState>>) -> Response {
+    let deliveries = deliver_dropped_events(&state).await;
+    Json(json!({"deliveries": deliveries})).into_response()
+}
+
+/// `POST /v1/test_helpers/payment_intents` with `amount`, `currency` (default usd) and
+/// `metadata[…]`: a payment that succeeded without a checkout (its
+/// `payment_intent.succeeded` is sent as for a paid session).
+async fn direct_payment(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Form(fields): Form<Fields>,
+) -> Response {
+    if !has_key(&headers) {
+        return invalid_key();
+    }
+    let Some(amount) = field(&fields, "amount")
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|a| *a > 0)
+    else {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "amount must be a positive integer",
+        );
+    };
+    let currency = field(&fields, "currency").unwrap_or("usd").to_owned();
+    let payment_intent = random_id("pi");
+    let charge_id = random_id("ch");
+    lock(&state.payments).insert(
+        payment_intent.clone(),
+        Payment {
+            charge_id: charge_id.clone(),
+            amount,
+            amount_refunded: 0,
+            currency: currency.clone(),
+        },
+    );
+    let now = now_secs();
+    let intent = objects::payment_intent(
+        &payment_intent,
+        &charge_id,
+        amount,
+        &currency,
+        &metadata(&fields, "metadata"),
+        now,
+    );
+    record_payment(&state, intent.clone(), &charge_id, &payment_intent, now);
+    let event = objects::event(
+        &random_id("evt"),
+        "payment_intent.succeeded",
+        intent.clone(),
+        None,
+        now,
+    );
+    let delivery = deliver(&state, event).await;
+    let mut answer = intent;
+    answer["delivery"] = delivery;
+    Json(answer).into_response()
+}
+
+/// `POST /v1/test_helpers/disputes/{id}/close` with `outcome=won|lost`. A won dispute
+/// that withdrew funds sends `charge.dispute.funds_reinstated`; an inquiry closes as
+/// `warning_closed`; every close sends `charge.dispute.closed`.
+async fn close_dispute(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(fields): Form<Fields>,
+) -> Response {
+    if !has_key(&headers) {
+        return invalid_key();
+    }
+    let won = match field(&fields, "outcome") {
+        Some("won") => true,
+        Some("lost") => false,
+        _ => {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "outcome must be won or lost",
+            );
+        }
+    };
+    let (dispute, inquiry) = {
+        let mut listed = lock(&state.listed);
+        let Some(dispute) = listed
+            .disputes
+            .iter_mut()
+            .find(|d| d.get("id").and_then(Value::as_str) == Some(id.as_str()))
+        else {
+            return stripe_error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "No such dispute",
+            );
+        };
+        let status = dispute.get("status").and_then(Value::as_str).unwrap_or("");
+        let inquiry = status.starts_with("warning_");
+        if matches!(status, "won" | "lost" | "warning_closed") {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "the dispute is already closed",
+            );
+        }
+        dispute["status"] = json!(match (inquiry, won) {
+            (true, _) => "warning_closed",
+            (false, true) => "won",
+            (false, false) => "lost",
+        });
+        (dispute.clone(), inquiry)
+    };
+    let now = now_secs();
+    let mut deliveries = Vec::new();
+    if won && !inquiry {
+        let event = objects::event(
+            &random_id("evt"),
+            "charge.dispute.funds_reinstated",
+            dispute.clone(),
+            None,
+            now,
+        );
+        deliveries.push(deliver(&state, event).await);
+    }
+    let closed = objects::event(
+        &random_id("evt"),
+        "charge.dispute.closed",
+        dispute.clone(),
+        None,
+        now,
+    );
+    deliveries.push(deliver(&state, closed).await);
+    Json(json!({"dispute": dispute, "deliveries": deliveries})).into_response()
+}
+
+async fn list_payment_intents(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Query(query): Query<Fields>,
+) -> Response {
+    list(&state, &headers, &query, Kind::PaymentIntents)
+}
+
+async fn list_refunds(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Query(query): Query<Fields>,
+) -> Response {
+    list(&state, &headers, &query, Kind::Refunds)
+}
+
+async fn list_disputes(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Query(query): Query<Fields>,
+) -> Response {
+    list(&state, &headers, &query, Kind::Disputes)
+}
+
+async fn retrieve_payment_intent(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    retrieve(&state, &headers, &id, Kind::PaymentIntents)
+}
+
+async fn retrieve_charge(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    retrieve(&state, &headers, &id, Kind::Charges)
+}
+
+fn retrieve(state: &FakeState, headers: &HeaderMap, id: &str, kind: Kind) -> Response {
+    if !has_key(headers) {
+        return invalid_key();
+    }
+    let found = lock(&state.listed)
+        .of(kind)
+        .iter()
+        .find(|o| o.get("id").and_then(Value::as_str) == Some(id))
+        .cloned();
+    match found {
+        Some(object) => Json(object).into_response(),
+        None => stripe_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            &format!("No such {}: '{id}'", kind.name()),
+        ),
+    }
+}
+
+/// Stripe's list: newest first, `limit` 1 to 100 (default 10), `starting_after` an id
+/// of the previous page, `created[gte|gt|lte|lt]` (or `created=`), and for refunds and
+/// disputes `payment_intent` / `charge`.
+fn list(state: &FakeState, headers: &HeaderMap, query: &Fields, kind: Kind) -> Response {
+    if !has_key(headers) {
+        return invalid_key();
+    }
+    let bad =
+        |message: &str| stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+    let limit = match field(query, "limit").map(str::parse::<usize>) {
+        None => 10,
+        Some(Ok(limit)) if (1..=100).contains(&limit) => limit,
+        Some(_) => return bad("limit must be an integer from 1 to 100"),
+    };
+    let mut bounds: Vec<(&str, i64)> = Vec::new();
+    for name in [
+        "created[gte]",
+        "created[gt]",
+        "created[lte]",
+        "created[lt]",
+        "created",
+    ] {
+        if let Some(value) = field(query, name) {
+            match value.parse::<i64>() {
+                Ok(at) => bounds.push((name, at)),
+                Err(_) => return bad("created bounds must be Unix timestamps"),
+            }
+        }
+    }
+    let filters: Vec<(&str, &str)> = ["payment_intent", "charge"]
+        .into_iter()
+        .filter_map(|name| field(query, name).map(|v| (name, v)))
+        .collect();
+    let matching: Vec<Value> = {
+        let mut listed = lock(&state.listed);
+        listed
+            .of(kind)
+            .iter()
+            .rev()
+            .filter(|o| {
+                let created = o.get("created").and_then(Value::as_i64).unwrap_or(0);
+                bounds.iter().all(|(name, at)| match *name {
+                    "created[gte]" => created >= *at,
+                    "created[gt]" => created > *at,
+                    "created[lte]" => created <= *at,
+                    "created[lt]" => created < *at,
+                    _ => created == *at,
+                }) && filters
+                    .iter()
+                    .all(|(name, value)| o.get(*name).and_then(Value::as_str) == Some(*value))
+            })
+            .cloned()
+            .collect()
+    };
+    let start = match field(query, "starting_after") {
+        None => 0,
+        Some(after) => match matching
+            .iter()
+            .position(|o| o.get("id").and_then(Value::as_str) == Some(after))
+        {
+            Some(at) => at + 1,
+            None => return bad("starting_after is not an object of this list"),
+        },
+    };
+    let page: Vec<Value> = matching.iter().skip(start).take(limit).cloned().collect();
+    let has_more = matching.len() > start + page.len();
+    Json(json!({
+        "object": "list",
+        "url": kind.path(),
+        "has_more": has_more,
+        "data": page,
+    }))
+    .into_response()
 }

@@ -94,7 +94,7 @@ async fn connect(variable: &'static str, default: &str) -> anyhow::Result<Connec
         })
 }
 
-async fn credits_client() -> anyhow::Result<RawCreditsClient> {
+pub(crate) async fn credits_client() -> anyhow::Result<RawCreditsClient> {
     Ok(connect("REEVE_CREDITS_ADDR", webhook_bridge::DEFAULT_CREDITS_ADDR)
         .await?
         .raw_credits())

@@ -9,6 +9,8 @@
 
 mod admin;
 mod dev;
+mod events;
+mod reconcile;
 mod token;
 mod up;
 
@@ -104,6 +106,25 @@ enum Command {
         #[arg(long, conflicts_with = "limit")]
         clear: bool,
     },
+    /// Compare Stripe's payments, refunds and disputes of a period with the ledger;
+    /// exit 0 when all match, 1 when differences remain, 2 on an error.
+    Reconcile {
+        /// Start of the period (Stripe's `created`), RFC 3339; default: 30 days before --until.
+        #[arg(long, value_name = "RFC3339")]
+        since: Option<String>,
+        /// End of the period, RFC 3339; default: now.
+        #[arg(long, value_name = "RFC3339")]
+        until: Option<String>,
+        /// Apply what is certain (missing credits, refund and dispute debits,
+        /// reinstatements) through the webhook path's keys.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Stored Stripe events: those needing a person, one in full, a replay.
+    Events {
+        #[command(subcommand)]
+        command: events::EventsCommand,
+    },
     /// Service tokens for REEVE_SERVICE_TOKENS_FILE.
     Token {
         #[command(subcommand)]
@@ -138,6 +159,16 @@ async fn main() -> ExitCode {
         Command::Token {
             command: TokenCommand::New { name, scopes },
         } => token::new(&name, &scopes),
+        Command::Reconcile {
+            since,
+            until,
+            repair,
+        } => {
+            if let Err(error) = dev::install_layers(&cli.data_dir, false) {
+                return config_error(&error);
+            }
+            return reconcile::main(since, until, repair, cli.json).await;
+        }
         command => {
             if let Err(error) = dev::install_layers(&cli.data_dir, false) {
                 return config_error(&error);
@@ -165,7 +196,10 @@ fn config_error(error: &ConfigError) -> ExitCode {
 async fn run(command: Command, json: bool) -> anyhow::Result<()> {
     let out = admin::Output { json };
     match command {
-        Command::Up | Command::Token { .. } => unreachable!("handled in main"),
+        Command::Up | Command::Token { .. } | Command::Reconcile { .. } => {
+            unreachable!("handled in main")
+        }
+        Command::Events { command } => events::run(command, json).await,
         Command::Migrate => up::migrate().await,
         Command::Balance { user_id } => admin::balance(&out, user_id).await,
         Command::Grant {

@@ -52,6 +52,12 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
         if let Some(checkout) = credits_config.checkout.as_mut() {
             checkout.api_base = fake.api_base();
         }
+        // REEVE_FAKE_STRIPE_WEBHOOKS=off: payments Stripe knows and the ledger does not.
+        if config::var("REEVE_FAKE_STRIPE_WEBHOOKS")?
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("off"))
+        {
+            fake.set_webhooks(false);
+        }
         Some(fake)
     } else {
         None
@@ -71,6 +77,12 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     let http = bridge.local_addr;
     if let Some(fake) = &fake_stripe {
         fake.set_webhook_url(format!("http://{http}/api/credits/webhook"));
+    }
+    if let Some(mut settings) = webhook_bridge::stripe::reconcile::Settings::from_env()? {
+        if let Some(fake) = &fake_stripe {
+            settings.api_base = fake.api_base();
+        }
+        bridge.spawn_reconciler(settings, front.clone())?;
     }
 
     let store = if database_url.starts_with("sqlite:") {

@@ -19,6 +19,7 @@ pub mod stripe {
     pub mod apply;
     pub mod events;
     pub mod interpret;
+    pub mod reconcile;
     pub mod verify;
 }
 

@@ -21,7 +21,21 @@ async fn main() -> std::process::ExitCode {
     };
     let shutdown = CancellationToken::new();
     reeve_runtime::shutdown::cancel_on_signal(shutdown.clone());
-    let result = async { webhook_bridge::start(config, shutdown).await?.wait().await }.await;
+    let reconcile = match webhook_bridge::stripe::reconcile::Settings::from_env() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("webhook-bridge: configuration error: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = async {
+        let bridge = webhook_bridge::start(config, shutdown.clone()).await?;
+        if let Some(settings) = reconcile {
+            bridge.spawn_reconciler(settings, shutdown)?;
+        }
+        bridge.wait().await
+    }
+    .await;
     // Flush exported traces before the process ends.
     reeve_runtime::telemetry::shutdown();
     match result {
