@@ -10,10 +10,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use reeve_runtime::Micros;
 
+use crate::holds::{Hold, HoldOp, HoldOutcome, HoldStatus};
 use crate::ledger::{
     EntryKind, ExistingEntries, KeySource, LedgerEntry, LotDraw, WriteOutcome, WriteRequest,
 };
-use crate::holds::{Hold, HoldOp, HoldOutcome, HoldStatus};
 use crate::ledger::{Op, OpOutcome};
 use crate::lots::{Category, Lot};
 use crate::payments::{DisputeState, PaymentEvent, PaymentState};
@@ -163,7 +163,11 @@ pub trait LedgerStore: Send + Sync + 'static {
     async fn audit(&self, user_id: &str) -> Result<BalanceAudit, StoreError>;
     /// Applies hold operations in order, in one transaction per call (coalesced with
     /// concurrent ones by the hold group commit): one outcome per operation.
-    async fn apply_holds(&self, ops: &[HoldOp], now_us: i64) -> Result<Vec<HoldOutcome>, StoreError>;
+    async fn apply_holds(
+        &self,
+        ops: &[HoldOp],
+        now_us: i64,
+    ) -> Result<Vec<HoldOutcome>, StoreError>;
     /// One hold by id, as stored (its status not yet moved past its instant).
     async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, StoreError>;
     /// Up to `limit` of the user's holds (of one status, or all), newest first, created
@@ -386,6 +390,59 @@ fn balance_of(rows: Vec<BalanceRow>, now_us: i64) -> Result<BalanceDetails, Stor
     Ok(BalanceDetails::at(Micros(cached), lots, &active, now_us))
 }
 
+/// `l.`-qualified lot columns for joins, aliased apart from the row they join.
+const LOT_JOIN_COLUMNS: &str = "l.id, l.user_id, l.category, l.priority, l.expires_at_us, \
+     l.source, l.original_micros, l.remaining_micros, l.created_at_us, l.held_micros, \
+     l.expired_micros";
+
+/// A locked balance and one of its lots (absent when the user has none).
+#[derive(sqlx::FromRow)]
+struct LockedRow {
+    account_user_id: String,
+    balance_micros: i64,
+    id: Option<i64>,
+    user_id: Option<String>,
+    category: Option<String>,
+    priority: Option<i32>,
+    expires_at_us: Option<i64>,
+    source: Option<String>,
+    original_micros: Option<i64>,
+    remaining_micros: Option<i64>,
+    created_at_us: Option<i64>,
+    held_micros: Option<i64>,
+    expired_micros: Option<i64>,
+}
+
+/// The balances and lots of the locked users.
+#[allow(clippy::type_complexity)]
+fn locked_state(
+    rows: Vec<LockedRow>,
+) -> Result<(std::collections::HashMap<String, Micros>, Vec<Lot>), StoreError> {
+    let mut balances = std::collections::HashMap::new();
+    let mut lots = Vec::new();
+    for row in rows {
+        balances.insert(row.account_user_id, Micros(row.balance_micros));
+        if let (Some(id), Some(user_id), Some(category), Some(priority), Some(source)) =
+            (row.id, row.user_id, row.category, row.priority, row.source)
+        {
+            lots.push(Lot::try_from(LotRow {
+                id,
+                user_id,
+                category,
+                priority,
+                expires_at_us: row.expires_at_us,
+                source,
+                original_micros: row.original_micros.unwrap_or(0),
+                remaining_micros: row.remaining_micros.unwrap_or(0),
+                created_at_us: row.created_at_us.unwrap_or(0),
+                held_micros: row.held_micros.unwrap_or(0),
+                expired_micros: row.expired_micros.unwrap_or(0),
+            })?);
+        }
+    }
+    Ok((balances, lots))
+}
+
 fn lots_of(rows: Vec<LotRow>) -> Result<Vec<Lot>, StoreError> {
     rows.into_iter().map(Lot::try_from).collect()
 }
@@ -414,7 +471,10 @@ impl TryFrom<HoldRow> for Hold {
 
     fn try_from(row: HoldRow) -> Result<Hold, StoreError> {
         let status = HoldStatus::parse(&row.status).ok_or_else(|| {
-            StoreError::Corrupt(format!("hold {:?} has unknown status {:?}", row.hold_id, row.status))
+            StoreError::Corrupt(format!(
+                "hold {:?} has unknown status {:?}",
+                row.hold_id, row.status
+            ))
         })?;
         Ok(Hold {
             hold_id: row.hold_id,
@@ -435,8 +495,14 @@ impl TryFrom<HoldRow> for Hold {
 }
 
 /// Holds with their reservations (`(hold_id, lot_id, amount)` rows in order).
-fn holds_of(rows: Vec<HoldRow>, reservations: Vec<(String, i64, i64)>) -> Result<Vec<Hold>, StoreError> {
-    let mut holds: Vec<Hold> = rows.into_iter().map(Hold::try_from).collect::<Result<_, _>>()?;
+fn holds_of(
+    rows: Vec<HoldRow>,
+    reservations: Vec<(String, i64, i64)>,
+) -> Result<Vec<Hold>, StoreError> {
+    let mut holds: Vec<Hold> = rows
+        .into_iter()
+        .map(Hold::try_from)
+        .collect::<Result<_, _>>()?;
     for (hold_id, lot_id, amount) in reservations {
         if let Some(hold) = holds.iter_mut().find(|h| h.hold_id == hold_id) {
             hold.reservations.push((lot_id, Micros(amount)));
@@ -516,32 +582,6 @@ const HOLDS_PAGE_SQL: &str = "FROM credit_holds WHERE user_id = $1 \
      AND (created_at_us < $3 OR (created_at_us = $3 AND hold_id < $4)) \
      ORDER BY created_at_us DESC, hold_id DESC LIMIT $5";
 
-/// Attaches each entry's draws (`(entry_id, lot_id, amount)` rows, in draw order).
-fn attach_draws(entries: &mut [LedgerEntry], draws: Vec<(i64, i64, i64)>) {
-    let mut by_entry: std::collections::HashMap<i64, Vec<LotDraw>> =
-        std::collections::HashMap::new();
-    for (entry_id, lot_id, amount) in draws {
-        by_entry.entry(entry_id).or_default().push(LotDraw {
-            lot_id,
-            amount: Micros(amount),
-        });
-    }
-    for entry in entries {
-        if let Some(draws) = by_entry.remove(&entry.id) {
-            entry.draws = draws;
-        }
-    }
-}
-
-/// Attaches draws to the entries of `existing` (duplicates answer the whole original).
-fn attach_existing_draws(existing: &mut ExistingEntries, draws: Vec<(i64, i64, i64)>) {
-    let mut entries: Vec<LedgerEntry> = existing.values().cloned().collect();
-    attach_draws(&mut entries, draws);
-    for entry in entries {
-        existing.insert((entry.key_source, entry.idempotency_key.clone()), entry);
-    }
-}
-
 /// What a payment event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PaymentOutcome {
@@ -576,10 +616,54 @@ struct EntryRow {
     description: String,
     created_at_us: i64,
     target_lot_id: Option<i64>,
+    draws: Option<String>,
 }
 
 /// The column list matching [`EntryRow`].
-const ENTRY_COLUMNS: &str = "id, user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, created_at_us, target_lot_id";
+const ENTRY_COLUMNS: &str = "id, user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, created_at_us, target_lot_id, draws";
+
+/// An entry's draws as stored: a JSON array of `[lot_id, amount_micros]` pairs, in the
+/// order drawn; `None` when it drew nothing.
+fn draws_text(draws: &[(i64, i64)]) -> Option<String> {
+    (!draws.is_empty()).then(|| serde_json::json!(draws).to_string())
+}
+
+fn draws_of(text: Option<&str>, entry_id: i64) -> Result<Vec<LotDraw>, StoreError> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    let pairs: Vec<(i64, i64)> = serde_json::from_str(text).map_err(|_| {
+        StoreError::Corrupt(format!("ledger entry {entry_id} has unreadable draws"))
+    })?;
+    Ok(pairs
+        .into_iter()
+        .map(|(lot_id, amount)| LotDraw {
+            lot_id,
+            amount: Micros(amount),
+        })
+        .collect())
+}
+
+/// The stored draws of each planned entry, with the ids of lots made by the plan.
+pub(crate) fn planned_draws(plan: &crate::ledger::Plan, lot_ids: &[i64]) -> Vec<Option<String>> {
+    plan.inserts
+        .iter()
+        .map(|entry| {
+            let pairs: Vec<(i64, i64)> = entry
+                .draws
+                .iter()
+                .map(|(lot, amount)| {
+                    let id = match lot {
+                        crate::ledger::LotRef::Existing(id) => *id,
+                        crate::ledger::LotRef::New(index) => lot_ids[*index],
+                    };
+                    (id, amount.0)
+                })
+                .collect();
+            draws_text(&pairs)
+        })
+        .collect()
+}
 
 /// One `credit_payments` row as both stores select it.
 #[derive(sqlx::FromRow)]
@@ -663,7 +747,7 @@ impl TryFrom<EntryRow> for LedgerEntry {
             description: row.description,
             created_at_us: row.created_at_us,
             target_lot_id: row.target_lot_id,
-            draws: Vec::new(),
+            draws: draws_of(row.draws.as_deref(), row.id)?,
         })
     }
 }

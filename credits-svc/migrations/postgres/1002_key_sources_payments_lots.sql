@@ -10,7 +10,10 @@ ALTER TABLE credit_ledger
     -- The Stripe payment intent an entry belongs to (purchases, refunds, disputes).
     ADD COLUMN payment_id TEXT,
     -- The lot an expiration or revocation removed.
-    ADD COLUMN target_lot_id BIGINT;
+    ADD COLUMN target_lot_id BIGINT,
+    -- What the entry took from each lot, in the order drawn: a JSON array of
+    -- [lot_id, amount_micros] pairs; NULL when it drew nothing.
+    ADD COLUMN draws TEXT;
 
 ALTER TABLE credit_ledger DROP CONSTRAINT credit_ledger_kind_check;
 ALTER TABLE credit_ledger ADD CONSTRAINT credit_ledger_kind_check
@@ -101,20 +104,6 @@ CREATE TABLE credit_lots (
 CREATE INDEX credit_lots_live ON credit_lots (user_id) WHERE remaining_micros > 0;
 CREATE INDEX credit_lots_due ON credit_lots (expires_at_us)
     WHERE remaining_micros > 0 AND expires_at_us IS NOT NULL;
-
--- What each entry took from each lot. Append-only like the ledger.
-CREATE TABLE credit_draws (
-    entry_id      BIGINT NOT NULL,
-    lot_id        BIGINT NOT NULL,
-    amount_micros BIGINT NOT NULL CHECK (amount_micros > 0),
-    -- The order the entry drew in (the spending order at that moment).
-    position      INTEGER NOT NULL,
-    PRIMARY KEY (entry_id, lot_id)
-);
-
-CREATE TRIGGER credit_draws_no_update_or_delete
-    BEFORE UPDATE OR DELETE ON credit_draws
-    FOR EACH ROW EXECUTE FUNCTION credit_ledger_append_only();
 
 -- Existing balances: each user's positive balance becomes one paid lot without expiry.
 INSERT INTO credit_lots

@@ -13,6 +13,7 @@ CREATE TABLE credit_ledger_v2 (
     key_source           TEXT    NOT NULL DEFAULT 'caller' CHECK (key_source IN ('caller', 'stripe', 'system')),
     payment_id           TEXT,
     target_lot_id        INTEGER,
+    draws                TEXT,
     UNIQUE (idempotency_key, key_source)
 ) STRICT;
 
@@ -104,25 +105,6 @@ CREATE TABLE credit_lots (
 CREATE INDEX credit_lots_live ON credit_lots (user_id) WHERE remaining_micros > 0;
 CREATE INDEX credit_lots_due ON credit_lots (expires_at_us)
     WHERE remaining_micros > 0 AND expires_at_us IS NOT NULL;
-
-CREATE TABLE credit_draws (
-    entry_id      INTEGER NOT NULL,
-    lot_id        INTEGER NOT NULL,
-    amount_micros INTEGER NOT NULL CHECK (amount_micros > 0),
-    -- The order the entry drew in (the spending order at that moment).
-    position      INTEGER NOT NULL,
-    PRIMARY KEY (entry_id, lot_id)
-) STRICT;
-
-CREATE TRIGGER credit_draws_no_update BEFORE UPDATE ON credit_draws
-BEGIN
-    SELECT RAISE(ABORT, 'credit_draws is append-only');
-END;
-
-CREATE TRIGGER credit_draws_no_delete BEFORE DELETE ON credit_draws
-BEGIN
-    SELECT RAISE(ABORT, 'credit_draws is append-only');
-END;
 
 INSERT INTO credit_lots
     (user_id, category, priority, expires_at_us, source, original_micros, remaining_micros, entry_id, created_at_us)

@@ -20,7 +20,7 @@ use sqlx::postgres::PgPool;
 // The store module's rows, SQL text and shared steps.
 #[allow(clippy::wildcard_imports)]
 use super::*;
-use crate::ledger::{self, LotRef};
+use crate::ledger;
 
 #[derive(Debug, Clone)]
 pub struct PgLedger {
@@ -111,25 +111,17 @@ async fn apply_in(
         .execute(&mut *conn)
         .await?;
     }
-    let balances: HashMap<String, Micros> = sqlx::query_as::<_, (String, i64)>(
-        "SELECT user_id, balance_micros FROM credit_accounts \
-         WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE",
-    )
+    // Lock the balances in user order and read their lots in the same round trip.
+    let rows = sqlx::query_as::<_, LockedRow>(&format!(
+        "SELECT a.user_id AS account_user_id, a.balance_micros, {LOT_JOIN_COLUMNS} \
+         FROM credit_accounts AS a \
+         LEFT JOIN credit_lots AS l ON l.user_id = a.user_id AND l.remaining_micros > 0 \
+         WHERE a.user_id = ANY($1::text[]) ORDER BY a.user_id FOR UPDATE OF a"
+    ))
     .bind(&users)
     .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|(user, balance)| (user, Micros(balance)))
-    .collect();
-    let lots = lots_of(
-        sqlx::query_as::<_, LotRow>(&format!(
-            "SELECT {LOT_COLUMNS} FROM credit_lots \
-             WHERE user_id = ANY($1::text[]) AND remaining_micros > 0"
-        ))
-        .bind(&users)
-        .fetch_all(&mut *conn)
-        .await?,
-    )?;
+    .await?;
+    let (balances, lots) = locked_state(rows)?;
     let holds = if hold_ids.is_empty() && lots.iter().all(|lot| lot.held.0 == 0) {
         Vec::new()
     } else {
@@ -151,7 +143,7 @@ async fn apply_in(
         .await?;
         holds_of(rows, reservations)?
     };
-    let mut existing = entries_by_key(
+    let existing = entries_by_key(
         sqlx::query_as::<_, EntryRow>(&format!(
             "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key = ANY($1::text[])"
         ))
@@ -159,23 +151,23 @@ async fn apply_in(
         .fetch_all(&mut *conn)
         .await?,
     )?;
-    if !existing.is_empty() {
-        let ids: Vec<i64> = existing.values().map(|e| e.id).collect();
-        let draws: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT entry_id, lot_id, amount_micros FROM credit_draws \
-             WHERE entry_id = ANY($1::int8[]) ORDER BY entry_id, position",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await?;
-        attach_existing_draws(&mut existing, draws);
-    }
 
     let plan = ledger::plan_ops(ops, &balances, &lots, &holds, &existing, now_us);
-    let Some(ids) = append_entries(conn, &plan, now_us).await? else {
+    // Lots the plan makes get their ids first, so entries drawing from them can say so.
+    let lot_ids: Vec<i64> = if plan.new_lots.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_scalar(
+            "SELECT nextval(pg_get_serial_sequence('credit_lots', 'id')) FROM generate_series(1, $1)",
+        )
+        .bind(i64::try_from(plan.new_lots.len()).unwrap_or(i64::MAX))
+        .fetch_all(&mut *conn)
+        .await?
+    };
+    let Some(ids) = append_entries(conn, &plan, &lot_ids, now_us).await? else {
         return Ok(None);
     };
-    let lot_ids = make_lots(conn, &plan, &ids, now_us).await?;
+    make_lots(conn, &plan, &ids, &lot_ids, now_us).await?;
     if !save_holds(conn, &plan, &ids).await? {
         return Ok(None);
     }
@@ -188,6 +180,7 @@ async fn apply_in(
 async fn append_entries(
     conn: &mut PgConnection,
     plan: &ledger::Plan,
+    lot_ids: &[i64],
     now_us: i64,
 ) -> Result<Option<Vec<i64>>, StoreError> {
     // Every existing lot the plan moves: remainder, reserved and expired amounts.
@@ -195,7 +188,10 @@ async fn append_entries(
     let mut moved: Vec<i64> = spent.keys().chain(plan.lot_moves.keys()).copied().collect();
     moved.sort_unstable();
     moved.dedup();
-    let lot_spent: Vec<i64> = moved.iter().map(|id| spent.get(id).copied().unwrap_or(0)).collect();
+    let lot_spent: Vec<i64> = moved
+        .iter()
+        .map(|id| spent.get(id).copied().unwrap_or(0))
+        .collect();
     let lot_held: Vec<i64> = moved
         .iter()
         .map(|id| plan.lot_moves.get(id).map_or(0, |m| m.held))
@@ -226,12 +222,7 @@ async fn append_entries(
     let mut payments = Vec::with_capacity(count);
     let mut descriptions = Vec::with_capacity(count);
     let mut targets = Vec::with_capacity(count);
-    // Draws from existing lots, by the drawing entry's key.
-    let mut draw_keys = Vec::new();
-    let mut draw_sources = Vec::new();
-    let mut draw_lots = Vec::new();
-    let mut draw_amounts = Vec::new();
-    let mut draw_positions: Vec<i32> = Vec::new();
+    let draws = planned_draws(plan, lot_ids);
     for entry in &plan.inserts {
         let write = &entry.write;
         users.push(write.user_id.as_str());
@@ -243,23 +234,14 @@ async fn append_entries(
         payments.push(write.payment_id.as_deref());
         descriptions.push(write.description.as_str());
         targets.push(write.target_lot_id);
-        for (position, (lot, amount)) in entry.draws.iter().enumerate() {
-            if let LotRef::Existing(lot_id) = lot {
-                draw_positions.push(i32::try_from(position).unwrap_or(i32::MAX));
-                draw_keys.push(write.idempotency_key.as_str());
-                draw_sources.push(write.key_source.as_str());
-                draw_lots.push(*lot_id);
-                draw_amounts.push(amount.0);
-            }
-        }
     }
     let inserted: Vec<(i64, String, String)> = sqlx::query_as(
         "WITH new_entries AS ( \
             INSERT INTO credit_ledger \
-                (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, created_at_us) \
-            SELECT user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, $10 \
-            FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[]) \
-                WITH ORDINALITY AS w(user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, position) \
+                (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, draws, created_at_us) \
+            SELECT user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, draws, $10 \
+            FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[], $11::text[]) \
+                WITH ORDINALITY AS w(user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, draws, position) \
             ORDER BY position \
             ON CONFLICT (idempotency_key, key_source) DO NOTHING \
             RETURNING id, idempotency_key, key_source, user_id, amount_micros \
@@ -268,17 +250,12 @@ async fn append_entries(
             SET balance_micros = a.balance_micros + d.delta_micros, updated_at_us = $10 \
             FROM (SELECT user_id, SUM(amount_micros)::int8 AS delta_micros FROM new_entries GROUP BY user_id) AS d \
             WHERE a.user_id = d.user_id \
-         ), drawn AS ( \
-            INSERT INTO credit_draws (entry_id, lot_id, amount_micros, position) \
-            SELECT e.id, d.lot_id, d.amount_micros, d.position \
-            FROM UNNEST($11::text[], $12::text[], $13::int8[], $14::int8[], $15::int4[]) AS d(idempotency_key, key_source, lot_id, amount_micros, position) \
-            JOIN new_entries AS e USING (idempotency_key, key_source) \
          ), lots_moved AS ( \
             UPDATE credit_lots AS l \
             SET remaining_micros = l.remaining_micros - m.spent, \
                 held_micros = l.held_micros + m.held, \
                 expired_micros = l.expired_micros + m.expired \
-            FROM UNNEST($16::int8[], $17::int8[], $18::int8[], $19::int8[]) AS m(id, spent, held, expired) \
+            FROM UNNEST($12::int8[], $13::int8[], $14::int8[], $15::int8[]) AS m(id, spent, held, expired) \
             WHERE l.id = m.id \
          ) \
          SELECT id, idempotency_key, key_source FROM new_entries",
@@ -293,11 +270,7 @@ async fn append_entries(
     .bind(&descriptions)
     .bind(&targets)
     .bind(now_us)
-    .bind(&draw_keys)
-    .bind(&draw_sources)
-    .bind(&draw_lots)
-    .bind(&draw_amounts)
-    .bind(&draw_positions)
+    .bind(&draws)
     .bind(&moved)
     .bind(&lot_spent)
     .bind(&lot_held)
@@ -334,7 +307,11 @@ const LOT_MOVES_SQL: &str = "UPDATE credit_lots AS l \
 
 /// Saves the plan's holds: new ones with their reservations, changed ones' state (a
 /// resolved hold's reservations go). `false` when a new hold id was taken concurrently.
-async fn save_holds(conn: &mut PgConnection, plan: &ledger::Plan, entry_ids: &[i64]) -> Result<bool, StoreError> {
+async fn save_holds(
+    conn: &mut PgConnection,
+    plan: &ledger::Plan,
+    entry_ids: &[i64],
+) -> Result<bool, StoreError> {
     let saved = plan.saved_holds(entry_ids);
     for (change, hold) in plan.holds.iter().zip(&saved) {
         if !change.dirty {
@@ -400,24 +377,21 @@ async fn save_holds(conn: &mut PgConnection, plan: &ledger::Plan, entry_ids: &[i
     Ok(true)
 }
 
-/// Makes the lots of the plan's credits (and records draws from them, when later
-/// entries of the same plan spent from them); their ids in plan order.
+/// Makes the lots of the plan's credits under the ids taken for them.
 async fn make_lots(
     conn: &mut PgConnection,
     plan: &ledger::Plan,
     entry_ids: &[i64],
+    lot_ids: &[i64],
     now_us: i64,
-) -> Result<Vec<i64>, StoreError> {
-    if plan.new_lots.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut lot_ids = Vec::with_capacity(plan.new_lots.len());
-    for lot in &plan.new_lots {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO credit_lots (user_id, category, priority, expires_at_us, source, \
+) -> Result<(), StoreError> {
+    for (lot, id) in plan.new_lots.iter().zip(lot_ids) {
+        sqlx::query(
+            "INSERT INTO credit_lots (id, user_id, category, priority, expires_at_us, source, \
              original_micros, remaining_micros, entry_id, created_at_us) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+             OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
+        .bind(id)
         .bind(&lot.user_id)
         .bind(lot.terms.category.as_str())
         .bind(lot.terms.priority)
@@ -427,26 +401,10 @@ async fn make_lots(
         .bind(lot.remaining.0)
         .bind(entry_ids[lot.entry])
         .bind(now_us)
-        .fetch_one(&mut *conn)
+        .execute(&mut *conn)
         .await?;
-        lot_ids.push(id);
     }
-    for (entry, entry_id) in plan.inserts.iter().zip(entry_ids) {
-        for (position, (lot, amount)) in entry.draws.iter().enumerate() {
-            if let LotRef::New(index) = lot {
-                sqlx::query(
-                    "INSERT INTO credit_draws (entry_id, lot_id, amount_micros, position) VALUES ($1, $2, $3, $4)",
-                )
-                .bind(entry_id)
-                .bind(lot_ids[*index])
-                .bind(amount.0)
-                .bind(i32::try_from(position).unwrap_or(i32::MAX))
-                .execute(&mut *conn)
-                .await?;
-            }
-        }
-    }
-    Ok(lot_ids)
+    Ok(())
 }
 
 /// The payment-event steps on an open PostgreSQL transaction.
@@ -537,7 +495,9 @@ impl PaymentTx for PgTx<'_> {
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
         let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
-        Ok(apply_in(self.0, &ops, &[], now_us).await?.map(write_outcomes))
+        Ok(apply_in(self.0, &ops, &[], now_us)
+            .await?
+            .map(write_outcomes))
     }
 }
 
@@ -727,18 +687,7 @@ impl LedgerStore for PgLedger {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        let mut page = entries(rows)?;
-        let ids: Vec<i64> = page.iter().map(|e| e.id).collect();
-        let draws: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT d.entry_id, d.lot_id, d.amount_micros FROM credit_draws AS d \
-             JOIN UNNEST($1::int8[]) AS p(entry_id) USING (entry_id) \
-             ORDER BY d.entry_id, d.position",
-        )
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await?;
-        attach_draws(&mut page, draws);
-        Ok(page)
+        entries(rows)
     }
 
     async fn audit(&self, user_id: &str) -> Result<BalanceAudit, StoreError> {

@@ -15,7 +15,7 @@ use sqlx::sqlite::SqlitePool;
 // The store module's rows, SQL text and shared steps.
 #[allow(clippy::wildcard_imports)]
 use super::*;
-use crate::ledger::{self, LotRef};
+use crate::ledger;
 
 /// Bound parameters per `IN (…)` list, well under SQLite's limit.
 const IN_LIST_CHUNK: usize = 4_096;
@@ -192,10 +192,10 @@ impl LedgerStore for SqliteLedger {
         with_retries(|| async {
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
             let users: Vec<String> = sqlx::query_scalar(DUE_USERS_SQL)
-            .bind(now_us)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
-            .await?;
+                .bind(now_us)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
             if !users.is_empty() {
                 apply_in(&mut tx, &[], &users, now_us).await?;
             }
@@ -256,19 +256,7 @@ impl LedgerStore for SqliteLedger {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        let mut page = entries(rows)?;
-        if let (Some(newest), Some(oldest)) = (page.first(), page.last()) {
-            let draws: Vec<(i64, i64, i64)> = sqlx::query_as(
-                "SELECT entry_id, lot_id, amount_micros FROM credit_draws \
-                 WHERE entry_id BETWEEN ? AND ? ORDER BY entry_id, position",
-            )
-            .bind(oldest.id)
-            .bind(newest.id)
-            .fetch_all(&self.pool)
-            .await?;
-            attach_draws(&mut page, draws);
-        }
-        Ok(page)
+        entries(rows)
     }
 
     async fn audit(&self, user_id: &str) -> Result<BalanceAudit, StoreError> {
@@ -364,21 +352,6 @@ async fn apply_in(
         }
         existing.extend(entries_by_key(query.fetch_all(&mut *conn).await?)?);
     }
-    let ids: Vec<i64> = existing.values().map(|e| e.id).collect();
-    let mut draws: Vec<(i64, i64, i64)> = Vec::new();
-    for chunk in ids.chunks(IN_LIST_CHUNK) {
-        let sql = format!(
-            "SELECT entry_id, lot_id, amount_micros FROM credit_draws WHERE entry_id IN ({}) \
-             ORDER BY entry_id, position",
-            placeholders(chunk.len())
-        );
-        let mut query = sqlx::query_as::<_, (i64, i64, i64)>(&sql);
-        for id in chunk {
-            query = query.bind(id);
-        }
-        draws.extend(query.fetch_all(&mut *conn).await?);
-    }
-    attach_existing_draws(&mut existing, draws);
 
     if !hold_ids.is_empty() || lots.iter().any(|lot| lot.held.0 > 0) {
         for chunk in users.chunks(IN_LIST_CHUNK) {
@@ -412,13 +385,24 @@ async fn apply_in(
     let holds = holds_of(holds_rows, reservations)?;
 
     let plan = ledger::plan_ops(ops, &balances, &lots, &holds, &existing, now_us);
+    // Lots the plan makes get their ids first, so entries drawing from them can say so
+    // (lots are never deleted, and this transaction is the only writer).
+    let lot_ids: Vec<i64> = if plan.new_lots.is_empty() {
+        Vec::new()
+    } else {
+        let next: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM credit_lots")
+            .fetch_one(&mut *conn)
+            .await?;
+        (0..plan.new_lots.len() as i64).map(|k| next + k).collect()
+    };
+    let draws = planned_draws(&plan, &lot_ids);
     let mut ids = Vec::with_capacity(plan.inserts.len());
-    for entry in &plan.inserts {
+    for (entry, draws) in plan.inserts.iter().zip(&draws) {
         let write = &entry.write;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO credit_ledger \
-                (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, created_at_us) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, payment_id, description, target_lot_id, draws, created_at_us) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(&write.user_id)
         .bind(write.kind.as_str())
@@ -429,18 +413,19 @@ async fn apply_in(
         .bind(write.payment_id.as_deref())
         .bind(&write.description)
         .bind(write.target_lot_id)
+        .bind(draws.as_deref())
         .bind(now_us)
         .fetch_one(&mut *conn)
         .await?;
         ids.push(id);
     }
-    let mut lot_ids = Vec::with_capacity(plan.new_lots.len());
-    for lot in &plan.new_lots {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO credit_lots (user_id, category, priority, expires_at_us, source, \
+    for (lot, id) in plan.new_lots.iter().zip(&lot_ids) {
+        sqlx::query(
+            "INSERT INTO credit_lots (id, user_id, category, priority, expires_at_us, source, \
              original_micros, remaining_micros, entry_id, created_at_us) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
+        .bind(id)
         .bind(&lot.user_id)
         .bind(lot.terms.category.as_str())
         .bind(lot.terms.priority)
@@ -450,26 +435,8 @@ async fn apply_in(
         .bind(lot.remaining.0)
         .bind(ids[lot.entry])
         .bind(now_us)
-        .fetch_one(&mut *conn)
+        .execute(&mut *conn)
         .await?;
-        lot_ids.push(id);
-    }
-    for (entry, entry_id) in plan.inserts.iter().zip(&ids) {
-        for (position, (lot, amount)) in entry.draws.iter().enumerate() {
-            let lot_id = match lot {
-                LotRef::Existing(id) => *id,
-                LotRef::New(index) => lot_ids[*index],
-            };
-            sqlx::query(
-                "INSERT INTO credit_draws (entry_id, lot_id, amount_micros, position) VALUES (?, ?, ?, ?)",
-            )
-            .bind(entry_id)
-            .bind(lot_id)
-            .bind(amount.0)
-            .bind(i64::try_from(position).unwrap_or(i64::MAX))
-            .execute(&mut *conn)
-            .await?;
-        }
     }
     let spent = plan.spent();
     let mut moved: Vec<i64> = spent.keys().chain(plan.lot_moves.keys()).copied().collect();
@@ -653,10 +620,10 @@ impl PaymentTx for SqliteTx<'_> {
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
         {
-        let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
-        apply_in(self.0, &ops, &[], now_us)
-            .await
-            .map(|outcomes| Some(write_outcomes(outcomes)))
-    }
+            let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
+            apply_in(self.0, &ops, &[], now_us)
+                .await
+                .map(|outcomes| Some(write_outcomes(outcomes)))
+        }
     }
 }
