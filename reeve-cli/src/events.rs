@@ -38,7 +38,7 @@ async fn store() -> anyhow::Result<EventStore> {
 }
 
 fn time(us: Option<i64>) -> Value {
-    us.and_then(|us| chrono::DateTime::from_timestamp_micros(us))
+    us.and_then(chrono::DateTime::from_timestamp_micros)
         .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
         .unwrap_or(Value::Null)
 }
