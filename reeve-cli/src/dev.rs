@@ -6,6 +6,7 @@
 //! config file wins. Secret values are never printed, only their names.
 
 use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use reeve_runtime::config::{self, ConfigError, Source};
@@ -145,8 +146,22 @@ fn write_secrets(
     std::io::Write::write_all(&mut file, text.as_bytes()).map_err(fail)
 }
 
-/// Prints a user JWT (HS256, `sub` = the user, expiring in `ttl_secs`).
-pub fn print_token(user_id: &str, ttl_secs: i64) -> anyhow::Result<()> {
+/// Prints a user JWT (HS256, `sub` = the user, expiring in `ttl_secs`), or with `link`
+/// a link that opens the billing page signed in as that user.
+pub fn print_token(user_id: &str, ttl_secs: i64, link: bool) -> anyhow::Result<()> {
+    let token = mint_token(user_id, ttl_secs)?;
+    if link {
+        let default_http: SocketAddr = webhook_bridge::DEFAULT_HTTP_ADDR.parse()?;
+        let http_addr = config::parse_or("REEVE_HTTP_ADDR", default_http)?;
+        println!("{}", billing_link(http_addr, &token));
+    } else {
+        println!("{token}");
+    }
+    Ok(())
+}
+
+/// A user JWT signed with the dev HS256 secret (`REEVE_JWT_HS256_SECRET`).
+pub fn mint_token(user_id: &str, ttl_secs: i64) -> anyhow::Result<String> {
     let secret = config::var("REEVE_JWT_HS256_SECRET")?
         .map(SecretString::from)
         .ok_or_else(|| {
@@ -160,11 +175,42 @@ pub fn print_token(user_id: &str, ttl_secs: i64) -> anyhow::Result<()> {
     }
     let now = reeve_runtime::clock::now_us() / 1_000_000;
     let claims = serde_json::json!({"sub": user_id, "iat": now, "exp": now + ttl_secs});
-    let token = jsonwebtoken::encode(
+    Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
         &jsonwebtoken::EncodingKey::from_secret(secret.expose_secret().as_bytes()),
-    )?;
-    println!("{token}");
-    Ok(())
+    )?)
+}
+
+/// The bridge's billing page (an unspecified listen address is reached on loopback).
+pub fn billing_url(http_addr: SocketAddr) -> String {
+    let mut addr = http_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{addr}/billing")
+}
+
+/// The billing page signed in with `token`: the token rides in the fragment, which the
+/// browser keeps to itself (never sent to a server, never in a request log).
+pub fn billing_link(http_addr: SocketAddr, token: &str) -> String {
+    format!("{}#token={token}", billing_url(http_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_carries_the_token_in_the_fragment_only() {
+        let link = billing_link(SocketAddr::from(([0, 0, 0, 0], 8080)), "a.b.c");
+        assert_eq!(link, "http://127.0.0.1:8080/billing#token=a.b.c");
+        assert_eq!(
+            billing_url(SocketAddr::from(([0u16; 8], 9))),
+            "http://[::1]:9/billing"
+        );
+    }
 }

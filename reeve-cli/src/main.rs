@@ -135,6 +135,9 @@ enum Command {
         user_id: String,
         #[arg(long, default_value_t = 86_400)]
         ttl_secs: i64,
+        /// Print a link that opens the billing page signed in (REEVE_HTTP_ADDR).
+        #[arg(long)]
+        link: bool,
     },
 }
 
@@ -238,6 +241,10 @@ async fn run(command: Command, json: bool) -> anyhow::Result<()> {
             limit,
             clear,
         } => admin::set_override(&out, user_id, feature, limit, clear).await,
-        Command::DevToken { user_id, ttl_secs } => dev::print_token(&user_id, ttl_secs),
+        Command::DevToken {
+            user_id,
+            ttl_secs,
+            link,
+        } => dev::print_token(&user_id, ttl_secs, link),
     }
 }

@@ -22,6 +22,18 @@ use crate::dev;
 /// How long each stage of a shutdown may take before the process exits anyway.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 const DEFAULT_FAKE_STRIPE_ADDR: &str = "127.0.0.1:12111";
+/// The user of the signed-in billing link `reeve up` prints.
+const DEMO_USER: &str = "demo";
+
+/// `addr` with port 0 replaced by a free port (bound and released at once).
+fn concrete_port(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let probe = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("choosing a port for REEVE_HTTP_ADDR {addr}"))?;
+    Ok(probe.local_addr()?)
+}
 
 pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     let generated = dev::install_layers(data_dir, true)?;
@@ -30,6 +42,18 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     let quota_config = quota_svc::Config::from_env()?;
     quota_config.registry()?;
     let mut bridge_config = webhook_bridge::Config::from_env()?;
+    // Stripe Checkout comes back to the bridge's billing page unless configured: the
+    // address must be known now, so port 0 is chosen here rather than at bind.
+    bridge_config.http_addr = concrete_port(bridge_config.http_addr)?;
+    if let Some(checkout) = credits_config.checkout.as_mut() {
+        let page = dev::billing_url(bridge_config.http_addr);
+        if config::source("REEVE_CHECKOUT_SUCCESS_URL") == Source::Unset {
+            checkout.success_url = format!("{page}?checkout=success");
+        }
+        if config::source("REEVE_CHECKOUT_CANCEL_URL") == Source::Unset {
+            checkout.cancel_url = format!("{page}?checkout=cancel");
+        }
+    }
     let database_url = credits_config.database_url.clone();
 
     let services = CancellationToken::new();
@@ -121,6 +145,13 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     println!(
         "  dev token    reeve dev-token <user-id>   (e.g. curl -H \"Authorization: Bearer $(reeve dev-token alice)\" http://{http}/api/credits/balance)"
     );
+    if config::var("REEVE_JWT_HS256_SECRET")?.is_some() {
+        let token = dev::mint_token(DEMO_USER, 86_400)?;
+        println!(
+            "  billing page {}   (signed in as {DEMO_USER} for a day; any user: reeve dev-token <user-id> --link)",
+            dev::billing_link(http, &token)
+        );
+    }
     println!(
         "listening http={http} credits={} quota={} stripe={}",
         credits.local_addr,

@@ -392,6 +392,10 @@
     $("more").addEventListener("click", function () { loadHistory(true).catch(showAlert); });
     $("csv").addEventListener("click", downloadCsv);
     $("amount").addEventListener("input", function () { fieldError(""); });
+    // A new sign-in link opened in this tab changes only the fragment: start afresh.
+    window.addEventListener("hashchange", function () {
+      if (/(?:^#|&)token=/.test(location.hash)) { readToken(); location.reload(); }
+    });
     if (!token) { $("signed-out").hidden = false; return; }
     if (claims.exp && claims.exp * 1000 <= Date.now()) {
       showAlert(new ApiFailure(401, { code: "token_expired" }));
