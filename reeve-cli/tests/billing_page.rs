@@ -73,13 +73,13 @@ async fn browser(downloads: &Path) -> Option<Browser> {
     );
     let driver = find_program("REEVE_CHROMEDRIVER", &["chromedriver"]);
     let (Some(chromium), Some(driver)) = (chromium, driver) else {
-        let message = "billing page browser test SKIPPED: chromium and chromedriver were not found \
+        let message = "chromium and chromedriver were not found \
              (apt-get install chromium chromium-driver, or set REEVE_CHROMIUM / REEVE_CHROMEDRIVER)";
         assert!(
             std::env::var_os("CI").is_none(),
             "{message}; CI installs them, so it must run there"
         );
-        eprintln!("{message}");
+        eprintln!("billing page browser test SKIPPED: {message}");
         return None;
     };
     let port = free_port();

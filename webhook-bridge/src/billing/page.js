@@ -147,7 +147,9 @@
       $("app").hidden = true;
       $("who").hidden = true;
     }
-    $("alert").focus && $("alert").setAttribute("tabindex", "-1");
+    // Keyboard and screen-reader users land on the explanation.
+    $("alert").setAttribute("tabindex", "-1");
+    $("alert").focus();
   }
   function hideAlert() { $("alert").hidden = true; }
 
@@ -323,7 +325,7 @@
       .then(function (p) {
         sessionStorage.setItem(PENDING_KEY, JSON.stringify({
           sub: claims.sub, amount: p.amount, amount_micros: p.amount_micros, session_id: p.session_id,
-          before_micros: balance ? balance.balance_micros : null, last_id: newestEntryId, started: Date.now()
+          last_id: newestEntryId, started: Date.now()
         }));
         location.assign(p.checkout_url);
       })
