@@ -5,6 +5,7 @@
 //! It creates a schema of its own, seeds it, and drops it at the end. It only ever
 //! talks to loopback addresses and stops after the configured duration.
 
+mod holds;
 mod quota;
 mod recorder;
 
@@ -353,7 +354,9 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
                         .outcomes;
                     let applied = outcomes
                         .iter()
-                        .filter(|o| matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_))))
+                        .filter(|o| {
+                            matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_)))
+                        })
                         .count();
                     anyhow::ensure!(applied == 100, "only {applied} of 100 applied");
                     Ok(100)
@@ -421,7 +424,11 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         .await?,
     );
 
-    println!("| scenario | deductions/s | p50 ms | p99 ms |");
+    // Holds last: the deduction scenarios above run on users without holds.
+    let deduct_batch_per_second = results[0].per_second();
+    results.extend(holds::run(args, client.clone(), &pool, deduct_batch_per_second).await?);
+
+    println!("| scenario | deductions (holds: calls, settles)/s | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|");
     for figures in &results {
         println!("{}", figures.row());
@@ -443,6 +450,15 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     println!(
         "single Deduct (group commit) vs one transaction per deduction: {:.2}×",
         ratio(5, 6)
+    );
+    let pair_p99_ms = results[7].latency_us.value_at_quantile(0.99) as f64 / 1_000.0;
+    println!(
+        "Hold + SettleHold per call vs single Deduct: {:.0}% (target ≥ 50%), p99 {pair_p99_ms:.2} ms (target < 20 ms)",
+        100.0 * ratio(7, 5)
+    );
+    println!(
+        "SettleHoldBatch ×100 vs DeductBatch ×100: {:.0}% (target ≥ 70%)",
+        100.0 * ratio(8, 0)
     );
 
     shutdown.cancel();

@@ -2,19 +2,17 @@
 //!
 //! Per request it (1) consumes one unit of the `copy_rewrites` quota through the
 //! [`QuotaGuard`] (429 when used up, keyed by the request id so a retried request is
-//! not counted twice), (2) runs the model, giving the unit back if the model fails,
-//! (3) hands the call's cost to the [`Recorder`] and answers at once: the deduction is
-//! flushed in a DeductBatch with other calls' and can no longer be lost (with
-//! `REEVE_RECORDER_WAL`, not even by a crash). Refused deductions (insufficient,
-//! invalid) reach the outcome handler, which here logs them; a real gateway would
-//! flag the user. On Ctrl-C or SIGTERM the server stops taking requests and
-//! `close()` drains the recorder before the process exits.
-//!
-//! Holds (issue 10) change step 3 only: before the model runs, `Hold` reserves the
-//! request's maximum cost (a 402 instead of an unpaid call when the user cannot cover
-//! it); after, the real cost is settled through the same recorder as a second
-//! [`reeve_client::Charge`] variant flushed with `SettleHoldBatch`, and a failed model
-//! call releases the hold. The handler below stays as it is.
+//! not counted twice), (2) runs the model as a metered call ([`Meter`]): a hold
+//! reserves the call's maximum cost first (402 when the user cannot cover it, so no
+//! call runs unpaid), then the model runs, then its real cost is handed to the
+//! [`Recorder`] as the hold's settle and the answer goes out at once: the settle is
+//! flushed in a SettleHoldBatch with other calls' and can no longer be lost (with
+//! `REEVE_RECORDER_WAL`, not even by a crash). A failed model call releases the hold
+//! and gives the quota unit back; a client that hangs up mid-call drops the handler's
+//! future, which releases the hold too. Refused settles (the hold already resolved)
+//! reach the outcome handler, which here logs them; a real gateway would flag them.
+//! On Ctrl-C or SIGTERM the server stops taking requests and `close()` drains the
+//! recorder before the process exits.
 //!
 //! Run `reeve up` in another terminal (it prints the service token into
 //! `./reeve-data/dev-secrets.toml`), then:
@@ -32,15 +30,20 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use reeve_client::{ClientBuilder, ItemOutcome, QuotaGuard, Recorder, SecretString};
+use reeve_client::{
+    ClientBuilder, ItemOutcome, Meter, MeteredError, QuotaGuard, Recorder, Reservation,
+    SecretString,
+};
 
 /// Micros per token the fake model charges (0.00002 credits).
 const PRICE_MICROS_PER_TOKEN: i64 = 20;
+/// The most tokens one call may use: what the hold reserves.
+const MAX_TOKENS_PER_CALL: i64 = 4_096;
 const FEATURE: &str = "copy_rewrites";
 
 struct Gateway {
     guard: QuotaGuard,
-    recorder: Recorder,
+    meter: Meter,
 }
 
 /// The fake model: an answer and the tokens it "used".
@@ -75,41 +78,63 @@ async fn completions(
             return (status, format!("{refusal}\n"));
         }
     };
-    let (answer, tokens) = match fake_model(&prompt).await {
-        Ok(done) => done,
-        Err(failure) => {
-            // Nothing was produced: give the quota unit back (safe to repeat).
-            let _ = gateway.guard.release(&permit).await;
-            return (
-                StatusCode::BAD_GATEWAY,
-                format!("model failed: {failure}\n"),
-            );
-        }
-    };
-    let cost_micros = tokens * PRICE_MICROS_PER_TOKEN;
-    // The request id is the deduction's key: a retried request is charged once.
-    match gateway
-        .recorder
-        .record(user_id, cost_micros, format!("llm:{request_id}"))
-        .await
-    {
-        Ok(()) => (StatusCode::OK, format!("{answer}\n({tokens} tokens)\n")),
-        // Only when closing (or the write-ahead file failed): the answer is not sent.
+    // The request id keys the hold and its settle: a retried request is charged once
+    // (a request id whose call has ended is refused, not run again).
+    let reservation = Reservation::new(
+        user_id,
+        format!("llm:{request_id}"),
+        MAX_TOKENS_PER_CALL * PRICE_MICROS_PER_TOKEN,
+    )
+    .with_description("completion");
+    let called = gateway
+        .meter
+        .call(reservation, |_hold| async {
+            let (answer, tokens) = fake_model(&prompt).await?;
+            Ok::<_, String>(((answer, tokens), tokens * PRICE_MICROS_PER_TOKEN))
+        })
+        .await;
+    let (status, body) = match called {
+        Ok((answer, tokens)) => return (StatusCode::OK, format!("{answer}\n({tokens} tokens)\n")),
+        Err(MeteredError::Insufficient {
+            balance_micros,
+            held_micros,
+            required_micros,
+        }) => (
+            StatusCode::PAYMENT_REQUIRED,
+            format!(
+                "insufficient credits: {required_micros} micros required, {} available\n",
+                balance_micros - held_micros
+            ),
+        ),
+        Err(MeteredError::AlreadyResolved { .. }) => (
+            StatusCode::CONFLICT,
+            "this request id was already answered\n".to_owned(),
+        ),
+        Err(MeteredError::Work(failure)) => (
+            StatusCode::BAD_GATEWAY,
+            format!("model failed: {failure}\n"),
+        ),
+        // The hold could not be made (service down), or the cost could not be handed
+        // over (closing): the answer is not sent.
         Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")),
-    }
+    };
+    // Nothing was produced: give the quota unit back (safe to repeat).
+    let _ = gateway.guard.release(&permit).await;
+    (status, body)
 }
 
 fn on_outcome(item: ItemOutcome) {
     if item.outcome.is_success() {
         tracing::debug!(key = item.charge.idempotency_key(), "charged");
     } else {
-        // Insufficient or invalid: final, never retried by the recorder. A real
-        // gateway would block the user's next calls or open a collection case.
+        // Already resolved (the hold was released or expired before the settle) or
+        // invalid: final, never retried by the recorder. A real gateway would flag the
+        // call for review.
         tracing::warn!(
             key = item.charge.idempotency_key(),
             user_id = item.charge.user_id(),
             outcome = ?item.outcome,
-            "deduction refused"
+            "charge refused"
         );
     }
 }
@@ -151,7 +176,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let recorder = recorder.start()?;
     let gateway = Arc::new(Gateway {
         guard: QuotaGuard::from_connection(&quota),
-        recorder: recorder.clone(),
+        meter: Meter::new(credits.credits(), recorder.clone()),
     });
     let app = Router::new()
         .route("/v1/completions", post(completions))
@@ -161,7 +186,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
-    // Requests are done: every accepted deduction is flushed before exit.
+    // Requests are done: every accepted settle is flushed before exit.
     recorder.close().await?;
     eprintln!("recorder drained; bye");
     Ok(())
