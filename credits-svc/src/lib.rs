@@ -5,6 +5,7 @@
 
 pub mod checkout;
 pub mod error;
+pub mod events;
 pub mod group_commit;
 pub mod holds;
 pub mod ledger;
@@ -54,6 +55,7 @@ pub const METHOD_SCOPES: ScopeTable = &[
     ("GetHold", Scope::Deduct),
     ("ListHolds", Scope::Deduct),
     ("ListPaymentEntries", Scope::Stripe),
+    ("SetBalanceAlert", Scope::Admin),
 ];
 
 /// Everything credits-svc needs to start. `Debug` hides the database URL's password.
@@ -172,6 +174,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.lot_sweep_interval,
         shutdown.clone(),
     );
+    // Outbound events: lot.expiring warnings N days ahead (`REEVE_LOT_EXPIRING_DAYS`,
+    // default 7) and the webhook dispatcher of this database's outbox.
+    let expiring_days = config::parse_or("REEVE_LOT_EXPIRING_DAYS", 7u64)?;
+    sweep::spawn_expiring_warnings(
+        Arc::clone(&store),
+        config.clock.clone(),
+        config.lot_sweep_interval,
+        std::time::Duration::from_secs(expiring_days.saturating_mul(86_400)),
+        shutdown.clone(),
+    );
+    reeve_events::Dispatcher::new(
+        store.events(),
+        reeve_events::DispatcherConfig::default(),
+        config.clock.clone(),
+    )?
+    .spawn(shutdown.clone());
     let credits = CreditServiceServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -1013,4 +1013,35 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             next_page_token,
         }))
     }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
+    async fn set_balance_alert(
+        &self,
+        request: Request<pb::SetBalanceAlertRequest>,
+    ) -> Result<Response<pb::SetBalanceAlertResponse>, Status> {
+        let request = request.into_inner();
+        check_user_id(&request.user_id)?;
+        let threshold = match request.threshold_micros {
+            0 => None,
+            micros if micros > 0 && micros <= MAX_ALERT_THRESHOLD_MICROS => Some(Micros(micros)),
+            _ => {
+                return Err(CreditsError::invalid(
+                    "invalid_threshold",
+                    "threshold_micros must be 0 (remove) to 10^15",
+                )
+                .into());
+            }
+        };
+        self.store
+            .set_balance_alert(&request.user_id, threshold, self.clock.now_us())
+            .await
+            .map_err(CreditsError::from)?;
+        Ok(Response::new(pb::SetBalanceAlertResponse {
+            user_id: request.user_id,
+            threshold_micros: request.threshold_micros,
+        }))
+    }
 }
+
+/// The largest low-balance threshold: 10^9 credits, the services' amount bound.
+const MAX_ALERT_THRESHOLD_MICROS: i64 = 1_000_000_000 * 1_000_000;

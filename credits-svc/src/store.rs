@@ -18,6 +18,7 @@ use crate::ledger::{Op, OpOutcome};
 use crate::lots::{Category, Lot};
 use crate::payments::{DisputeState, PaymentEvent, PaymentState};
 
+mod outbox;
 pub mod postgres;
 pub mod sqlite;
 
@@ -199,6 +200,23 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> Result<Vec<LedgerEntry>, StoreError>;
     /// Connections of the pool, for metrics.
     fn pool_stats(&self) -> reeve_runtime::telemetry::PoolStats;
+    /// Sets a user's low-balance alert threshold (armed), or removes it (`None`).
+    async fn set_balance_alert(
+        &self,
+        user_id: &str,
+        threshold: Option<Micros>,
+        now_us: i64,
+    ) -> Result<(), StoreError>;
+    /// Writes `lot.expiring` for up to `limit` lots expiring within `ahead_us` of
+    /// `now_us`, once per lot; the number written.
+    async fn warn_expiring(
+        &self,
+        now_us: i64,
+        ahead_us: i64,
+        limit: u32,
+    ) -> Result<usize, StoreError>;
+    /// The outbox in this store's database (for the webhook dispatcher).
+    fn events(&self) -> reeve_events::EventStore;
 }
 
 /// Opens the store named by a `REEVE_DATABASE_URL` and brings its schema up to date.

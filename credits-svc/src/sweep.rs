@@ -48,3 +48,42 @@ pub fn spawn(
         }
     });
 }
+
+/// Lots warned of per transaction.
+const WARNINGS_PER_ROUND: u32 = 500;
+
+/// The `lot.expiring` sweeper: every `every`, warns once of each lot whose expiry is
+/// within `ahead` (through the outbox; safe on every replica: a lot is warned of once
+/// whoever gets there first).
+pub fn spawn_expiring_warnings(
+    store: Arc<dyn LedgerStore>,
+    clock: Clock,
+    every: Duration,
+    ahead: Duration,
+    shutdown: CancellationToken,
+) {
+    let ahead_us = i64::try_from(ahead.as_micros()).unwrap_or(i64::MAX);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            loop {
+                match store
+                    .warn_expiring(clock.now_us(), ahead_us, WARNINGS_PER_ROUND)
+                    .await
+                {
+                    Ok(warned) if warned == WARNINGS_PER_ROUND as usize => continue,
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "lot.expiring sweep failed; next tick retries");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}

@@ -20,7 +20,7 @@ pub mod store;
 
 pub use dispatch::{Dispatcher, DispatcherConfig};
 pub use event::{NewEvent, insert_pg, insert_sqlite};
-pub use store::{AttemptRecord, Endpoint, EventStore, NewEndpoint, RetryOutcome};
+pub use store::{AttemptRecord, Endpoint, EventStore, NewEndpoint, RetryOutcome, StoredEvent};
 
 /// The one error of this crate.
 #[derive(Debug, thiserror::Error)]

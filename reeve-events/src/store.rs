@@ -191,6 +191,17 @@ type AttemptRow = (
     String,
 );
 
+/// An event as stored in the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub id: String,
+    pub event_type: String,
+    pub user_id: Option<String>,
+    /// The JSON body endpoints receive.
+    pub body: serde_json::Value,
+}
+
 /// What a manual redelivery did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryOutcome {
@@ -551,9 +562,49 @@ impl EventStore {
         })
     }
 
+    /// Events in the outbox after `after_seq`, oldest first: (seq, event id, type,
+    /// user, JSON body).
+    pub async fn outbox(
+        &self,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, EventsError> {
+        let rows: Vec<(i64, String, String, Option<String>, String)> = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT seq, event_id, event_type, user_id, payload FROM outbox_events \
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(after_seq)
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, id, event_type, user_id, payload)| StoredEvent {
+                seq,
+                id,
+                event_type,
+                user_id,
+                body: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
+            })
+            .collect())
+    }
+
     /// Makes the deliveries of up to `limit` events not yet fanned out, one per enabled
     /// endpoint whose filter matches; the number of events handled.
     pub async fn fan_out(&self, now_us: i64, limit: i64) -> Result<usize, EventsError> {
+        // A read first: an idle outbox never takes SQLite's write lock.
+        let waiting: Option<i64> = on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT seq FROM outbox_events WHERE fanned_out_at_us IS NULL LIMIT 1",
+            )
+            .fetch_optional(pool)
+            .await
+        })?;
+        if waiting.is_none() {
+            return Ok(0);
+        }
         let handled = on_pool!(self, |pool| {
             let mut tx = pool.write_tx().await?;
             let events: Vec<(i64, String, String)> = sqlx::query_as(&format!(
@@ -622,6 +673,18 @@ impl EventStore {
             Option<i64>,
             Option<String>,
         );
+        let due: Option<String> = on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT delivery_id FROM webhook_deliveries \
+                 WHERE status = 'pending' AND next_attempt_at_us <= $1 LIMIT 1",
+            )
+            .bind(now_us)
+            .fetch_optional(pool)
+            .await
+        })?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
         let rows: Vec<Row> = on_pool!(self, |pool| {
             let mut tx = pool.write_tx().await?;
             let claimed: Vec<String> = sqlx::query_scalar(&format!(

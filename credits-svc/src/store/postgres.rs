@@ -34,6 +34,7 @@ impl PgLedger {
         // Other services keep their own migrations in the same database.
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
+        super::outbox::migrate_pg(&pool).await?;
         Ok(PgLedger { pool })
     }
 
@@ -171,6 +172,7 @@ async fn apply_in(
     if !save_holds(conn, &plan, &ids).await? {
         return Ok(None);
     }
+    super::outbox::emit_pg(conn, &plan, &balances, &lots, now_us).await?;
     Ok(Some(plan.finish_ops(&ids, &lot_ids)))
 }
 
@@ -543,6 +545,28 @@ impl LedgerStore for PgLedger {
             open: self.pool.size(),
             idle: self.pool.num_idle(),
         }
+    }
+
+    async fn set_balance_alert(
+        &self,
+        user_id: &str,
+        threshold: Option<Micros>,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        super::outbox::set_alert_pg(&self.pool, user_id, threshold, now_us).await
+    }
+
+    async fn warn_expiring(
+        &self,
+        now_us: i64,
+        ahead_us: i64,
+        limit: u32,
+    ) -> Result<usize, StoreError> {
+        super::outbox::warn_expiring_pg(&self.pool, now_us, ahead_us, limit).await
+    }
+
+    fn events(&self) -> reeve_events::EventStore {
+        reeve_events::EventStore::Postgres(self.pool.clone())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

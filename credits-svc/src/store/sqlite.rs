@@ -35,6 +35,7 @@ impl SqliteLedger {
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
+        super::outbox::migrate_sqlite(&pool).await?;
         Ok(SqliteLedger { pool })
     }
 }
@@ -93,6 +94,28 @@ impl LedgerStore for SqliteLedger {
             open: self.pool.size(),
             idle: self.pool.num_idle(),
         }
+    }
+
+    async fn set_balance_alert(
+        &self,
+        user_id: &str,
+        threshold: Option<Micros>,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        super::outbox::set_alert_sqlite(&self.pool, user_id, threshold, now_us).await
+    }
+
+    async fn warn_expiring(
+        &self,
+        now_us: i64,
+        ahead_us: i64,
+        limit: u32,
+    ) -> Result<usize, StoreError> {
+        super::outbox::warn_expiring_sqlite(&self.pool, now_us, ahead_us, limit).await
+    }
+
+    fn events(&self) -> reeve_events::EventStore {
+        reeve_events::EventStore::Sqlite(self.pool.clone())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -456,6 +479,7 @@ async fn apply_in(
         .await?;
     }
     save_holds(conn, &plan, &ids).await?;
+    super::outbox::emit_sqlite(conn, &plan, &balances, &lots, now_us).await?;
     for (user, delta) in plan.deltas() {
         sqlx::query("UPDATE credit_accounts SET balance_micros = balance_micros + ?, updated_at_us = ? WHERE user_id = ?")
             .bind(delta)

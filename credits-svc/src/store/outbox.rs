@@ -1,0 +1,247 @@
+//! The ledger's outbox writes, on both stores: after a plan is persisted, the events
+//! [`crate::events`] derives from it go into reeve-events' outbox in the same
+//! transaction, with the low-balance alerts they fire or re-arm; and the sweeper's
+//! `lot.expiring` warnings, once per lot. The only extra statement on the write path is
+//! the alert lookup of the users whose available balance moved (a primary-key probe of
+//! a table that has a row only for users who set a threshold); events are inserted only
+//! when there are any.
+
+use std::collections::HashMap;
+
+use reeve_runtime::Micros;
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{PgConnection, SqliteConnection};
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+use crate::events::{self, BalanceAlert};
+use crate::ledger::Plan;
+
+/// Applies reeve-events' outbox migrations (4xxx) beside the ledger's.
+pub(crate) async fn migrate_pg(pool: &PgPool) -> Result<(), StoreError> {
+    reeve_events::store::migrate_pg(pool)
+        .await
+        .map_err(events_error)
+}
+
+/// Applies reeve-events' outbox migrations (4xxx) beside the ledger's.
+pub(crate) async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
+    reeve_events::store::migrate_sqlite(pool)
+        .await
+        .map_err(events_error)
+}
+
+fn events_error(error: reeve_events::EventsError) -> StoreError {
+    match error {
+        reeve_events::EventsError::Database(error) => StoreError::from(error),
+        reeve_events::EventsError::Migrate(error) => StoreError::from(error),
+        other => StoreError::Corrupt(other.to_string()),
+    }
+}
+
+/// Writes the events of `plan` (persisted in the same open transaction).
+pub(crate) async fn emit_pg(
+    conn: &mut PgConnection,
+    plan: &Plan,
+    balances: &HashMap<String, Micros>,
+    lots: &[Lot],
+    now_us: i64,
+) -> Result<(), StoreError> {
+    let moves = events::available_moves(plan, balances, lots);
+    let mut alerts = HashMap::new();
+    if !moves.is_empty() {
+        let users: Vec<&str> = moves.keys().map(String::as_str).collect();
+        let rows: Vec<(String, i64, bool)> = sqlx::query_as(
+            "SELECT user_id, threshold_micros, armed FROM credit_balance_alerts \
+             WHERE user_id = ANY($1::text[])",
+        )
+        .bind(&users)
+        .fetch_all(&mut *conn)
+        .await?;
+        alerts = alerts_of(rows);
+    }
+    let emitted = events::derive(plan, lots, &moves, &alerts);
+    reeve_events::insert_pg(conn, &emitted.events, now_us).await?;
+    for (user, armed) in &emitted.alerts {
+        sqlx::query("UPDATE credit_balance_alerts SET armed = $2 WHERE user_id = $1")
+            .bind(user)
+            .bind(armed)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes the events of `plan` (persisted in the same open transaction).
+pub(crate) async fn emit_sqlite(
+    conn: &mut SqliteConnection,
+    plan: &Plan,
+    balances: &HashMap<String, Micros>,
+    lots: &[Lot],
+    now_us: i64,
+) -> Result<(), StoreError> {
+    let moves = events::available_moves(plan, balances, lots);
+    let mut alerts = HashMap::new();
+    for user in moves.keys() {
+        let row: Option<(String, i64, bool)> = sqlx::query_as(
+            "SELECT user_id, threshold_micros, armed FROM credit_balance_alerts WHERE user_id = $1",
+        )
+        .bind(user)
+        .fetch_optional(&mut *conn)
+        .await?;
+        alerts.extend(alerts_of(row.into_iter().collect()));
+    }
+    let emitted = events::derive(plan, lots, &moves, &alerts);
+    reeve_events::insert_sqlite(conn, &emitted.events, now_us).await?;
+    for (user, armed) in &emitted.alerts {
+        sqlx::query("UPDATE credit_balance_alerts SET armed = $2 WHERE user_id = $1")
+            .bind(user)
+            .bind(armed)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+fn alerts_of(rows: Vec<(String, i64, bool)>) -> HashMap<String, BalanceAlert> {
+    rows.into_iter()
+        .map(|(user, threshold, armed)| {
+            (
+                user,
+                BalanceAlert {
+                    threshold: Micros(threshold),
+                    armed,
+                },
+            )
+        })
+        .collect()
+}
+
+const SET_ALERT_SQL: &str = "INSERT INTO credit_balance_alerts (user_id, threshold_micros, armed, updated_at_us) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (user_id) DO UPDATE \
+     SET threshold_micros = excluded.threshold_micros, armed = excluded.armed, \
+     updated_at_us = excluded.updated_at_us";
+
+/// Sets (armed) or, with `None`, removes a user's low-balance threshold.
+pub(crate) async fn set_alert_pg(
+    pool: &PgPool,
+    user_id: &str,
+    threshold: Option<Micros>,
+    now_us: i64,
+) -> Result<(), StoreError> {
+    match threshold {
+        Some(threshold) => {
+            sqlx::query(SET_ALERT_SQL)
+                .bind(user_id)
+                .bind(threshold.0)
+                .bind(true)
+                .bind(now_us)
+                .execute(pool)
+                .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM credit_balance_alerts WHERE user_id = $1")
+                .bind(user_id)
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets (armed) or, with `None`, removes a user's low-balance threshold.
+pub(crate) async fn set_alert_sqlite(
+    pool: &SqlitePool,
+    user_id: &str,
+    threshold: Option<Micros>,
+    now_us: i64,
+) -> Result<(), StoreError> {
+    match threshold {
+        Some(threshold) => {
+            sqlx::query(SET_ALERT_SQL)
+                .bind(user_id)
+                .bind(threshold.0)
+                .bind(true)
+                .bind(now_us)
+                .execute(pool)
+                .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM credit_balance_alerts WHERE user_id = $1")
+                .bind(user_id)
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+const EXPIRING_SQL: &str = "SELECT id, user_id, category, priority, expires_at_us, source, original_micros, \
+     remaining_micros, created_at_us, held_micros, expired_micros FROM credit_lots l \
+     WHERE remaining_micros > 0 AND expires_at_us > $1 AND expires_at_us <= $2 \
+     AND NOT EXISTS (SELECT 1 FROM credit_lot_warnings w WHERE w.lot_id = l.id) \
+     ORDER BY expires_at_us LIMIT $3";
+
+const WARNED_SQL: &str = "INSERT INTO credit_lot_warnings (lot_id, warned_at_us) VALUES ($1, $2) \
+     ON CONFLICT (lot_id) DO NOTHING";
+
+/// `lot.expiring` for up to `limit` lots expiring within `ahead_us`, each once (a lot
+/// another sweeper warned of first is skipped); the number warned of.
+pub(crate) async fn warn_expiring_pg(
+    pool: &PgPool,
+    now_us: i64,
+    ahead_us: i64,
+    limit: u32,
+) -> Result<usize, StoreError> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<LotRow> = sqlx::query_as(EXPIRING_SQL)
+        .bind(now_us)
+        .bind(now_us.saturating_add(ahead_us))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut events = Vec::new();
+    for lot in lots_of(rows)? {
+        let fresh = sqlx::query(WARNED_SQL)
+            .bind(lot.id)
+            .bind(now_us)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if fresh == 1 {
+            events.push(events::lot_expiring(&lot));
+        }
+    }
+    reeve_events::insert_pg(&mut tx, &events, now_us).await?;
+    tx.commit().await?;
+    Ok(events.len())
+}
+
+/// `lot.expiring` for up to `limit` lots expiring within `ahead_us`, each once.
+pub(crate) async fn warn_expiring_sqlite(
+    pool: &SqlitePool,
+    now_us: i64,
+    ahead_us: i64,
+    limit: u32,
+) -> Result<usize, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let rows: Vec<LotRow> = sqlx::query_as(EXPIRING_SQL)
+        .bind(now_us)
+        .bind(now_us.saturating_add(ahead_us))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut events = Vec::new();
+    for lot in lots_of(rows)? {
+        sqlx::query(WARNED_SQL)
+            .bind(lot.id)
+            .bind(now_us)
+            .execute(&mut *tx)
+            .await?;
+        events.push(events::lot_expiring(&lot));
+    }
+    reeve_events::insert_sqlite(&mut tx, &events, now_us).await?;
+    tx.commit().await?;
+    Ok(events.len())
+}
