@@ -125,11 +125,18 @@ async fn a_failed_call_releases_its_hold_a_dropped_one_too_and_neither_charges()
         .unwrap();
     let meter = Meter::new(credits.connection().credits(), recorder.clone());
 
-    // The work fails: released before the error is returned.
+    // The work (a long stream) extends its hold, then fails: released before the
+    // error is returned.
     let failed = meter
-        .call(Reservation::new("bob", "failing", CREDIT / 2), |_| async {
-            Err::<((), i64), _>("model down")
-        })
+        .call(
+            Reservation::new("bob", "failing", CREDIT / 2),
+            |held| async move {
+                let granted = held.hold().expires_at.unwrap().seconds;
+                let extended = held.extend(Duration::from_secs(3_600)).await.unwrap();
+                assert!(extended.expires_at.unwrap().seconds >= granted + 2_900);
+                Err::<((), i64), _>("model down")
+            },
+        )
         .await;
     assert!(matches!(failed, Err(MeteredError::Work("model down"))));
     assert_eq!(
