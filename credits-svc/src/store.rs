@@ -408,59 +408,6 @@ fn balance_of(rows: Vec<BalanceRow>, now_us: i64) -> Result<BalanceDetails, Stor
     Ok(BalanceDetails::at(Micros(cached), lots, &active, now_us))
 }
 
-/// `l.`-qualified lot columns for joins, aliased apart from the row they join.
-const LOT_JOIN_COLUMNS: &str = "l.id, l.user_id, l.category, l.priority, l.expires_at_us, \
-     l.source, l.original_micros, l.remaining_micros, l.created_at_us, l.held_micros, \
-     l.expired_micros";
-
-/// A locked balance and one of its lots (absent when the user has none).
-#[derive(sqlx::FromRow)]
-struct LockedRow {
-    account_user_id: String,
-    balance_micros: i64,
-    id: Option<i64>,
-    user_id: Option<String>,
-    category: Option<String>,
-    priority: Option<i32>,
-    expires_at_us: Option<i64>,
-    source: Option<String>,
-    original_micros: Option<i64>,
-    remaining_micros: Option<i64>,
-    created_at_us: Option<i64>,
-    held_micros: Option<i64>,
-    expired_micros: Option<i64>,
-}
-
-/// The balances and lots of the locked users.
-#[allow(clippy::type_complexity)]
-fn locked_state(
-    rows: Vec<LockedRow>,
-) -> Result<(std::collections::HashMap<String, Micros>, Vec<Lot>), StoreError> {
-    let mut balances = std::collections::HashMap::new();
-    let mut lots = Vec::new();
-    for row in rows {
-        balances.insert(row.account_user_id, Micros(row.balance_micros));
-        if let (Some(id), Some(user_id), Some(category), Some(priority), Some(source)) =
-            (row.id, row.user_id, row.category, row.priority, row.source)
-        {
-            lots.push(Lot::try_from(LotRow {
-                id,
-                user_id,
-                category,
-                priority,
-                expires_at_us: row.expires_at_us,
-                source,
-                original_micros: row.original_micros.unwrap_or(0),
-                remaining_micros: row.remaining_micros.unwrap_or(0),
-                created_at_us: row.created_at_us.unwrap_or(0),
-                held_micros: row.held_micros.unwrap_or(0),
-                expired_micros: row.expired_micros.unwrap_or(0),
-            })?);
-        }
-    }
-    Ok((balances, lots))
-}
-
 fn lots_of(rows: Vec<LotRow>) -> Result<Vec<Lot>, StoreError> {
     rows.into_iter().map(Lot::try_from).collect()
 }
@@ -510,6 +457,55 @@ impl TryFrom<HoldRow> for Hold {
             reservations: Vec::new(),
         })
     }
+}
+
+/// A row of the PostgreSQL holds query: a hold (with a status) or one of its
+/// reservations (no status; `entry_id` is the lot, `created_at_us` the position).
+#[derive(sqlx::FromRow)]
+struct HoldOrReservation {
+    hold_id: String,
+    user_id: Option<String>,
+    amount_micros: i64,
+    status: Option<String>,
+    settled_micros: Option<i64>,
+    entry_id: Option<i64>,
+    shortfall_micros: i64,
+    late: bool,
+    description: String,
+    created_at_us: i64,
+    expires_at_us: i64,
+    resolved_at_us: Option<i64>,
+}
+
+/// Holds with their reservations from [`HoldOrReservation`] rows (reservations of one
+/// hold in position order).
+fn holds_and_reservations(rows: Vec<HoldOrReservation>) -> Result<Vec<Hold>, StoreError> {
+    let mut holds = Vec::new();
+    let mut reservations = Vec::new();
+    for row in rows {
+        match (row.status, row.user_id) {
+            (Some(status), Some(user_id)) => holds.push(HoldRow {
+                hold_id: row.hold_id,
+                user_id,
+                amount_micros: row.amount_micros,
+                status,
+                settled_micros: row.settled_micros,
+                entry_id: row.entry_id,
+                shortfall_micros: row.shortfall_micros,
+                late: row.late,
+                description: row.description,
+                created_at_us: row.created_at_us,
+                expires_at_us: row.expires_at_us,
+                resolved_at_us: row.resolved_at_us,
+            }),
+            _ => reservations.push((
+                row.hold_id,
+                row.entry_id.unwrap_or_default(),
+                row.amount_micros,
+            )),
+        }
+    }
+    holds_of(holds, reservations)
 }
 
 /// Holds with their reservations (`(hold_id, lot_id, amount)` rows in order).

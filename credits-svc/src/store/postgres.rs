@@ -113,45 +113,65 @@ async fn apply_in(
         .await?;
     }
     // Lock the balances in user order and read their lots in the same round trip.
-    let rows = sqlx::query_as::<_, LockedRow>(&format!(
-        "SELECT a.user_id AS account_user_id, a.balance_micros, {LOT_JOIN_COLUMNS} \
-         FROM credit_accounts AS a \
-         LEFT JOIN credit_lots AS l ON l.user_id = a.user_id AND l.remaining_micros > 0 \
-         WHERE a.user_id = ANY($1::text[]) ORDER BY a.user_id FOR UPDATE OF a"
-    ))
+    // Lock the balances in user order, then read their lots in a statement of its own:
+    // rows joined to a locked row would come from the snapshot taken before the lock
+    // wait, stale if a concurrent transaction moved them meanwhile.
+    let balances: HashMap<String, Micros> = sqlx::query_as::<_, (String, i64)>(
+        "SELECT user_id, balance_micros FROM credit_accounts \
+         WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE",
+    )
     .bind(&users)
     .fetch_all(&mut *conn)
-    .await?;
-    let (balances, lots) = locked_state(rows)?;
+    .await?
+    .into_iter()
+    .map(|(user, balance)| (user, Micros(balance)))
+    .collect();
+    let lots = lots_of(
+        sqlx::query_as::<_, LotRow>(&format!(
+            "SELECT {LOT_COLUMNS} FROM credit_lots \
+             WHERE user_id = ANY($1::text[]) AND remaining_micros > 0"
+        ))
+        .bind(&users)
+        .fetch_all(&mut *conn)
+        .await?,
+    )?;
     let holds = if hold_ids.is_empty() && lots.iter().all(|lot| lot.held.0 == 0) {
         Vec::new()
     } else {
-        let rows = sqlx::query_as::<_, HoldRow>(&format!(
-            "SELECT {HOLD_COLUMNS} FROM credit_holds \
-             WHERE hold_id = ANY($2::text[]) OR (user_id = ANY($1::text[]) AND status = 'held')"
+        // The holds and their reservations in one round trip: reservation rows first
+        // (hold_id, lot_id, amount; no status), then the holds (with a status).
+        let rows = sqlx::query_as::<_, HoldOrReservation>(&format!(
+            "WITH h AS ( \
+                SELECT {HOLD_COLUMNS} FROM credit_holds \
+                WHERE hold_id = ANY($2::text[]) OR (user_id = ANY($1::text[]) AND status = 'held') \
+             ) \
+             SELECT r.hold_id, NULL::text AS user_id, r.amount_micros, NULL::text AS status, \
+                    NULL::int8 AS settled_micros, r.lot_id AS entry_id, 0::int8 AS shortfall_micros, \
+                    false AS late, '' AS description, r.position::int8 AS created_at_us, \
+                    0::int8 AS expires_at_us, NULL::int8 AS resolved_at_us \
+             FROM credit_hold_reservations AS r JOIN h USING (hold_id) \
+             UNION ALL SELECT {HOLD_COLUMNS} FROM h \
+             ORDER BY 1, 10"
         ))
         .bind(&users)
         .bind(&hold_ids)
         .fetch_all(&mut *conn)
         .await?;
-        let ids: Vec<&str> = rows.iter().map(|h| h.hold_id.as_str()).collect();
-        let reservations: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT hold_id, lot_id, amount_micros FROM credit_hold_reservations \
-             WHERE hold_id = ANY($1::text[]) ORDER BY hold_id, position",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await?;
-        holds_of(rows, reservations)?
+        holds_and_reservations(rows)?
     };
-    let existing = entries_by_key(
-        sqlx::query_as::<_, EntryRow>(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key = ANY($1::text[])"
-        ))
-        .bind(keys_of_ops(ops))
-        .fetch_all(&mut *conn)
-        .await?,
-    )?;
+    let keys = keys_of_ops(ops);
+    let existing = if keys.is_empty() {
+        ExistingEntries::new()
+    } else {
+        entries_by_key(
+            sqlx::query_as::<_, EntryRow>(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key = ANY($1::text[])"
+            ))
+            .bind(keys)
+            .fetch_all(&mut *conn)
+            .await?,
+        )?
+    };
 
     let plan = ledger::plan_ops(ops, &balances, &lots, &holds, &existing, now_us);
     // Lots the plan makes get their ids first, so entries drawing from them can say so.
@@ -307,76 +327,156 @@ const LOT_MOVES_SQL: &str = "UPDATE credit_lots AS l \
      FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) AS m(id, spent, held, expired) \
      WHERE l.id = m.id";
 
-/// Saves the plan's holds: new ones with their reservations, changed ones' state (a
-/// resolved hold's reservations go). `false` when a new hold id was taken concurrently.
+/// Saves the plan's holds in at most four statements whatever their number: new ones,
+/// their reservations, changed ones' state, and the reservations of resolved ones (a
+/// resolved hold reserves nothing). `false` when a new hold id was taken concurrently.
 async fn save_holds(
     conn: &mut PgConnection,
     plan: &ledger::Plan,
     entry_ids: &[i64],
 ) -> Result<bool, StoreError> {
     let saved = plan.saved_holds(entry_ids);
-    for (change, hold) in plan.holds.iter().zip(&saved) {
-        if !change.dirty {
-            continue;
+    let dirty: Vec<(&ledger::HoldChange, &Hold)> = plan
+        .holds
+        .iter()
+        .zip(&saved)
+        .filter(|(change, _)| change.dirty)
+        .collect();
+    if dirty.is_empty() {
+        return Ok(true);
+    }
+    let columns = |is_new: bool| {
+        let holds: Vec<&Hold> = dirty
+            .iter()
+            .filter(|(change, _)| change.is_new == is_new)
+            .map(|(_, hold)| *hold)
+            .collect();
+        HoldColumns::of(&holds)
+    };
+    let new = columns(true);
+    if !new.ids.is_empty() {
+        let inserted: Vec<String> = sqlx::query_scalar(&format!(
+            "INSERT INTO credit_holds ({HOLD_COLUMNS}) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], \
+                 $6::int8[], $7::int8[], $8::bool[], $9::text[], $10::int8[], $11::int8[], $12::int8[]) \
+             ON CONFLICT (hold_id) DO NOTHING RETURNING hold_id"
+        ))
+        .bind(&new.ids)
+        .bind(&new.users)
+        .bind(&new.amounts)
+        .bind(&new.statuses)
+        .bind(&new.settled)
+        .bind(&new.entries)
+        .bind(&new.shortfalls)
+        .bind(&new.late)
+        .bind(&new.descriptions)
+        .bind(&new.created)
+        .bind(&new.expires)
+        .bind(&new.resolved)
+        .fetch_all(&mut *conn)
+        .await?;
+        if inserted.len() != new.ids.len() {
+            return Ok(false);
         }
-        if change.is_new {
-            let inserted: Option<String> = sqlx::query_scalar(&format!(
-                "INSERT INTO credit_holds ({HOLD_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                 ON CONFLICT (hold_id) DO NOTHING RETURNING hold_id"
-            ))
-            .bind(&hold.hold_id)
-            .bind(&hold.user_id)
-            .bind(hold.amount.0)
-            .bind(hold.status.as_str())
-            .bind(hold.settled.map(|m| m.0))
-            .bind(hold.entry_id)
-            .bind(hold.shortfall.0)
-            .bind(hold.late)
-            .bind(&hold.description)
-            .bind(hold.created_at_us)
-            .bind(hold.expires_at_us)
-            .bind(hold.resolved_at_us)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if inserted.is_none() {
-                return Ok(false);
+        let mut hold_ids = Vec::new();
+        let mut lots = Vec::new();
+        let mut amounts = Vec::new();
+        let mut positions: Vec<i32> = Vec::new();
+        for (_, hold) in dirty
+            .iter()
+            .filter(|(c, h)| c.is_new && h.status == HoldStatus::Held)
+        {
+            for (position, (lot, amount)) in hold.reservations.iter().enumerate() {
+                hold_ids.push(hold.hold_id.as_str());
+                lots.push(*lot);
+                amounts.push(amount.0);
+                positions.push(i32::try_from(position).unwrap_or(i32::MAX));
             }
-            if hold.status == HoldStatus::Held && !hold.reservations.is_empty() {
-                let lots: Vec<i64> = hold.reservations.iter().map(|(lot, _)| *lot).collect();
-                let amounts: Vec<i64> = hold.reservations.iter().map(|(_, a)| a.0).collect();
-                sqlx::query(
-                    "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) \
-                     SELECT $1, lot_id, amount_micros, position::int4 \
-                     FROM UNNEST($2::int8[], $3::int8[]) WITH ORDINALITY AS r(lot_id, amount_micros, position)",
-                )
-                .bind(&hold.hold_id)
-                .bind(&lots)
-                .bind(&amounts)
-                .execute(&mut *conn)
-                .await?;
-            }
-            continue;
         }
-        sqlx::query(UPDATE_HOLD_SQL)
-            .bind(&hold.hold_id)
-            .bind(hold.status.as_str())
-            .bind(hold.settled.map(|m| m.0))
-            .bind(hold.entry_id)
-            .bind(hold.shortfall.0)
-            .bind(hold.late)
-            .bind(hold.expires_at_us)
-            .bind(hold.resolved_at_us)
+        if !hold_ids.is_empty() {
+            sqlx::query(
+                "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) \
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int4[])",
+            )
+            .bind(&hold_ids)
+            .bind(&lots)
+            .bind(&amounts)
+            .bind(&positions)
             .execute(&mut *conn)
             .await?;
-        if hold.status != HoldStatus::Held {
-            sqlx::query(DELETE_RESERVATIONS_SQL)
-                .bind(&hold.hold_id)
+        }
+    }
+    let changed = columns(false);
+    if !changed.ids.is_empty() {
+        sqlx::query(
+            "UPDATE credit_holds AS h SET status = c.status, settled_micros = c.settled, \
+                 entry_id = c.entry_id, shortfall_micros = c.shortfall, late = c.late, \
+                 expires_at_us = c.expires, resolved_at_us = c.resolved \
+             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::bool[], \
+                 $7::int8[], $8::int8[]) AS c(hold_id, status, settled, entry_id, shortfall, late, expires, resolved) \
+             WHERE h.hold_id = c.hold_id",
+        )
+        .bind(&changed.ids)
+        .bind(&changed.statuses)
+        .bind(&changed.settled)
+        .bind(&changed.entries)
+        .bind(&changed.shortfalls)
+        .bind(&changed.late)
+        .bind(&changed.expires)
+        .bind(&changed.resolved)
+        .execute(&mut *conn)
+        .await?;
+        let resolved: Vec<&str> = dirty
+            .iter()
+            .filter(|(c, h)| !c.is_new && h.status != HoldStatus::Held)
+            .map(|(_, h)| h.hold_id.as_str())
+            .collect();
+        if !resolved.is_empty() {
+            sqlx::query("DELETE FROM credit_hold_reservations WHERE hold_id = ANY($1::text[])")
+                .bind(&resolved)
                 .execute(&mut *conn)
                 .await?;
         }
     }
     Ok(true)
+}
+
+/// Holds as column arrays for UNNEST.
+#[derive(Default)]
+struct HoldColumns<'a> {
+    ids: Vec<&'a str>,
+    users: Vec<&'a str>,
+    amounts: Vec<i64>,
+    statuses: Vec<&'static str>,
+    settled: Vec<Option<i64>>,
+    entries: Vec<Option<i64>>,
+    shortfalls: Vec<i64>,
+    late: Vec<bool>,
+    descriptions: Vec<&'a str>,
+    created: Vec<i64>,
+    expires: Vec<i64>,
+    resolved: Vec<Option<i64>>,
+}
+
+impl<'a> HoldColumns<'a> {
+    fn of(holds: &[&'a Hold]) -> HoldColumns<'a> {
+        let mut columns = HoldColumns::default();
+        for hold in holds {
+            columns.ids.push(&hold.hold_id);
+            columns.users.push(&hold.user_id);
+            columns.amounts.push(hold.amount.0);
+            columns.statuses.push(hold.status.as_str());
+            columns.settled.push(hold.settled.map(|m| m.0));
+            columns.entries.push(hold.entry_id);
+            columns.shortfalls.push(hold.shortfall.0);
+            columns.late.push(hold.late);
+            columns.descriptions.push(&hold.description);
+            columns.created.push(hold.created_at_us);
+            columns.expires.push(hold.expires_at_us);
+            columns.resolved.push(hold.resolved_at_us);
+        }
+        columns
+    }
 }
 
 /// Makes the lots of the plan's credits under the ids taken for them.
