@@ -149,11 +149,13 @@ impl Checkout {
         let client = match &config {
             None => None,
             Some(config) => Some(
-                stripe::ClientBuilder::new(secrecy::ExposeSecret::expose_secret(&config.secret_key))
-                    .url(config.api_base.clone())
-                    .timeout(Duration::from_secs(20))
-                    .build()
-                    .map_err(|e| ConfigError::new("STRIPE_API_BASE", e.to_string()))?,
+                stripe::ClientBuilder::new(secrecy::ExposeSecret::expose_secret(
+                    &config.secret_key,
+                ))
+                .url(config.api_base.clone())
+                .timeout(Duration::from_secs(20))
+                .build()
+                .map_err(|e| ConfigError::new("STRIPE_API_BASE", e.to_string()))?,
             ),
         };
         Ok(Checkout { config, client })

@@ -89,7 +89,10 @@ impl From<CreditsError> for Status {
                         "settled_micros".to_owned(),
                         hold.settled.map_or(0, |m| m.0).to_string(),
                     ),
-                    ("entry_id".to_owned(), hold.entry_id.unwrap_or(0).to_string()),
+                    (
+                        "entry_id".to_owned(),
+                        hold.entry_id.unwrap_or(0).to_string(),
+                    ),
                     ("shortfall_micros".to_owned(), hold.shortfall.0.to_string()),
                 ]);
                 Status::with_error_details(

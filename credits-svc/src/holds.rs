@@ -181,7 +181,10 @@ pub fn settle_key(hold_id: &str) -> String {
 pub enum HoldOutcome {
     /// `Hold` reserved (or had reserved, `duplicate`); also a release's and an
     /// extension's answer.
-    Hold { hold: Hold, duplicate: bool },
+    Hold {
+        hold: Hold,
+        duplicate: bool,
+    },
     /// `SettleHold` recorded `entry` (or had, `duplicate`).
     Settled {
         hold: Hold,
@@ -223,6 +226,9 @@ mod tests {
             amount: Micros(micros),
             description: String::new(),
         };
-        assert_eq!(settle(0).validate().unwrap_err().code, "invalid_idempotency_key");
+        assert_eq!(
+            settle(0).validate().unwrap_err().code,
+            "invalid_idempotency_key"
+        );
     }
 }

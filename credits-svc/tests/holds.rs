@@ -32,6 +32,20 @@ on_both_stores!(
 
 const T0: i64 = 2_000_000_000_000_000;
 
+async fn start_until(
+    db: &TestDb,
+    clock: &ManualClock,
+    shutdown: &tokio_util::sync::CancellationToken,
+    sweep: Duration,
+) -> credits_svc::RunningServer {
+    let config = credits_svc::Config {
+        clock: clock.clock(),
+        lot_sweep_interval: sweep,
+        ..db.config()
+    };
+    credits_svc::start(config, shutdown.clone()).await.unwrap()
+}
+
 async fn start_at(db: &TestDb, clock: &ManualClock) -> credits_svc::RunningServer {
     let config = credits_svc::Config {
         clock: clock.clock(),
@@ -582,7 +596,11 @@ fn step() -> impl Strategy<Value = Step> {
 async fn replay(backend: Backend, steps: Vec<Step>) {
     let db = TestDb::new(backend).await;
     let clock = ManualClock::at(T0);
-    let server = start_at(&db, &clock).await;
+    // One store and one server per history, stopped at its end: a long run must not
+    // pile up pools.
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = start_until(&db, &clock, &shutdown, Duration::from_secs(3600)).await;
     let mut c = client(server.local_addr).await;
     let u = "p";
     for (i, step) in steps.into_iter().enumerate() {
@@ -643,10 +661,11 @@ async fn replay(backend: Backend, steps: Vec<Step>) {
             // Only a settle past everything (a debt) can do that, never a hold.
             assert!(after.balance_micros < after.held_micros || before.available_micros < 0);
         }
-        let store = credits_svc::store::open(&db.url).await.unwrap();
         let audit = store.audit(u).await.unwrap();
         assert_eq!(audit.cached, audit.entries_sum);
     }
+    shutdown.cancel();
+    server.wait().await.unwrap();
 }
 
 fn run_property(backend: Backend) {
