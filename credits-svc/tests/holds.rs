@@ -144,16 +144,22 @@ async fn a_thousand_concurrent_holds_reserve_exactly_what_is_there(backend: Back
     let server = db.start().await;
     let mut c = client(server.local_addr).await;
     grant(&mut c, "many", 100 * CREDIT, "g", None).await;
-    let addr = server.local_addr;
+    // A gateway's few HTTP/2 connections, each carrying many calls at once.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(client(server.local_addr).await);
+    }
+    let clients = &clients;
     let results = join_all((0..1_000).map(|i| async move {
-        let mut c = client(addr).await;
+        let mut c = clients[i % clients.len()].clone();
         hold(&mut c, "many", &format!("h-{i}"), CREDIT, 600).await
     }))
     .await;
+    let addr = server.local_addr;
     let held = results.iter().filter(|r| r.is_ok()).count();
     assert_eq!(held, 100);
     for refused in results.iter().filter_map(|r| r.as_ref().err()) {
-        assert_eq!(refused.code(), Code::FailedPrecondition);
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
         let info = refused.get_error_details().error_info().cloned().unwrap();
         assert_eq!(info.reason, "INSUFFICIENT_CREDITS");
         assert_eq!(info.metadata["held_micros"], (100 * CREDIT).to_string());
