@@ -3,6 +3,7 @@
 //! `main.rs` only reads [`Config`] and calls [`start`]; tests call [`start_with_clock`]
 //! with a clock they move, so window edges are tested without sleeping.
 
+pub mod events;
 pub mod registry;
 pub mod rules;
 pub mod service;
@@ -121,6 +122,13 @@ pub async fn start_with_clock(
 ) -> anyhow::Result<RunningServer> {
     let registry = Arc::new(config.registry()?);
     let store = store::open(&config.database_url, config.batch_workers).await?;
+    // The webhook dispatcher of this database's outbox (quota.threshold_reached).
+    let outbox = reeve_events::EventStore::open(&config.database_url).await?;
+    reeve_events::Dispatcher::new(outbox, reeve_events::DispatcherConfig::default(), {
+        let read = Arc::clone(&clock);
+        reeve_runtime::clock::Clock::from_fn(move || read())
+    })?
+    .spawn(shutdown.clone());
     let api = QuotaApi::new(Arc::clone(&store), registry, clock);
     let quota = config
         .service_tokens

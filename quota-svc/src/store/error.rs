@@ -82,3 +82,12 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
         StoreError::Migration(Arc::new(error))
     }
 }
+
+/// An error of the outbox (reeve-events) as the store's.
+pub(crate) fn outbox_error(error: reeve_events::EventsError) -> StoreError {
+    match error {
+        reeve_events::EventsError::Database(error) => StoreError::from(error),
+        reeve_events::EventsError::Migrate(error) => StoreError::from(error),
+        other => StoreError::protocol(other.to_string()),
+    }
+}

@@ -107,6 +107,9 @@ impl PgQuotaStore {
         let mut migrator = sqlx::migrate!("./migrations/postgres");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
+        reeve_events::store::migrate_pg(&pool)
+            .await
+            .map_err(super::error::outbox_error)?;
         Ok(PgQuotaStore::new(pool, batch_workers))
     }
 
@@ -231,6 +234,8 @@ async fn run_consume_batch(
             })
             .collect()
     };
+    // One transaction for the batch and the events it causes (quota.threshold_reached).
+    let mut tx = pool.begin().await?;
     let rows: Vec<BatchRow> = sqlx::query_as(
         "SELECT idx, outcome, recorded_units, used, oldest_us, tier, limit_units \
          FROM quota_consume_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -244,7 +249,7 @@ async fn run_consume_batch(
     .bind(limits(2))
     .bind(numbers(|i| i.now_us))
     .bind(numbers(|i| i.cutoff_us))
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let mut results: Vec<Option<Checked>> = vec![None; items.len()];
     for (idx, outcome, recorded, used, oldest_us, tier, limit_units) in rows {
@@ -284,10 +289,34 @@ async fn run_consume_batch(
             }
         }
     }
-    results
+    let results = results
         .into_iter()
         .map(|r| {
             r.ok_or_else(|| StoreError::protocol("quota_consume_batch skipped an item".to_owned()))
         })
-        .collect()
+        .collect::<Result<Vec<Checked>, StoreError>>()?;
+    let mut events = Vec::new();
+    for (item, checked) in items.iter().zip(&results) {
+        if let Checked::Done {
+            consumed,
+            usage,
+            tier,
+            limit,
+        } = checked
+        {
+            events.extend(crate::events::threshold_events(
+                &item.user_id,
+                &item.feature,
+                tier,
+                consumed,
+                item.units,
+                usage.used,
+                *limit,
+            ));
+        }
+    }
+    let now_us = items.first().map_or(0, |item| item.now_us);
+    reeve_events::insert_pg(&mut tx, &events, now_us).await?;
+    tx.commit().await?;
+    Ok(results)
 }

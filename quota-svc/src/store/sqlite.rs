@@ -29,6 +29,9 @@ impl SqliteQuotaStore {
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
+        reeve_events::store::migrate_sqlite(&pool)
+            .await
+            .map_err(super::error::outbox_error)?;
         Ok(SqliteQuotaStore { pool })
     }
 
@@ -151,6 +154,9 @@ impl SqliteQuotaStore {
         .bind(feature)
         .fetch_one(&mut *tx)
         .await?;
+        let events =
+            crate::events::threshold_events(user_id, feature, &tier, &outcome, units, used, limit);
+        reeve_events::insert_sqlite(&mut tx, &events, now_us).await?;
         tx.commit().await?;
         Ok(Checked::Done {
             consumed: outcome,
