@@ -104,6 +104,9 @@ pub struct ApiDoc;
 const POSITIVE_DECIMAL_PATTERN: &str = r"^(?:[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|1000000000(?:\.0{1,6})?|0\.(?:[1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
 /// A settle's cost: zero (at most six zero decimals) or a positive decimal as above.
 const NON_NEGATIVE_DECIMAL_PATTERN: &str = r"^(?:0(?:\.0{1,6})?|[1-9][0-9]{0,8}(?:\.[0-9]{1,6})?|1000000000(?:\.0{1,6})?|0\.(?:[1-9][0-9]{0,5}|0[1-9][0-9]{0,4}|00[1-9][0-9]{0,3}|000[1-9][0-9]{0,2}|0000[1-9][0-9]?|00000[1-9]))$";
+/// An RFC 3339 instant from the year 2100 on, to the microsecond at most, without a
+/// leap second (what `routes::lots::expires_at` reads and is surely in the future).
+const FUTURE_INSTANT_PATTERN: &str = r"^(?:2[1-9][0-9]{2}|[3-9][0-9]{3})-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$";
 /// Largest whole amount: the services' bound on one amount, 10^9 credits.
 const MAX_DOCUMENTED_CREDITS: i64 = 1_000_000_000;
 /// Purchases: whole credits within the default bounds (`REEVE_PURCHASE_MIN` 5,
@@ -180,9 +183,12 @@ pub fn document(features: Option<&[String]>) -> Value {
         "description": "0 to 100, lower spent first; default 10 (promotional) or 50 (paid).",
         "type": ["integer", "null"], "minimum": 0, "maximum": lots::MAX_PRIORITY,
     });
+    // "In the future" is no JSON Schema keyword: the document admits the instants from
+    // the year 2100 on (always in the future here), the server any future instant.
     grant["expires_at"] = json!({
-        "description": "RFC 3339, at most six decimals of a second; must be in the future (else 400 invalid_expires_at). Absent or null: never expires.",
-        "type": ["string", "null"], "format": "date-time",
+        "description": "RFC 3339, at most six decimals of a second; must be in the future (else 400 invalid_expires_at): this document admits instants from the year 2100 on, the server any future instant. Absent or null: never expires.",
+        "type": ["string", "null"], "format": "date-time", "minLength": 1,
+        "pattern": FUTURE_INSTANT_PATTERN,
     });
     // A hold: a deduction's identifiers and amount, the hold id (a key) and a ttl.
     let hold = &mut schemas["HoldBody"]["properties"];

@@ -386,8 +386,12 @@ async fn refused_values_are_400_with_their_codes(backend: Backend) {
     }
     assert_eq!(parts(&stack, "hu").await.1, 0, "nothing reserved");
 
-    // The ttl bounds themselves are accepted.
-    for (hold_id, ttl) in [("ttl-1", 1), ("ttl-day", 86_400)] {
+    // The ttl bounds themselves are accepted, and a whole number written as a float.
+    for (hold_id, ttl) in [
+        ("ttl-1", json!(1)),
+        ("ttl-day", json!(86_400)),
+        ("ttl-float", json!(60.0)),
+    ] {
         let (status, answer) = hold(
             &stack,
             json!({"user_id": "hu", "amount": "0.1", "hold_id": hold_id, "ttl_seconds": ttl}),

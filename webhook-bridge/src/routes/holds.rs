@@ -146,8 +146,7 @@ fn ttl_seconds(raw: Option<&RawValue>) -> Result<i64, ApiError> {
     let Some(raw) = raw else {
         return Ok(0);
     };
-    serde_json::from_str::<i64>(raw.get())
-        .ok()
+    crate::routes::whole_number(raw)
         .filter(|ttl| (1..=MAX_TTL_SECS).contains(ttl))
         .ok_or_else(|| {
             ApiError::bad_request(
@@ -381,7 +380,12 @@ mod tests {
         assert_eq!(ttl_seconds(None).unwrap(), 0);
         assert_eq!(ttl_seconds(Some(&*raw("1"))).unwrap(), 1);
         assert_eq!(ttl_seconds(Some(&*raw("86400"))).unwrap(), 86_400);
-        for bad in ["0", "86401", "-5", "1.5", "\"60\"", "true"] {
+        assert_eq!(
+            ttl_seconds(Some(&*raw("222.0"))).unwrap(),
+            222,
+            "JSON Schema's 222"
+        );
+        for bad in ["0", "86401", "-5", "1.5", "\"60\"", "true", "6e1", "60.0e0"] {
             assert_eq!(
                 ttl_seconds(Some(&*raw(bad))).unwrap_err().code(),
                 "invalid_ttl",

@@ -149,8 +149,7 @@ fn category(raw: &RawValue) -> Result<pb::CreditCategory, ApiError> {
 }
 
 fn priority(raw: &RawValue) -> Result<i32, ApiError> {
-    serde_json::from_str::<i64>(raw.get())
-        .ok()
+    crate::routes::whole_number(raw)
         .filter(|p| (0..=MAX_PRIORITY).contains(p))
         .and_then(|p| i32::try_from(p).ok())
         .ok_or_else(|| {

@@ -50,6 +50,19 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
     }
 }
 
+/// A whole number from its raw JSON text: an integer, or a number whose fraction is
+/// only zeros (`222.0` is the integer 222 to JSON Schema, so generated clients send
+/// it); never an exponent or a string.
+pub fn whole_number(raw: &serde_json::value::RawValue) -> Option<i64> {
+    let text = raw.get().trim();
+    let whole = match text.split_once('.') {
+        Some((whole, zeros)) if !zeros.is_empty() && zeros.bytes().all(|b| b == b'0') => whole,
+        Some(_) => return None,
+        None => text,
+    };
+    serde_json::from_str::<i64>(whole).ok()
+}
+
 /// RFC 3339 in UTC with microseconds, e.g. `2026-11-25T12:00:00.000001Z`.
 pub fn timestamp(at: prost_types::Timestamp) -> String {
     let nanos = u32::try_from(at.nanos).unwrap_or(0);
