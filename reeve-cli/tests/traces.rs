@@ -177,9 +177,10 @@ async fn a_purchase_is_one_trace_across_services_and_spans_hold_no_secrets() {
         .iter()
         .find(|s| {
             s.name == "rpc"
-                && attribute(s, "rpc.method") == Some("/reeve.credits.v1.CreditService/AddCredits")
+                && attribute(s, "rpc.method")
+                    == Some("/reeve.credits.v1.CreditService/RecordPaymentEvent")
         })
-        .expect("the webhook's AddCredits span");
+        .expect("the webhook's RecordPaymentEvent span");
     let webhook = spans.iter().find(|s| {
         s.name == "http"
             && attribute(s, "http.route") == Some("/api/credits/webhook")

@@ -90,10 +90,20 @@ async fn apply_in(
     let mut users = ledger::users_to_lock(&writes);
     users.extend(sweep.iter().cloned());
     users.extend(hold_users_of(ops));
-    if !hold_ids.is_empty() {
+    // Settles, releases and extensions name holds whose owners must be locked too; a
+    // `Hold` names its user (a hold id already taken by another user is only answered).
+    let named: Vec<&str> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Hold(HoldOp::Hold(_)) => None,
+            Op::Hold(op) => Some(op.hold_id()),
+            Op::Write(_) => None,
+        })
+        .collect();
+    if !named.is_empty() {
         let owners: Vec<String> =
             sqlx::query_scalar("SELECT user_id FROM credit_holds WHERE hold_id = ANY($1::text[])")
-                .bind(&hold_ids)
+                .bind(&named)
                 .fetch_all(&mut *conn)
                 .await?;
         users.extend(owners);
