@@ -13,6 +13,7 @@ mod events;
 mod reconcile;
 mod token;
 mod up;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -125,6 +126,24 @@ enum Command {
         #[command(subcommand)]
         command: events::EventsCommand,
     },
+    /// Outbound webhook endpoints: add (prints the new secret once), list, remove.
+    Endpoints {
+        #[command(subcommand)]
+        command: webhooks::EndpointsCommand,
+    },
+    /// The webhook attempt log, newest first (`retry ID` sends a delivery again).
+    Deliveries {
+        #[command(subcommand)]
+        command: Option<webhooks::DeliveriesCommand>,
+        /// Only this endpoint's deliveries.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Only failed attempts.
+        #[arg(long)]
+        failed: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
     /// Service tokens for REEVE_SERVICE_TOKENS_FILE.
     Token {
         #[command(subcommand)]
@@ -203,6 +222,13 @@ async fn run(command: Command, json: bool) -> anyhow::Result<()> {
             unreachable!("handled in main")
         }
         Command::Events { command } => events::run(command, json).await,
+        Command::Endpoints { command } => webhooks::endpoints(command, json).await,
+        Command::Deliveries {
+            command,
+            endpoint,
+            failed,
+            limit,
+        } => webhooks::deliveries(command, endpoint, failed, limit, json).await,
         Command::Migrate => up::migrate().await,
         Command::Balance { user_id } => admin::balance(&out, user_id).await,
         Command::Grant {

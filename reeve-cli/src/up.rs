@@ -196,6 +196,7 @@ pub async fn migrate() -> anyhow::Result<()> {
     credits_svc::store::open(&url).await?;
     quota_svc::store::open(&url, 1).await?;
     webhook_bridge::stripe::events::EventStore::open(&url).await?;
+    reeve_events::EventStore::open(&url).await?;
     let target = if url.starts_with("sqlite:") {
         url.clone()
     } else {

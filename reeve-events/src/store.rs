@@ -207,8 +207,6 @@ pub struct StoredEvent {
 pub enum RetryOutcome {
     /// Due now.
     Scheduled,
-    /// Already waiting for its next attempt.
-    AlreadyPending,
     NotFound,
 }
 
@@ -533,12 +531,14 @@ impl EventStore {
             .collect())
     }
 
-    /// Redelivers a delivery by hand: due now, whatever its past attempts.
+    /// Redelivers a delivery by hand: due now, whatever its state and past attempts
+    /// (a waiting retry is brought forward; one being sent may go twice, with the same
+    /// `webhook-id`).
     pub async fn retry(&self, delivery_id: &str, now_us: i64) -> Result<RetryOutcome, EventsError> {
         let changed = on_pool!(self, |pool| {
             sqlx::query(
                 "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at_us = $2 \
-                 WHERE delivery_id = $1 AND status <> 'pending'",
+                 WHERE delivery_id = $1",
             )
             .bind(delivery_id)
             .bind(now_us)
@@ -546,17 +546,8 @@ impl EventStore {
             .await
             .map(|done| done.rows_affected())
         })?;
-        if changed == 1 {
-            return Ok(RetryOutcome::Scheduled);
-        }
-        let exists: Option<String> = on_pool!(self, |pool| {
-            sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE delivery_id = $1")
-                .bind(delivery_id)
-                .fetch_optional(pool)
-                .await
-        })?;
-        Ok(if exists.is_some() {
-            RetryOutcome::AlreadyPending
+        Ok(if changed == 1 {
+            RetryOutcome::Scheduled
         } else {
             RetryOutcome::NotFound
         })
