@@ -33,6 +33,7 @@ pub const ROUTE_SCOPES: &[(&str, Scope)] = &[
     ("/api/credits/holds/{hold_id}", Scope::Deduct),
     ("/api/credits/holds/{hold_id}/settle", Scope::Deduct),
     ("/api/credits/holds/{hold_id}/release", Scope::Deduct),
+    ("/api/notifications/threshold", Scope::Admin),
 ];
 
 /// The key user tokens are verified with.

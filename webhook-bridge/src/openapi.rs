@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use crate::routes::{credits, history_csv, holds, lots, tier, webhook};
+use crate::routes::{credits, history_csv, holds, lots, notifications, tier, webhook};
 
 /// Every error: `{"error": {"code": "...", "message": "..."}}`; insufficient credits
 /// adds `balance`, `held`, `required` (decimal strings) and their `_micros`;
@@ -90,6 +90,7 @@ impl Modify for SecuritySchemes {
         history_csv::download,
         lots::list, lots::grant,
         holds::create, holds::settle, holds::release, holds::read,
+        notifications::set_threshold,
         webhook::receive, tier::usage, tier::check,
     ),
     components(schemas(ErrorBody, ErrorDetail, HandledBody)),

@@ -7,6 +7,7 @@ pub mod health;
 pub mod history_csv;
 pub mod holds;
 pub mod lots;
+pub mod notifications;
 pub mod tier;
 pub mod webhook;
 
