@@ -32,29 +32,9 @@ on_both_stores!(
 
 const T0: i64 = 2_000_000_000_000_000;
 
-async fn start_until(
-    db: &TestDb,
-    clock: &ManualClock,
-    shutdown: &tokio_util::sync::CancellationToken,
-    sweep: Duration,
-) -> credits_svc::RunningServer {
-    let config = credits_svc::Config {
-        clock: clock.clock(),
-        lot_sweep_interval: sweep,
-        ..db.config()
-    };
-    credits_svc::start(config, shutdown.clone()).await.unwrap()
-}
-
 async fn start_at(db: &TestDb, clock: &ManualClock) -> credits_svc::RunningServer {
-    let config = credits_svc::Config {
-        clock: clock.clock(),
-        lot_sweep_interval: Duration::from_secs(3600),
-        ..db.config()
-    };
-    credits_svc::start(config, tokio_util::sync::CancellationToken::new())
-        .await
-        .unwrap()
+    let forever = tokio_util::sync::CancellationToken::new();
+    common::start_with_clock(db, clock, Duration::from_secs(3600), &forever).await
 }
 
 async fn grant(c: &mut Client, user: &str, micros: i64, key: &str, expires_at_us: Option<i64>) {
@@ -606,7 +586,7 @@ async fn replay(backend: Backend, steps: Vec<Step>) {
     // pile up pools.
     let store = credits_svc::store::open(&db.url).await.unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = start_until(&db, &clock, &shutdown, Duration::from_secs(3600)).await;
+    let server = common::start_with_clock(&db, &clock, Duration::from_secs(3600), &shutdown).await;
     let mut c = client(server.local_addr).await;
     let u = "p";
     for (i, step) in steps.into_iter().enumerate() {
@@ -675,26 +655,7 @@ async fn replay(backend: Backend, steps: Vec<Step>) {
 }
 
 fn run_property(backend: Backend) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(10);
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
-    runner
-        .run(&proptest::collection::vec(step(), 1..40), |steps| {
-            runtime.block_on(replay(backend, steps));
-            Ok(())
-        })
-        .unwrap();
+    common::run_histories(step(), 10, |steps| replay(backend, steps));
 }
 
 #[test]

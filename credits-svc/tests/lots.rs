@@ -36,29 +36,9 @@ fn ts(micros: i64) -> prost_types::Timestamp {
     }
 }
 
-async fn start_until(
-    db: &TestDb,
-    clock: &ManualClock,
-    shutdown: &tokio_util::sync::CancellationToken,
-    sweep: Duration,
-) -> credits_svc::RunningServer {
-    let config = credits_svc::Config {
-        clock: clock.clock(),
-        lot_sweep_interval: sweep,
-        ..db.config()
-    };
-    credits_svc::start(config, shutdown.clone()).await.unwrap()
-}
-
 async fn start_at(db: &TestDb, clock: &ManualClock, sweep: Duration) -> credits_svc::RunningServer {
-    let config = credits_svc::Config {
-        clock: clock.clock(),
-        lot_sweep_interval: sweep,
-        ..db.config()
-    };
-    credits_svc::start(config, tokio_util::sync::CancellationToken::new())
-        .await
-        .unwrap()
+    let forever = tokio_util::sync::CancellationToken::new();
+    common::start_with_clock(db, clock, sweep, &forever).await
 }
 
 struct Grant<'a> {
@@ -598,7 +578,7 @@ async fn replay(backend: Backend, steps: Vec<Step>) {
     // pile up pools.
     let store = credits_svc::store::open(&db.url).await.unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = start_until(&db, &clock, &shutdown, Duration::from_secs(3600)).await;
+    let server = common::start_with_clock(&db, &clock, Duration::from_secs(3600), &shutdown).await;
     let mut c = client(server.local_addr).await;
     let user = "prop";
     let mut payments = 0usize;
@@ -692,26 +672,7 @@ async fn replay(backend: Backend, steps: Vec<Step>) {
 }
 
 fn run_property(backend: Backend) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(12);
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
-    runner
-        .run(&proptest::collection::vec(step(), 1..40), |steps| {
-            runtime.block_on(replay(backend, steps));
-            Ok(())
-        })
-        .unwrap();
+    common::run_histories(step(), 12, |steps| replay(backend, steps));
 }
 
 #[test]

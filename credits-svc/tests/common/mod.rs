@@ -71,3 +71,50 @@ pub async fn client(addr: SocketAddr) -> Client {
 pub async fn client_with_token(addr: SocketAddr, token: &str) -> Client {
     CreditServiceClient::with_interceptor(channel(addr).await, BearerToken::new(token).unwrap())
 }
+
+/// The server on the time of `clock`, with expired lots and holds swept every `sweep`,
+/// until `shutdown`.
+pub async fn start_with_clock(
+    db: &TestDb,
+    clock: &reeve_runtime::clock::ManualClock,
+    sweep: std::time::Duration,
+    shutdown: &CancellationToken,
+) -> RunningServer {
+    let config = Config {
+        clock: clock.clock(),
+        lot_sweep_interval: sweep,
+        ..db.config()
+    };
+    credits_svc::start(config, shutdown.clone()).await.unwrap()
+}
+
+/// Replays `PROPTEST_CASES` (default `default_cases`) random histories of 1 to 39
+/// steps drawn from `step`, each on a runtime of two threads.
+pub fn run_histories<S, F, Fut>(step: S, default_cases: u32, replay: F)
+where
+    S: proptest::strategy::Strategy,
+    S::Value: std::fmt::Debug,
+    F: Fn(Vec<S::Value>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default_cases);
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    });
+    runner
+        .run(&proptest::collection::vec(step, 1..40), |steps| {
+            runtime.block_on(replay(steps));
+            Ok(())
+        })
+        .unwrap();
+}
