@@ -83,7 +83,10 @@ pub struct Config {
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("database_url", &reeve_runtime::db::redacted_url(&self.database_url))
+            .field(
+                "database_url",
+                &reeve_runtime::db::redacted_url(&self.database_url),
+            )
             .field("listen_addr", &self.listen_addr)
             .field("service_tokens", &self.service_tokens)
             .field("deduct_workers", &self.deduct_workers)

@@ -422,9 +422,12 @@ impl CreditsApi {
         op.validate().map_err(CreditsError::Invalid)?;
         let outcome = self.holds.submit(op).await?;
         let label = match &outcome {
-            HoldOutcome::Hold { duplicate: true, .. } | HoldOutcome::Settled { duplicate: true, .. } => {
-                "duplicate"
+            HoldOutcome::Hold {
+                duplicate: true, ..
             }
+            | HoldOutcome::Settled {
+                duplicate: true, ..
+            } => "duplicate",
             HoldOutcome::Hold { .. } | HoldOutcome::Settled { .. } => "applied",
             HoldOutcome::Insufficient { .. } => "insufficient",
             HoldOutcome::AlreadyResolved(_) => "already_resolved",
@@ -437,7 +440,9 @@ impl CreditsApi {
 
     fn hold_reply(&self, answer: HoldAnswer) -> (pb::Hold, bool) {
         match answer {
-            HoldAnswer::Hold { hold, duplicate } => (hold_to_proto(hold, self.clock.now_us()), duplicate),
+            HoldAnswer::Hold { hold, duplicate } => {
+                (hold_to_proto(hold, self.clock.now_us()), duplicate)
+            }
             HoldAnswer::Settled(settled) => (settled.hold.unwrap_or_default(), settled.duplicate),
         }
     }
@@ -509,7 +514,10 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         if items.len() > MAX_BATCH_ITEMS {
             return Err(CreditsError::invalid(
                 "batch_too_large",
-                format!("a batch holds at most {MAX_BATCH_ITEMS} items, got {}", items.len()),
+                format!(
+                    "a batch holds at most {MAX_BATCH_ITEMS} items, got {}",
+                    items.len()
+                ),
             )
             .into());
         }
@@ -535,12 +543,14 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             .map(|(hold_id, outcome)| {
                 let result = match hold_answer(outcome, now_us) {
                     Ok(HoldAnswer::Settled(settled)) => R::Settled(*settled),
-                    Ok(HoldAnswer::Hold { hold, duplicate }) => R::Settled(pb::SettleHoldResponse {
-                        shortfall_micros: 0,
-                        hold: Some(hold_to_proto(hold, now_us)),
-                        entry: None,
-                        duplicate,
-                    }),
+                    Ok(HoldAnswer::Hold { hold, duplicate }) => {
+                        R::Settled(pb::SettleHoldResponse {
+                            shortfall_micros: 0,
+                            hold: Some(hold_to_proto(hold, now_us)),
+                            entry: None,
+                            duplicate,
+                        })
+                    }
                     Err(CreditsError::HoldResolved(hold)) => {
                         R::AlreadyResolved(hold_to_proto(*hold, now_us))
                     }
@@ -665,7 +675,10 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         };
         let now_us = self.clock.now_us();
         Ok(Response::new(pb::ListHoldsResponse {
-            holds: holds.into_iter().map(|h| hold_to_proto(h, now_us)).collect(),
+            holds: holds
+                .into_iter()
+                .map(|h| hold_to_proto(h, now_us))
+                .collect(),
             next_page_token,
         }))
     }

@@ -9,8 +9,8 @@ use reeve_testkit::on_both_stores;
 use common::{Backend, Client, SECOND, T0, TestDb, client};
 use futures::future::join_all;
 use quota_svc::window::WINDOW_US;
-use reeve_proto::quota::v1 as pb;
 use reeve_client::{GuardError, QuotaGuard};
+use reeve_proto::quota::v1 as pb;
 use tonic::Code;
 
 on_both_stores!(

@@ -71,7 +71,13 @@ mod tests {
             redacted_url("postgres://reeve:s3cret@db:5432/reeve"),
             "postgres://reeve:<redacted>@db:5432/reeve"
         );
-        assert_eq!(redacted_url("postgres://reeve@db/reeve"), "postgres://reeve@db/reeve");
-        assert_eq!(redacted_url("sqlite://reeve-data/reeve.db"), "sqlite://reeve-data/reeve.db");
+        assert_eq!(
+            redacted_url("postgres://reeve@db/reeve"),
+            "postgres://reeve@db/reeve"
+        );
+        assert_eq!(
+            redacted_url("sqlite://reeve-data/reeve.db"),
+            "sqlite://reeve-data/reeve.db"
+        );
     }
 }
