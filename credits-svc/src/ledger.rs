@@ -510,6 +510,14 @@ impl Plan {
             .collect()
     }
 
+    /// Every operation is a write appended by this plan (or a duplicate of one made
+    /// earlier in it): nothing refused, nothing answered from elsewhere.
+    pub fn appends_every_write(&self) -> bool {
+        self.outcomes
+            .iter()
+            .all(|planned| matches!(planned, Planned::Insert(_) | Planned::DuplicateOfInsert(_)))
+    }
+
     /// The net change of each user's balance, to apply to the cached balances.
     pub fn deltas(&self) -> HashMap<&str, i64> {
         let mut deltas: HashMap<&str, i64> = HashMap::new();

@@ -42,15 +42,17 @@ impl PgLedger {
         &self.pool
     }
 
-    /// One attempt; `None` when a concurrent transaction took one of our keys first.
+    /// One attempt; `None` when a concurrent transaction took one of our keys first (or,
+    /// `optimistic`, when a key turned out to be taken already).
     async fn try_apply(
         &self,
         ops: &[Op],
         sweep: &[String],
         now_us: i64,
+        optimistic: bool,
     ) -> Result<Option<Vec<OpOutcome>>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some(outcomes) = apply_in(&mut tx, ops, sweep, now_us).await? else {
+        let Some(outcomes) = apply_in(&mut tx, ops, sweep, now_us, optimistic).await? else {
             tx.rollback().await?;
             return Ok(None);
         };
@@ -79,11 +81,17 @@ impl PgLedger {
 /// and the used keys, plan, then append entries and draws, move balances and lots in
 /// one statement, and save holds. `None` when a concurrent transaction claimed one of
 /// the keys or hold ids first (roll back and replan).
+///
+/// `optimistic`: the used keys are not read first when the plan appends every write
+/// (the common case: fresh keys, enough credits); a key already taken then shows up as
+/// a conflict of the append, and the caller replans with the keys read. A plan that
+/// refuses anything always reads them, since a refused write may be a duplicate.
 async fn apply_in(
     conn: &mut PgConnection,
     ops: &[Op],
     sweep: &[String],
     now_us: i64,
+    optimistic: bool,
 ) -> Result<Option<Vec<OpOutcome>>, StoreError> {
     let writes = writes_of(ops);
     let hold_ids = hold_ids_of(ops);
@@ -170,20 +178,34 @@ async fn apply_in(
         holds_and_reservations(rows)?
     };
     let keys = keys_of_ops(ops);
-    let existing = if keys.is_empty() {
-        ExistingEntries::new()
-    } else {
-        entries_by_key(
-            sqlx::query_as::<_, EntryRow>(&format!(
-                "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key = ANY($1::text[])"
-            ))
-            .bind(keys)
-            .fetch_all(&mut *conn)
-            .await?,
-        )?
+    let mut plan = None;
+    if optimistic || keys.is_empty() {
+        let first = ledger::plan_ops(
+            ops,
+            &balances,
+            &lots,
+            &holds,
+            &ExistingEntries::new(),
+            now_us,
+        );
+        if keys.is_empty() || first.appends_every_write() {
+            plan = Some(first);
+        }
+    }
+    let plan = match plan {
+        Some(plan) => plan,
+        None => {
+            let existing = entries_by_key(
+                sqlx::query_as::<_, EntryRow>(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key = ANY($1::text[])"
+                ))
+                .bind(keys)
+                .fetch_all(&mut *conn)
+                .await?,
+            )?;
+            ledger::plan_ops(ops, &balances, &lots, &holds, &existing, now_us)
+        }
     };
-
-    let plan = ledger::plan_ops(ops, &balances, &lots, &holds, &existing, now_us);
     // Lots the plan makes get their ids first, so entries drawing from them can say so.
     let lot_ids: Vec<i64> = if plan.new_lots.is_empty() {
         Vec::new()
@@ -607,7 +629,7 @@ impl PaymentTx for PgTx<'_> {
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
         let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
-        Ok(apply_in(self.0, &ops, &[], now_us)
+        Ok(apply_in(self.0, &ops, &[], now_us, false)
             .await?
             .map(write_outcomes))
     }
@@ -727,7 +749,7 @@ impl LedgerStore for PgLedger {
         if users.is_empty() {
             return Ok(0);
         }
-        with_retries(|| self.try_apply(&[], &users, now_us)).await?;
+        with_retries(|| self.try_apply(&[], &users, now_us, false)).await?;
         Ok(users.len())
     }
 
@@ -740,8 +762,12 @@ impl LedgerStore for PgLedger {
             return Ok(Vec::new());
         }
         let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
+        // Fresh keys first without reading them; any conflict replans with them read.
+        if let Some(outcomes) = self.try_apply(&ops, &[], now_us, true).await.ok().flatten() {
+            return Ok(write_outcomes(outcomes));
+        }
         Ok(write_outcomes(
-            with_retries(|| self.try_apply(&ops, &[], now_us)).await?,
+            with_retries(|| self.try_apply(&ops, &[], now_us, false)).await?,
         ))
     }
 
@@ -755,7 +781,7 @@ impl LedgerStore for PgLedger {
         }
         let ops: Vec<Op> = ops.iter().cloned().map(Op::Hold).collect();
         Ok(hold_outcomes(
-            with_retries(|| self.try_apply(&ops, &[], now_us)).await?,
+            with_retries(|| self.try_apply(&ops, &[], now_us, false)).await?,
         ))
     }
 
