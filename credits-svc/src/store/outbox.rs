@@ -83,14 +83,18 @@ pub(crate) async fn emit_sqlite(
 ) -> Result<(), StoreError> {
     let moves = events::available_moves(plan, balances, lots);
     let mut alerts = HashMap::new();
-    for user in moves.keys() {
-        let row: Option<(String, i64, bool)> = sqlx::query_as(
-            "SELECT user_id, threshold_micros, armed FROM credit_balance_alerts WHERE user_id = $1",
-        )
-        .bind(user)
-        .fetch_optional(&mut *conn)
-        .await?;
-        alerts.extend(alerts_of(row.into_iter().collect()));
+    let users: Vec<&String> = moves.keys().collect();
+    for chunk in users.chunks(500) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let sql = format!(
+            "SELECT user_id, threshold_micros, armed FROM credit_balance_alerts \
+             WHERE user_id IN ({marks})"
+        );
+        let mut query = sqlx::query_as::<_, (String, i64, bool)>(&sql);
+        for user in chunk {
+            query = query.bind(user.as_str());
+        }
+        alerts.extend(alerts_of(query.fetch_all(&mut *conn).await?));
     }
     let emitted = events::derive(plan, lots, &moves, &alerts);
     reeve_events::insert_sqlite(conn, &emitted.events, now_us).await?;
