@@ -638,6 +638,8 @@ struct Planner<'a> {
     wallets: HashMap<String, Wallet>,
     /// Every loaded or new hold; wallets index into it.
     all_holds: Vec<Hold>,
+    /// Hold id → index into `all_holds`.
+    hold_index: HashMap<String, usize>,
     /// Index into `all_holds` → index into `changes` once changed.
     changed: HashMap<usize, usize>,
     changes: Vec<HoldChange>,
@@ -677,6 +679,11 @@ impl<'a> Planner<'a> {
             existing,
             wallets,
             all_holds: holds.to_vec(),
+            hold_index: holds
+                .iter()
+                .enumerate()
+                .map(|(i, hold)| (hold.hold_id.clone(), i))
+                .collect(),
             changed: HashMap::new(),
             changes: Vec::new(),
             inserts: Vec::new(),
@@ -756,7 +763,7 @@ impl<'a> Planner<'a> {
     }
 
     fn find_hold(&self, hold_id: &str) -> Option<usize> {
-        (0..self.all_holds.len()).find(|&i| self.all_holds[i].hold_id == hold_id)
+        self.hold_index.get(hold_id).copied()
     }
 
     /// Gives a held hold's reservations back to its lots.
@@ -1145,6 +1152,7 @@ impl<'a> Planner<'a> {
             reservations,
         };
         let index = self.all_holds.len();
+        self.hold_index.insert(hold.hold_id.clone(), index);
         self.all_holds.push(hold.clone());
         wallet.holds.push(index);
         self.changes.push(HoldChange {
