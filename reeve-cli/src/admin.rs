@@ -95,15 +95,19 @@ async fn connect(variable: &'static str, default: &str) -> anyhow::Result<Connec
 }
 
 pub(crate) async fn credits_client() -> anyhow::Result<RawCreditsClient> {
-    Ok(connect("REEVE_CREDITS_ADDR", webhook_bridge::DEFAULT_CREDITS_ADDR)
-        .await?
-        .raw_credits())
+    Ok(
+        connect("REEVE_CREDITS_ADDR", webhook_bridge::DEFAULT_CREDITS_ADDR)
+            .await?
+            .raw_credits(),
+    )
 }
 
 async fn quota_client() -> anyhow::Result<RawQuotaClient> {
-    Ok(connect("REEVE_QUOTA_ADDR", webhook_bridge::DEFAULT_QUOTA_ADDR)
-        .await?
-        .raw_quota())
+    Ok(
+        connect("REEVE_QUOTA_ADDR", webhook_bridge::DEFAULT_QUOTA_ADDR)
+            .await?
+            .raw_quota(),
+    )
 }
 
 /// A gRPC refusal as a one-line error.
