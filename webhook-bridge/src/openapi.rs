@@ -214,6 +214,17 @@ pub fn document(features: Option<&[String]>) -> Value {
             {"type": "integer", "minimum": 0, "maximum": MAX_DOCUMENTED_CREDITS}
         ]
     });
+    // The low-balance alert: a user id and a non-negative threshold (0 or null removes).
+    let threshold = &mut schemas["ThresholdBody"]["properties"];
+    threshold["user_id"] = identifiers["user_id"].clone();
+    threshold["threshold"] = json!({
+        "description": "Decimal credits, 0 or more, at most six decimals; 0 or null removes the alert.",
+        "oneOf": [
+            {"type": "string", "pattern": NON_NEGATIVE_DECIMAL_PATTERN},
+            {"type": "integer", "minimum": 0, "maximum": MAX_DOCUMENTED_CREDITS},
+            {"type": "null"}
+        ]
+    });
     schemas["PurchaseBody"]["properties"]["amount"] = json!({
         "description": "Whole credits within the purchase bounds (by default 5 to 1000).",
         "oneOf": [
