@@ -127,6 +127,31 @@ const SET_ALERT_SQL: &str = "INSERT INTO credit_balance_alerts (user_id, thresho
      SET threshold_micros = excluded.threshold_micros, armed = excluded.armed, \
      updated_at_us = excluded.updated_at_us";
 
+/// The one body of [`set_alert_pg`] and [`set_alert_sqlite`] (the same SQL on either
+/// pool type).
+macro_rules! set_alert_on {
+    ($pool:expr, $user_id:expr, $threshold:expr, $now_us:expr) => {{
+        match $threshold {
+            Some(threshold) => {
+                sqlx::query(SET_ALERT_SQL)
+                    .bind($user_id)
+                    .bind(threshold.0)
+                    .bind(true)
+                    .bind($now_us)
+                    .execute($pool)
+                    .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM credit_balance_alerts WHERE user_id = $1")
+                    .bind($user_id)
+                    .execute($pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }};
+}
+
 /// Sets (armed) or, with `None`, removes a user's low-balance threshold.
 pub(crate) async fn set_alert_pg(
     pool: &PgPool,
@@ -134,24 +159,7 @@ pub(crate) async fn set_alert_pg(
     threshold: Option<Micros>,
     now_us: i64,
 ) -> Result<(), StoreError> {
-    match threshold {
-        Some(threshold) => {
-            sqlx::query(SET_ALERT_SQL)
-                .bind(user_id)
-                .bind(threshold.0)
-                .bind(true)
-                .bind(now_us)
-                .execute(pool)
-                .await?;
-        }
-        None => {
-            sqlx::query("DELETE FROM credit_balance_alerts WHERE user_id = $1")
-                .bind(user_id)
-                .execute(pool)
-                .await?;
-        }
-    }
-    Ok(())
+    set_alert_on!(pool, user_id, threshold, now_us)
 }
 
 /// Sets (armed) or, with `None`, removes a user's low-balance threshold.
@@ -161,24 +169,7 @@ pub(crate) async fn set_alert_sqlite(
     threshold: Option<Micros>,
     now_us: i64,
 ) -> Result<(), StoreError> {
-    match threshold {
-        Some(threshold) => {
-            sqlx::query(SET_ALERT_SQL)
-                .bind(user_id)
-                .bind(threshold.0)
-                .bind(true)
-                .bind(now_us)
-                .execute(pool)
-                .await?;
-        }
-        None => {
-            sqlx::query("DELETE FROM credit_balance_alerts WHERE user_id = $1")
-                .bind(user_id)
-                .execute(pool)
-                .await?;
-        }
-    }
-    Ok(())
+    set_alert_on!(pool, user_id, threshold, now_us)
 }
 
 const EXPIRING_SQL: &str = "SELECT id, user_id, category, priority, expires_at_us, source, original_micros, \
