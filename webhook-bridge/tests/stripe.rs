@@ -278,7 +278,7 @@ async fn refund_before_its_payment_is_applied_later(backend: Backend) {
         payment_intent("pi_early", Some("frank"), 1000, "usd"),
         None,
     );
-    let deliveries = futures::future::join_all((0..3).map(|_| stack.send_event(&paid))).await;
+    let deliveries = futures::future::join_all((0..8).map(|_| stack.send_event(&paid))).await;
     assert!(
         deliveries
             .iter()

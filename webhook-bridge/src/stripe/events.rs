@@ -282,7 +282,10 @@ impl EventStore {
     }
 
     /// Records the outcome of an event that was waiting (`needs_attention`) and has now
-    /// been applied.
+    /// been applied. Concurrent deliveries of its payment each apply it: one moves the
+    /// money and the others find nothing left to apply (a refund carries no fixed key,
+    /// see credits-svc's payments rules). Whichever records first, the outcome that
+    /// moved money stays: it may replace `unchanged`, never the reverse.
     pub async fn resolve(
         &self,
         event_id: &str,
@@ -290,14 +293,12 @@ impl EventStore {
         detail: &str,
         now_us: i64,
     ) -> Result<(), EventStoreError> {
-        self.set_outcome(
-            event_id,
-            outcome,
-            detail,
-            Some(now_us),
-            "= 'needs_attention'",
-        )
-        .await
+        let from = match outcome {
+            Outcome::Credited | Outcome::Debited => "IN ('needs_attention', 'unchanged')",
+            _ => "= 'needs_attention'",
+        };
+        self.set_outcome(event_id, outcome, detail, Some(now_us), from)
+            .await
     }
 
     pub async fn get(&self, event_id: &str) -> Result<Option<StoredEvent>, EventStoreError> {
