@@ -17,10 +17,15 @@
 //! /v1/test_helpers/webhooks/{on|off}`) and deliver the dropped ones later
 //! ([`FakeStripe::deliver_dropped`], `POST /v1/test_helpers/webhooks/deliver_dropped`):
 //! payments Stripe knows and the ledger does not.
+//!
+//! For auto top-up it learns customers and saved cards from Checkout Sessions created
+//! with `setup_future_usage`, and takes off-session `POST /v1/payment_intents` with
+//! test cards that succeed, decline or require action (see [`cards`]).
 
 // The checkout session object is one large json! literal.
 #![recursion_limit = "256"]
 
+pub mod cards;
 pub mod objects;
 
 use std::collections::HashMap;
@@ -84,6 +89,11 @@ struct FakeState {
     /// Off: events are kept in `dropped` instead of being sent.
     webhooks: AtomicBool,
     dropped: Mutex<Vec<Value>>,
+    /// Customers, saved cards and off-session payments ([`cards`]).
+    cards: Mutex<cards::Cards>,
+    /// How long `POST /v1/payment_intents` waits after charging before it answers
+    /// (a test kills the caller in between).
+    answer_delay: Mutex<Duration>,
 }
 
 /// Objects as the list and retrieve endpoints answer them, oldest first.
@@ -164,6 +174,30 @@ impl FakeStripe {
         deliver_dropped_events(&self.state).await
     }
 
+    /// Every off-session payment intent created so far (replays of an idempotency key
+    /// are not new ones), oldest first.
+    pub fn off_session_payment_intents(&self) -> Vec<Value> {
+        lock(&self.state.cards).off_session_created.clone()
+    }
+
+    /// How many `POST /v1/payment_intents` were answered from a saved idempotency key.
+    pub fn idempotent_replays(&self) -> u64 {
+        lock(&self.state.cards).replays
+    }
+
+    /// The customer and test card of a saved payment method (`pm_…`).
+    pub fn saved_card(&self, payment_method: &str) -> Option<cards::SavedCard> {
+        lock(&self.state.cards)
+            .payment_methods
+            .get(payment_method)
+            .cloned()
+    }
+
+    /// Makes `POST /v1/payment_intents` wait `delay` after charging before answering.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        *lock(&self.state.answer_delay) = delay;
+    }
+
     pub async fn wait(self) -> anyhow::Result<()> {
         self.task.await??;
         Ok(())
@@ -185,6 +219,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         listed: Mutex::new(Listed::default()),
         webhooks: AtomicBool::new(true),
         dropped: Mutex::new(Vec::new()),
+        cards: Mutex::new(cards::Cards::default()),
+        answer_delay: Mutex::new(Duration::ZERO),
     });
     let app = Router::new()
         .route("/v1/checkout/sessions", post(create_session))
@@ -202,7 +238,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             "/v1/test_helpers/webhooks/deliver_dropped",
             post(deliver_dropped),
         )
-        .route("/v1/payment_intents", get(list_payment_intents))
+        .route(
+            "/v1/payment_intents",
+            get(list_payment_intents).post(create_payment_intent),
+        )
+        .route("/v1/test_helpers/customers", post(create_test_customer))
+        .route("/authenticate/{id}", get(authenticate).post(authenticate))
         .route("/v1/payment_intents/{id}", get(retrieve_payment_intent))
         .route("/v1/charges/{id}", get(retrieve_charge))
         .route("/v1/disputes", get(list_disputes))
@@ -329,7 +370,23 @@ async fn create_session(
         cancel_url: field(&fields, "cancel_url").map(str::to_owned),
         payment_intent: None,
     };
+    let setup = cards::SessionSetup {
+        setup_future_usage: field(&fields, "payment_intent_data[setup_future_usage]")
+            .map(str::to_owned),
+        customer: field(&fields, "customer").map(str::to_owned),
+        customer_creation: field(&fields, "customer_creation").map(str::to_owned),
+    };
+    if let Some(customer) = &setup.customer
+        && !lock(&state.cards).customers.contains_key(customer)
+    {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!("No such customer: '{customer}'"),
+        );
+    }
     let body = session.to_json();
+    lock(&state.cards).sessions.insert(id.clone(), setup);
     lock(&state.sessions).insert(id, session);
     Json(body).into_response()
 }
@@ -366,7 +423,18 @@ async fn pay(
     State(state): State<Arc<FakeState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(query): Query<Fields>,
 ) -> Response {
+    let test_card = field(&query, "payment_method")
+        .unwrap_or("pm_card_visa")
+        .to_owned();
+    let Some(behaviour) = cards::CardBehaviour::of_test_card(&test_card) else {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "payment_method must be a test card: pm_card_visa, pm_card_chargeDeclined, pm_card_chargeCustomerFail or pm_card_authenticationRequired",
+        );
+    };
     let (session, newly_paid) = {
         let mut sessions = lock(&state.sessions);
         let Some(session) = sessions.get_mut(&id) else {
@@ -419,7 +487,7 @@ async fn pay(
         None,
         now,
     );
-    let intent = objects::payment_intent(
+    let mut intent = objects::payment_intent(
         &payment_intent,
         &charge_id,
         session.amount_total,
@@ -427,6 +495,7 @@ async fn pay(
         &session.payment_intent_metadata,
         now,
     );
+    save_card(&state, &session.id, &test_card, behaviour, &mut intent);
     record_payment(&state, intent.clone(), &charge_id, &payment_intent, now);
     let succeeded = objects::event(
         &random_id("evt"),
@@ -1010,4 +1079,267 @@ fn list(state: &FakeState, headers: &HeaderMap, query: &Fields, kind: Kind) -> R
         "data": page,
     }))
     .into_response()
+}
+
+/// Saves the card a session is paid with when the session asked for it (see
+/// [`cards`]): the customer (given or created) and a new payment method go into the
+/// payment intent as Stripe reports them.
+fn save_card(
+    state: &FakeState,
+    session_id: &str,
+    test_card: &str,
+    behaviour: cards::CardBehaviour,
+    intent: &mut Value,
+) {
+    let mut cards = lock(&state.cards);
+    let Some(setup) = cards.sessions.get(session_id).cloned() else {
+        return;
+    };
+    if !setup.saves_card() {
+        return;
+    }
+    let customer = setup.customer.clone().unwrap_or_else(|| random_id("cus"));
+    let payment_method = random_id("pm");
+    cards
+        .customers
+        .entry(customer.clone())
+        .or_default()
+        .push(payment_method.clone());
+    cards.payment_methods.insert(
+        payment_method.clone(),
+        cards::SavedCard {
+            customer: customer.clone(),
+            behaviour,
+            test_card: test_card.to_owned(),
+        },
+    );
+    intent["customer"] = json!(customer);
+    intent["payment_method"] = json!(payment_method);
+    intent["setup_future_usage"] = json!(setup.setup_future_usage);
+}
+
+/// `POST /v1/test_helpers/customers` with `payment_method` (a test card, default
+/// `pm_card_visa`): a customer with that card saved, as a paid Checkout with
+/// `setup_future_usage` leaves one. Answers `{"customer", "payment_method"}`.
+async fn create_test_customer(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Form(fields): Form<Fields>,
+) -> Response {
+    if !has_key(&headers) {
+        return invalid_key();
+    }
+    let test_card = field(&fields, "payment_method").unwrap_or("pm_card_visa");
+    let Some(behaviour) = cards::CardBehaviour::of_test_card(test_card) else {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "payment_method must be a test card",
+        );
+    };
+    let customer = random_id("cus");
+    let payment_method = random_id("pm");
+    let mut cards = lock(&state.cards);
+    cards
+        .customers
+        .insert(customer.clone(), vec![payment_method.clone()]);
+    cards.payment_methods.insert(
+        payment_method.clone(),
+        cards::SavedCard {
+            customer: customer.clone(),
+            behaviour,
+            test_card: test_card.to_owned(),
+        },
+    );
+    Json(json!({"customer": customer, "payment_method": payment_method})).into_response()
+}
+
+/// `POST /v1/payment_intents`: an off-session payment with a saved card, confirmed at
+/// once (`off_session=true`, `confirm=true`), honouring `Idempotency-Key`.
+async fn create_payment_intent(
+    State(state): State<Arc<FakeState>>,
+    headers: HeaderMap,
+    Form(fields): Form<Fields>,
+) -> Response {
+    if !has_key(&headers) {
+        return invalid_key();
+    }
+    let bad =
+        |message: &str| stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut sorted = fields.clone();
+    sorted.sort();
+    let fingerprint = serde_json::to_string(&sorted).unwrap_or_default();
+    let now = now_secs();
+    // Decided and remembered under one lock, so a concurrent request with the same key
+    // sees the first answer.
+    let (status, body, webhook) = {
+        let mut cards = lock(&state.cards);
+        if let Some(key) = &key
+            && let Some(answered) = cards.idempotency.get(key).cloned()
+        {
+            if answered.fingerprint != fingerprint {
+                return stripe_error(
+                    StatusCode::BAD_REQUEST,
+                    "idempotency_error",
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                );
+            }
+            cards.replays += 1;
+            let status =
+                StatusCode::from_u16(answered.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (
+                status,
+                [("idempotent-replayed", "true")],
+                Json(answered.body),
+            )
+                .into_response();
+        }
+        if field(&fields, "confirm") != Some("true")
+            || field(&fields, "off_session") != Some("true")
+        {
+            return bad("the fake supports off_session=true with confirm=true only");
+        }
+        let Some(amount) = field(&fields, "amount")
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|a| *a > 0)
+        else {
+            return bad("amount must be a positive integer");
+        };
+        let currency = field(&fields, "currency").unwrap_or("usd").to_owned();
+        let (Some(customer), Some(payment_method)) =
+            (field(&fields, "customer"), field(&fields, "payment_method"))
+        else {
+            return bad("customer and payment_method are required off-session");
+        };
+        let Some(card) = cards.payment_methods.get(payment_method).cloned() else {
+            return bad(&format!("No such PaymentMethod: '{payment_method}'"));
+        };
+        if card.customer != customer {
+            return bad("The provided PaymentMethod is not attached to this customer");
+        }
+        let payment_intent = random_id("pi");
+        let charge_id = random_id("ch");
+        let mut intent = objects::payment_intent(
+            &payment_intent,
+            &charge_id,
+            amount,
+            &currency,
+            &metadata(&fields, "metadata"),
+            now,
+        );
+        intent["customer"] = json!(customer);
+        intent["payment_method"] = json!(payment_method);
+        let (status, body, webhook) = match card.behaviour {
+            cards::CardBehaviour::Succeeds => {
+                lock(&state.payments).insert(
+                    payment_intent.clone(),
+                    Payment {
+                        charge_id: charge_id.clone(),
+                        amount,
+                        amount_refunded: 0,
+                        currency: currency.clone(),
+                    },
+                );
+                record_payment(&state, intent.clone(), &charge_id, &payment_intent, now);
+                (200, intent.clone(), Some(intent.clone()))
+            }
+            cards::CardBehaviour::Declines => {
+                intent["status"] = json!("requires_payment_method");
+                intent["amount_received"] = json!(0);
+                intent["latest_charge"] = Value::Null;
+                (
+                    402,
+                    cards::declined_body(&payment_intent, payment_method),
+                    None,
+                )
+            }
+            cards::CardBehaviour::RequiresAction => {
+                intent["status"] = json!("requires_action");
+                intent["amount_received"] = json!(0);
+                intent["latest_charge"] = Value::Null;
+                intent["next_action"] = json!({
+                    "type": "redirect_to_url",
+                    "redirect_to_url": {
+                        "return_url": null,
+                        "url": format!("{}/authenticate/{payment_intent}", state.base_url),
+                    },
+                });
+                cards
+                    .awaiting_action
+                    .insert(payment_intent.clone(), intent.clone());
+                (200, intent.clone(), None)
+            }
+        };
+        cards.off_session_created.push(intent);
+        if let Some(key) = key {
+            cards.idempotency.insert(
+                key,
+                cards::Answered {
+                    fingerprint,
+                    status,
+                    body: body.clone(),
+                },
+            );
+        }
+        (status, body, webhook)
+    };
+    if let Some(intent) = webhook {
+        let event = objects::event(
+            &random_id("evt"),
+            "payment_intent.succeeded",
+            intent,
+            None,
+            now,
+        );
+        deliver(&state, event).await;
+    }
+    let delay = *lock(&state.answer_delay);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(body)).into_response()
+}
+
+/// The customer completes the authentication of a payment intent that required it:
+/// it succeeds and `payment_intent.succeeded` is sent.
+async fn authenticate(State(state): State<Arc<FakeState>>, Path(id): Path<String>) -> Response {
+    let Some(mut intent) = lock(&state.cards).awaiting_action.remove(&id) else {
+        return no_such_payment();
+    };
+    let now = now_secs();
+    let amount = intent.get("amount").and_then(Value::as_i64).unwrap_or(0);
+    let currency = intent
+        .get("currency")
+        .and_then(Value::as_str)
+        .unwrap_or("usd")
+        .to_owned();
+    let charge_id = random_id("ch");
+    intent["status"] = json!("succeeded");
+    intent["amount_received"] = json!(amount);
+    intent["latest_charge"] = json!(charge_id);
+    intent["next_action"] = Value::Null;
+    lock(&state.payments).insert(
+        id.clone(),
+        Payment {
+            charge_id: charge_id.clone(),
+            amount,
+            amount_refunded: 0,
+            currency,
+        },
+    );
+    record_payment(&state, intent.clone(), &charge_id, &id, now);
+    let event = objects::event(
+        &random_id("evt"),
+        "payment_intent.succeeded",
+        intent.clone(),
+        None,
+        now,
+    );
+    let delivery = deliver(&state, event).await;
+    Json(json!({"payment_intent": intent, "delivery": delivery})).into_response()
 }
