@@ -14,7 +14,8 @@ use reeve_runtime::Micros;
 use reeve_runtime::config::{self, ConfigError};
 use stripe_checkout::checkout_session::{
     CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionLineItemsPriceData,
-    CreateCheckoutSessionPaymentIntentData, ProductData,
+    CreateCheckoutSessionCustomerCreation, CreateCheckoutSessionPaymentIntentData,
+    CreateCheckoutSessionPaymentIntentDataSetupFutureUsage, ProductData,
 };
 
 pub const DEFAULT_API_BASE: &str = "https://api.stripe.com/";
@@ -136,6 +137,16 @@ pub struct Checkout {
     client: Option<stripe::Client>,
 }
 
+/// Whether a checkout saves the card it is paid with, for auto top-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CardSaving {
+    No,
+    /// Saved for a new Stripe customer (`customer_creation = always`).
+    NewCustomer,
+    /// Saved for the user's existing Stripe customer.
+    Customer(String),
+}
+
 /// A created session: where the user pays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {
@@ -161,10 +172,16 @@ impl Checkout {
         Ok(Checkout { config, client })
     }
 
+    /// The purchase settings, when purchases are enabled.
+    pub fn config(&self) -> Option<&CheckoutConfig> {
+        self.config.as_ref()
+    }
+
     pub async fn start(
         &self,
         user_id: &str,
         amount_credits: i64,
+        saving: CardSaving,
     ) -> Result<Started, CheckoutError> {
         let (Some(config), Some(client)) = (&self.config, &self.client) else {
             return Err(CheckoutError::Disabled);
@@ -196,7 +213,13 @@ impl Checkout {
         let metadata = HashMap::from([("user_id".to_owned(), user_id.to_owned())]);
         let mut payment_intent_data = CreateCheckoutSessionPaymentIntentData::new();
         payment_intent_data.metadata = Some(metadata.clone());
-        let request = CreateCheckoutSession::new()
+        if saving != CardSaving::No {
+            // The card is kept for off-session charges (auto top-up); the payment's
+            // webhook then names the customer and the payment method to save.
+            payment_intent_data.setup_future_usage =
+                Some(CreateCheckoutSessionPaymentIntentDataSetupFutureUsage::OffSession);
+        }
+        let mut request = CreateCheckoutSession::new()
             .mode(stripe_checkout::CheckoutSessionMode::Payment)
             .client_reference_id(user_id)
             .line_items(vec![line_item])
@@ -204,6 +227,13 @@ impl Checkout {
             .metadata(metadata)
             .success_url(config.success_url.clone())
             .cancel_url(config.cancel_url.clone());
+        match saving {
+            CardSaving::No => {}
+            CardSaving::NewCustomer => {
+                request = request.customer_creation(CreateCheckoutSessionCustomerCreation::Always);
+            }
+            CardSaving::Customer(customer) => request = request.customer(customer),
+        }
         let session = request.send(client).await.map_err(|error| match error {
             stripe::StripeError::Stripe(errors, status) => CheckoutError::Refused(format!(
                 "HTTP {status}: {}",

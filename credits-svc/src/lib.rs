@@ -14,6 +14,8 @@ pub mod payments;
 pub mod service;
 pub mod store;
 pub mod sweep;
+pub mod topup;
+pub mod topup_worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +58,9 @@ pub const METHOD_SCOPES: ScopeTable = &[
     ("ListHolds", Scope::Deduct),
     ("ListPaymentEntries", Scope::Stripe),
     ("SetBalanceAlert", Scope::Admin),
+    // The bridge, for the signed-in user (like Purchase).
+    ("GetAutoTopUp", Scope::Stripe),
+    ("SetAutoTopUp", Scope::Stripe),
 ];
 
 /// Everything credits-svc needs to start. `Debug` hides the database URL's password.
@@ -164,6 +169,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         GroupCommit::start_deductions(Arc::clone(&store), workers, 1_000, config.clock.clone());
     let holds = HoldCommit::start_holds(Arc::clone(&store), workers, 1_000, config.clock.clone());
     let checkout = checkout::Checkout::new(config.checkout.clone())?;
+    // Auto top-up charges saved cards through the same Stripe account as purchases; a
+    // server without one leaves attempts to a replica that has it.
+    if let Some(stripe) = &config.checkout {
+        let poll_ms = config::parse_or(
+            "REEVE_TOPUP_POLL_MS",
+            u64::try_from(topup_worker::DEFAULT_POLL.as_millis()).unwrap_or(500),
+        )?;
+        if !(10..=60_000).contains(&poll_ms) {
+            return Err(
+                ConfigError::new("REEVE_TOPUP_POLL_MS", "must be 10 to 60000 milliseconds").into(),
+            );
+        }
+        topup_worker::TopUpWorker::new(store.topups(), stripe, config.clock.clone())?
+            .spawn(std::time::Duration::from_millis(poll_ms), shutdown.clone());
+    }
     let api = CreditsApi::new(
         Arc::clone(&store),
         deductions,

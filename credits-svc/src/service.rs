@@ -889,7 +889,12 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         check_user_id(&request.user_id)?;
         let started = self
             .checkout
-            .start(&request.user_id, request.amount_credits)
+            .start(
+                &request.user_id,
+                request.amount_credits,
+                self.card_saving(&request.user_id, request.save_payment_method)
+                    .await?,
+            )
             .await
             .map_err(CreditsError::from)?;
         tracing::info!(session_id = %started.session_id, "checkout session created");
@@ -945,8 +950,11 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         &self,
         request: Request<pb::PaymentEventRequest>,
     ) -> Result<Response<pb::PaymentEventResponse>, Status> {
-        let event = payment_event(request.into_inner())?;
+        let request = request.into_inner();
+        let topup = TopUpFacts::of(&request);
+        let event = payment_event(request)?;
         let outcome = self.record_payment(&event).await?;
+        self.after_payment(&event, &outcome, topup).await?;
         Ok(Response::new(payment_response(outcome)?))
     }
 
@@ -1053,6 +1061,169 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             user_id: request.user_id,
             threshold_micros: request.threshold_micros,
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id))]
+    async fn get_auto_top_up(
+        &self,
+        request: Request<pb::GetAutoTopUpRequest>,
+    ) -> Result<Response<pb::AutoTopUp>, Status> {
+        let request = request.into_inner();
+        check_user_id(&request.user_id)?;
+        let view = self
+            .store
+            .topups()
+            .view(&request.user_id, self.clock.now_us())
+            .await
+            .map_err(CreditsError::from)?;
+        Ok(Response::new(auto_topup_to_proto(request.user_id, view)))
+    }
+
+    #[tracing::instrument(skip_all, fields(user_id = %request.get_ref().user_id, enabled = request.get_ref().enabled))]
+    async fn set_auto_top_up(
+        &self,
+        request: Request<pb::SetAutoTopUpRequest>,
+    ) -> Result<Response<pb::AutoTopUp>, Status> {
+        let request = request.into_inner();
+        check_user_id(&request.user_id)?;
+        let settings = crate::topup::Settings::validate(
+            request.enabled,
+            request.threshold_micros,
+            request.amount_micros,
+            request.monthly_cap_micros,
+        )
+        .map_err(CreditsError::Invalid)?;
+        let topups = self.store.topups();
+        let now_us = self.clock.now_us();
+        topups
+            .set(&request.user_id, &settings, now_us)
+            .await
+            .map_err(CreditsError::from)?;
+        let view = topups
+            .view(&request.user_id, now_us)
+            .await
+            .map_err(CreditsError::from)?;
+        Ok(Response::new(auto_topup_to_proto(request.user_id, view)))
+    }
+}
+
+/// What a payment event says about auto top-up: a card it saved, an attempt it paid.
+struct TopUpFacts {
+    card: Option<crate::topup::Card>,
+    attempt_id: Option<String>,
+}
+
+impl TopUpFacts {
+    fn of(request: &pb::PaymentEventRequest) -> TopUpFacts {
+        let card = (!request.saved_customer_id.is_empty()
+            && !request.saved_payment_method_id.is_empty())
+        .then(|| crate::topup::Card {
+            customer_id: request.saved_customer_id.clone(),
+            payment_method_id: request.saved_payment_method_id.clone(),
+        });
+        TopUpFacts {
+            card,
+            attempt_id: Some(request.topup_attempt_id.clone()).filter(|a| !a.is_empty()),
+        }
+    }
+}
+
+impl CreditsApi {
+    /// How a purchase saves its card: not at all, or for the user's Stripe customer
+    /// (a new one when they have none yet).
+    async fn card_saving(
+        &self,
+        user_id: &str,
+        save: bool,
+    ) -> Result<crate::checkout::CardSaving, CreditsError> {
+        use crate::checkout::CardSaving;
+        if !save {
+            return Ok(CardSaving::No);
+        }
+        check_user_id(user_id)?;
+        Ok(match self.store.topups().card(user_id).await? {
+            Some(card) => CardSaving::Customer(card.customer_id),
+            None => CardSaving::NewCustomer,
+        })
+    }
+
+    /// After a payment was credited (now or before): save the card it was made to
+    /// save, and complete the auto top-up attempt it paid. Both are idempotent, so a
+    /// redelivered webhook (answered only once this is done) changes nothing more.
+    async fn after_payment(
+        &self,
+        event: &PaymentEvent,
+        outcome: &PaymentOutcome,
+        facts: TopUpFacts,
+    ) -> Result<(), CreditsError> {
+        if event.kind != PaymentEventKind::PaymentSucceeded {
+            return Ok(());
+        }
+        let entry = match outcome {
+            PaymentOutcome::Applied { entry, .. } | PaymentOutcome::Duplicate(entry) => entry,
+            _ => return Ok(()),
+        };
+        if entry.user_id != event.user_id {
+            return Ok(());
+        }
+        let topups = self.store.topups();
+        if let Some(card) = &facts.card {
+            reeve_runtime::ids::check_key(&card.customer_id, "saved_customer_id")
+                .and_then(|()| {
+                    reeve_runtime::ids::check_key(&card.payment_method_id, "saved_payment_method_id")
+                })
+                .map_err(|invalid| CreditsError::Invalid(invalid.into()))?;
+            let fresh = topups
+                .save_card(&event.user_id, &event.payment_id, card, self.clock.now_us())
+                .await?;
+            if fresh {
+                tracing::info!(user_id = %event.user_id, payment_id = %event.payment_id, "card saved for auto top-up");
+            }
+        }
+        if let Some(attempt_id) = &facts.attempt_id {
+            let completed = topups
+                .complete(
+                    attempt_id,
+                    &event.user_id,
+                    &event.payment_id,
+                    self.clock.now_us(),
+                )
+                .await?;
+            if completed {
+                tracing::info!(user_id = %event.user_id, %attempt_id, "auto top-up completed by its payment");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn auto_topup_to_proto(user_id: String, view: crate::store::TopUpView) -> pb::AutoTopUp {
+    let settings = view.settings;
+    pb::AutoTopUp {
+        user_id,
+        configured: settings.is_some(),
+        enabled: settings.is_some_and(|s| s.enabled),
+        threshold_micros: settings.map_or(0, |s| s.threshold.0),
+        amount_micros: settings.map_or(0, |s| s.amount.0),
+        monthly_cap_micros: settings.map_or(0, |s| s.monthly_cap.0),
+        payment_method_saved: view.card_saved,
+        suspended: view.suspended.is_some(),
+        suspended_reason: view
+            .suspended
+            .map(|r| r.as_str().to_owned())
+            .unwrap_or_default(),
+        consecutive_failures: view.consecutive_failures,
+        retry_after: (view.retry_after_us > 0).then(|| timestamp(view.retry_after_us)),
+        month_used_micros: view.month_used.0,
+        last_attempt: view.last_attempt.map(|a| pb::TopUpAttempt {
+            attempt_id: a.attempt_id,
+            amount_micros: a.amount.0,
+            state: a.state.as_str().to_owned(),
+            payment_intent_id: a.payment_intent_id.unwrap_or_default(),
+            failure_code: a.failure_code.unwrap_or_default(),
+            created_at: Some(timestamp(a.created_at_us)),
+            action_url: a.action_url.unwrap_or_default(),
+        }),
     }
 }
 

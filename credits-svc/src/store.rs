@@ -21,6 +21,9 @@ use crate::payments::{DisputeState, PaymentEvent, PaymentState};
 mod outbox;
 pub mod postgres;
 pub mod sqlite;
+pub mod topup;
+
+pub use topup::{TopUpStore, TopUpView};
 
 /// A storage failure. Cloneable so one failed group commit can answer every caller.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -217,6 +220,8 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> Result<usize, StoreError>;
     /// The outbox in this store's database (for the webhook dispatcher).
     fn events(&self) -> reeve_events::EventStore;
+    /// The auto top-up tables in this store's database (settings, cards, attempts).
+    fn topups(&self) -> TopUpStore;
 }
 
 /// Opens the store named by a `REEVE_DATABASE_URL` and brings its schema up to date.

@@ -88,6 +88,7 @@ fn event(
         amount_micros: credits_x100 * CREDIT / 100,
         object_id: object.into(),
         description: String::new(),
+        ..Default::default()
     }
 }
 
@@ -504,6 +505,7 @@ async fn nul_and_control_characters_are_refused_before_any_write(backend: Backen
         c.purchase(pb::PurchaseRequest {
             user_id: "hank\u{7}".into(),
             amount_credits: 25,
+            ..Default::default()
         })
         .await
         .unwrap_err(),

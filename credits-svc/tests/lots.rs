@@ -283,6 +283,7 @@ async fn a_refund_draws_its_own_lot_first_and_the_next_purchase_pays_the_debt(ba
         amount_micros: credits * CREDIT,
         object_id: String::new(),
         description: String::new(),
+        ..Default::default()
     };
     c.record_payment_event(pay("pi_a", 20)).await.unwrap();
     grant(

@@ -250,6 +250,7 @@ async fn a_deduct_token_cannot_grant_adjust_or_set_tiers_over_grpc() {
             .purchase(credits_pb::PurchaseRequest {
                 user_id: "alice".to_owned(),
                 amount_credits: 25,
+                ..Default::default()
             })
             .await,
         "stripe",

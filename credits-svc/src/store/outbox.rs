@@ -2,9 +2,11 @@
 //! [`crate::events`] derives from it go into reeve-events' outbox in the same
 //! transaction, with the low-balance alerts they fire or re-arm; and the sweeper's
 //! `lot.expiring` warnings, once per lot. The only extra statement on the write path is
-//! the alert lookup of the users whose available balance moved (a primary-key probe of
-//! a table that has a row only for users who set a threshold); events are inserted only
-//! when there are any.
+//! the lookup of the users whose available balance moved: their low-balance alerts and
+//! their auto top-up in one statement (primary-key probes of tables that have a row
+//! only for users who set one; see [`super::topup`]); events, and the auto top-up
+//! attempts the plan triggers ([`crate::topup::trigger`]), are inserted only when there
+//! are any.
 
 use std::collections::HashMap;
 
@@ -15,7 +17,7 @@ use sqlx::{PgConnection, SqliteConnection};
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
-use crate::events::{self, BalanceAlert};
+use crate::events;
 use crate::ledger::Plan;
 
 /// Applies reeve-events' outbox migrations (4xxx) beside the ledger's.
@@ -49,19 +51,15 @@ pub(crate) async fn emit_pg(
     now_us: i64,
 ) -> Result<(), StoreError> {
     let moves = events::available_moves(plan, balances, lots);
-    let mut alerts = HashMap::new();
+    let mut lookup = super::topup::Lookup::default();
     if !moves.is_empty() {
         let users: Vec<&str> = moves.keys().map(String::as_str).collect();
-        let rows: Vec<(String, i64, bool)> = sqlx::query_as(
-            "SELECT user_id, threshold_micros, armed FROM credit_balance_alerts \
-             WHERE user_id = ANY($1::text[])",
-        )
-        .bind(&users)
-        .fetch_all(&mut *conn)
-        .await?;
-        alerts = alerts_of(rows);
+        lookup = super::topup::lookup_pg(&mut *conn, &users, now_us).await?;
     }
+    let alerts = lookup.alerts;
     let emitted = events::derive(plan, lots, &moves, &alerts);
+    let attempts = crate::topup::attempts_for(&moves, &lookup.topups, now_us);
+    super::topup::insert_attempts_pg(&mut *conn, &attempts, now_us).await?;
     reeve_events::insert_pg(conn, &emitted.events, now_us).await?;
     for (user, armed) in &emitted.alerts {
         sqlx::query("UPDATE credit_balance_alerts SET armed = $2 WHERE user_id = $1")
@@ -82,21 +80,12 @@ pub(crate) async fn emit_sqlite(
     now_us: i64,
 ) -> Result<(), StoreError> {
     let moves = events::available_moves(plan, balances, lots);
-    let mut alerts = HashMap::new();
-    let users: Vec<&String> = moves.keys().collect();
-    for chunk in users.chunks(500) {
-        let marks = vec!["?"; chunk.len()].join(", ");
-        let sql = format!(
-            "SELECT user_id, threshold_micros, armed FROM credit_balance_alerts \
-             WHERE user_id IN ({marks})"
-        );
-        let mut query = sqlx::query_as::<_, (String, i64, bool)>(&sql);
-        for user in chunk {
-            query = query.bind(user.as_str());
-        }
-        alerts.extend(alerts_of(query.fetch_all(&mut *conn).await?));
-    }
+    let users: Vec<&str> = moves.keys().map(String::as_str).collect();
+    let lookup = super::topup::lookup_sqlite(&mut *conn, &users, now_us).await?;
+    let alerts = lookup.alerts;
     let emitted = events::derive(plan, lots, &moves, &alerts);
+    let attempts = crate::topup::attempts_for(&moves, &lookup.topups, now_us);
+    super::topup::insert_attempts_sqlite(&mut *conn, &attempts, now_us).await?;
     reeve_events::insert_sqlite(conn, &emitted.events, now_us).await?;
     for (user, armed) in &emitted.alerts {
         sqlx::query("UPDATE credit_balance_alerts SET armed = $2 WHERE user_id = $1")
@@ -106,20 +95,6 @@ pub(crate) async fn emit_sqlite(
             .await?;
     }
     Ok(())
-}
-
-fn alerts_of(rows: Vec<(String, i64, bool)>) -> HashMap<String, BalanceAlert> {
-    rows.into_iter()
-        .map(|(user, threshold, armed)| {
-            (
-                user,
-                BalanceAlert {
-                    threshold: Micros(threshold),
-                    armed,
-                },
-            )
-        })
-        .collect()
 }
 
 const SET_ALERT_SQL: &str = "INSERT INTO credit_balance_alerts (user_id, threshold_micros, armed, updated_at_us) \

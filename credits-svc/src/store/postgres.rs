@@ -701,6 +701,10 @@ impl LedgerStore for PgLedger {
         reeve_events::EventStore::Postgres(self.pool.clone())
     }
 
+    fn topups(&self) -> super::TopUpStore {
+        super::TopUpStore::Postgres(self.pool.clone())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -118,6 +118,10 @@ impl LedgerStore for SqliteLedger {
         reeve_events::EventStore::Sqlite(self.pool.clone())
     }
 
+    fn topups(&self) -> super::TopUpStore {
+        super::TopUpStore::Sqlite(self.pool.clone())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -1,0 +1,304 @@
+//! Auto top-up's trigger on PostgreSQL and SQLite (issue 12): an attempt is created in
+//! the transaction of the write that takes the available balance below the
+//! threshold, one at a time per user whatever the concurrency, never past the
+//! monthly cap, and not while backing off or suspended. (The worker, Stripe and the
+//! webhook are exercised end to end in webhook-bridge's tests/topup.rs.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Backend, CREDIT, TestDb, client};
+use credits_svc::events::CREDITS_BALANCE_LOW;
+use credits_svc::ledger::{EntryKind, WriteRequest};
+use credits_svc::topup::{AttemptState, Card, ChargeResult, TOPUP_SUCCEEDED};
+use futures::future::join_all;
+use reeve_events::EventStore;
+use reeve_proto::credits::v1 as pb;
+use reeve_runtime::Micros;
+use reeve_testkit::on_both_stores;
+
+on_both_stores!(
+    one_attempt_and_one_balance_low_from_100_concurrent_deductions_crossing_the_threshold,
+    the_monthly_cap_is_never_exceeded_and_a_new_month_starts_afresh,
+    no_attempt_without_a_card_while_disabled_or_backing_off,
+    settings_are_refused_whole_and_nothing_is_written,
+);
+
+fn card() -> Card {
+    Card {
+        customer_id: "cus_test".into(),
+        payment_method_id: "pm_test".into(),
+    }
+}
+
+fn settings(user: &str, threshold: i64, amount: i64, cap: i64) -> pb::SetAutoTopUpRequest {
+    pb::SetAutoTopUpRequest {
+        user_id: user.into(),
+        enabled: true,
+        threshold_micros: threshold * CREDIT,
+        amount_micros: amount * CREDIT,
+        monthly_cap_micros: cap * CREDIT,
+    }
+}
+
+fn grant(user: &str, credits: i64, key: &str) -> WriteRequest {
+    WriteRequest::caller(user, EntryKind::Grant, Micros(credits * CREDIT), key, "")
+}
+
+fn deduction(user: &str, micros: i64, key: &str) -> WriteRequest {
+    WriteRequest::caller(user, EntryKind::Deduction, Micros(-micros), key, "")
+}
+
+async fn one_attempt_and_one_balance_low_from_100_concurrent_deductions_crossing_the_threshold(
+    backend: Backend,
+) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let mut c = client(server.local_addr).await;
+    c.set_auto_top_up(settings("alice", 50, 25, 100))
+        .await
+        .unwrap();
+    let now = reeve_runtime::clock::now_us();
+    assert!(
+        store
+            .topups()
+            .save_card("alice", "pi_saved", &card(), now)
+            .await
+            .unwrap()
+    );
+    c.set_balance_alert(pb::SetBalanceAlertRequest {
+        user_id: "alice".into(),
+        threshold_micros: 50 * CREDIT,
+    })
+    .await
+    .unwrap();
+    store
+        .apply(&[grant("alice", 100, "g1")], now)
+        .await
+        .unwrap();
+
+    let calls = (0..100).map(|i| {
+        let mut c = c.clone();
+        async move {
+            c.deduct(pb::DeductRequest {
+                user_id: "alice".into(),
+                amount_micros: 900_000,
+                idempotency_key: format!("d{i}"),
+                description: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+    });
+    join_all(calls).await;
+
+    let attempts = store.topups().attempts("alice").await.unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    assert_eq!(attempts[0].state, AttemptState::Pending);
+    assert_eq!(attempts[0].amount, Micros(25 * CREDIT));
+    assert_eq!(attempts[0].card, card());
+    let events = EventStore::open(&db.url)
+        .await
+        .unwrap()
+        .outbox(0, 10_000)
+        .await
+        .unwrap();
+    let low: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == CREDITS_BALANCE_LOW)
+        .collect();
+    assert_eq!(low.len(), 1);
+    let view = c
+        .get_auto_top_up(pb::GetAutoTopUpRequest {
+            user_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(view.enabled && view.payment_method_saved && !view.suspended);
+    assert_eq!(view.month_used_micros, 25 * CREDIT);
+    assert_eq!(view.last_attempt.unwrap().state, "pending");
+}
+
+async fn the_monthly_cap_is_never_exceeded_and_a_new_month_starts_afresh(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let mut c = client(server.local_addr).await;
+    c.set_auto_top_up(settings("bob", 10, 25, 60))
+        .await
+        .unwrap();
+    // 2031-01-15T00:00:00Z, and 2031-02-01T00:00:00Z.
+    let mid_january: i64 = 1_926_201_600_000_000;
+    let february: i64 = 1_927_670_400_000_000;
+    let topups = store.topups();
+    topups
+        .save_card("bob", "pi_saved", &card(), mid_january)
+        .await
+        .unwrap();
+    store
+        .apply(&[grant("bob", 20, "g0")], mid_january)
+        .await
+        .unwrap();
+    // Each round: go below 10, the attempt succeeds (as the worker records it), and
+    // the balance is raised again.
+    let mut at = mid_january;
+    for round in 0..3 {
+        at += 1_000_000;
+        store
+            .apply(
+                &[deduction("bob", 15 * CREDIT, &format!("below-{round}"))],
+                at,
+            )
+            .await
+            .unwrap();
+        let claimed = topups.claim(at, 60_000_000, 10).await.unwrap();
+        if round < 2 {
+            assert_eq!(claimed.len(), 1, "round {round}: 25 × {} ≤ 60", round + 1);
+            let result = ChargeResult::Succeeded {
+                payment_intent_id: format!("pi_{round}"),
+            };
+            assert!(topups.record(&claimed[0], &result, at).await.unwrap());
+        } else {
+            assert!(claimed.is_empty(), "a third 25 would make 75 > 60");
+        }
+        store
+            .apply(&[grant("bob", 15, &format!("up-{round}"))], at)
+            .await
+            .unwrap();
+    }
+    let attempts = topups.attempts("bob").await.unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert!(attempts.iter().all(|a| a.state == AttemptState::Succeeded));
+    let events = EventStore::open(&db.url)
+        .await
+        .unwrap()
+        .outbox(0, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == TOPUP_SUCCEEDED)
+            .count(),
+        2
+    );
+    // February: the cap applies to February's top-ups only.
+    store
+        .apply(&[deduction("bob", 15 * CREDIT, "feb")], february)
+        .await
+        .unwrap();
+    assert_eq!(topups.attempts("bob").await.unwrap().len(), 3);
+    assert_eq!(
+        topups.view("bob", february).await.unwrap().month_used,
+        Micros(25 * CREDIT)
+    );
+}
+
+async fn no_attempt_without_a_card_while_disabled_or_backing_off(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let mut c = client(server.local_addr).await;
+    let topups = store.topups();
+    let t0: i64 = 2_000_000_000_000_000;
+    c.set_auto_top_up(settings("carol", 10, 5, 1_000))
+        .await
+        .unwrap();
+    store.apply(&[grant("carol", 100, "g")], t0).await.unwrap();
+    // No card: nothing.
+    store
+        .apply(&[deduction("carol", 95 * CREDIT, "d1")], t0)
+        .await
+        .unwrap();
+    assert!(topups.attempts("carol").await.unwrap().is_empty());
+    // A card, but disabled: nothing.
+    topups
+        .save_card("carol", "pi_card", &card(), t0)
+        .await
+        .unwrap();
+    c.set_auto_top_up(pb::SetAutoTopUpRequest {
+        enabled: false,
+        ..settings("carol", 10, 5, 1_000)
+    })
+    .await
+    .unwrap();
+    store
+        .apply(&[deduction("carol", CREDIT, "d2")], t0)
+        .await
+        .unwrap();
+    assert!(topups.attempts("carol").await.unwrap().is_empty());
+    // Enabled: one; declined, so an hour of back-off.
+    c.set_auto_top_up(settings("carol", 10, 5, 1_000))
+        .await
+        .unwrap();
+    store
+        .apply(&[deduction("carol", CREDIT, "d3")], t0)
+        .await
+        .unwrap();
+    let claimed = topups.claim(t0, 60_000_000, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let declined = ChargeResult::Declined {
+        code: "card_declined".into(),
+        message: "declined".into(),
+        payment_intent_id: None,
+    };
+    assert!(topups.record(&claimed[0], &declined, t0).await.unwrap());
+    let hour = 3_600 * 1_000_000;
+    store
+        .apply(&[deduction("carol", 1, "d4")], t0 + hour - 1)
+        .await
+        .unwrap();
+    assert_eq!(topups.attempts("carol").await.unwrap().len(), 1);
+    store
+        .apply(&[deduction("carol", 1, "d5")], t0 + hour)
+        .await
+        .unwrap();
+    assert_eq!(topups.attempts("carol").await.unwrap().len(), 2);
+    // A recorded answer is not recorded twice (a second worker's late answer).
+    assert!(!topups.record(&claimed[0], &declined, t0).await.unwrap());
+}
+
+async fn settings_are_refused_whole_and_nothing_is_written(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let mut c = client(server.local_addr).await;
+    let cases = [
+        (settings("dave", 0, 5, 10), "INVALID_THRESHOLD"),
+        (settings("dave", -1, 5, 10), "INVALID_THRESHOLD"),
+        (
+            pb::SetAutoTopUpRequest {
+                threshold_micros: 1,
+                ..settings("dave", 1, 5, 10)
+            },
+            "INVALID_THRESHOLD",
+        ),
+        (settings("dave", 10, 0, 10), "INVALID_TOPUP_AMOUNT"),
+        (settings("dave", 10, 1_000_000, 10), "INVALID_TOPUP_AMOUNT"),
+        (settings("dave", 10, 5, 0), "INVALID_MONTHLY_CAP"),
+        (
+            pb::SetAutoTopUpRequest {
+                monthly_cap_micros: i64::MAX,
+                ..settings("dave", 10, 5, 10)
+            },
+            "INVALID_MONTHLY_CAP",
+        ),
+        (settings("dave\u{0}", 10, 5, 10), "INVALID_USER_ID"),
+    ];
+    for (request, reason) in cases {
+        let status = c.set_auto_top_up(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let details = tonic_types::StatusExt::get_error_details(&status);
+        assert_eq!(details.error_info().unwrap().reason, reason);
+    }
+    let view = c
+        .get_auto_top_up(pb::GetAutoTopUpRequest {
+            user_id: "dave".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!view.configured && !view.enabled && view.last_attempt.is_none());
+}
