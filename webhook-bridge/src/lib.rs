@@ -296,6 +296,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/credits/grants", post(routes::lots::grant))
         .merge(routes::holds::router())
         .merge(routes::notifications::router())
+        .merge(routes::topup::router())
         .route("/api/credits/webhook", post(routes::webhook::receive))
         .route("/api/tier/usage", get(routes::tier::usage))
         .route("/api/tier/check", get(routes::tier::check))

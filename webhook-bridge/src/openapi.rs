@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use crate::routes::{credits, history_csv, holds, lots, notifications, tier, webhook};
+use crate::routes::{credits, history_csv, holds, lots, notifications, tier, topup, webhook};
 
 /// Every error: `{"error": {"code": "...", "message": "..."}}`; insufficient credits
 /// adds `balance`, `held`, `required` (decimal strings) and their `_micros`;
@@ -91,6 +91,7 @@ impl Modify for SecuritySchemes {
         lots::list, lots::grant,
         holds::create, holds::settle, holds::release, holds::read,
         notifications::set_threshold,
+        topup::read, topup::set,
         webhook::receive, tier::usage, tier::check,
     ),
     components(schemas(ErrorBody, ErrorDetail, HandledBody)),
@@ -224,6 +225,23 @@ pub fn document(features: Option<&[String]>) -> Value {
             {"type": "integer", "minimum": 0, "maximum": MAX_DOCUMENTED_CREDITS},
             {"type": "null"}
         ]
+    });
+    // Auto top-up: exactly the four fields, whole credits within the handler's bounds.
+    let whole = |description: &str, max: i64| json!({"description": description, "type": "integer", "minimum": 1, "maximum": max});
+    schemas["AutoTopUpBody"] = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["enabled", "threshold", "amount", "monthly_cap"],
+        "properties": {
+            "enabled": {"type": "boolean"},
+            "threshold": whole("Whole credits: top up when the available balance goes below this.", topup::MAX_THRESHOLD_CREDITS),
+            "amount": whole("Whole credits bought by one top-up.", topup::MAX_AMOUNT_CREDITS),
+            "monthly_cap": whole("Whole credits: the most top-ups may buy in one calendar month (UTC), counting those that succeeded or are in flight.", topup::MAX_MONTHLY_CAP_CREDITS),
+        }
+    });
+    schemas["PurchaseBody"]["properties"]["save_payment_method"] = json!({
+        "description": "Save the card for auto top-up (a Stripe customer, setup_future_usage off_session). Absent or null: false.",
+        "type": ["boolean", "null"],
     });
     schemas["PurchaseBody"]["properties"]["amount"] = json!({
         "description": "Whole credits within the purchase bounds (by default 5 to 1000).",

@@ -92,6 +92,10 @@ pub struct PurchaseBody {
     /// Whole credits (1 credit = 1 USD), as a JSON number or a string.
     #[schema(value_type = String, example = "25")]
     pub amount: Box<RawValue>,
+    /// Save the card for auto top-up (Stripe keeps it for off-session charges).
+    /// Absent or null: false.
+    #[serde(default)]
+    pub save_payment_method: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -117,6 +121,7 @@ pub async fn purchase(
         .purchase(pb::PurchaseRequest {
             user_id,
             amount_credits,
+            save_payment_method: body.save_payment_method.unwrap_or(false),
         })
         .await?
         .into_inner();

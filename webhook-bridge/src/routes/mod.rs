@@ -9,6 +9,7 @@ pub mod holds;
 pub mod lots;
 pub mod notifications;
 pub mod tier;
+pub mod topup;
 pub mod webhook;
 
 use axum::extract::{FromRequest, Request};

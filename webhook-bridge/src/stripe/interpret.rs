@@ -47,6 +47,11 @@ pub struct LedgerAction {
     /// The payment intent, charge, refund or dispute id, per kind.
     pub object_id: String,
     pub description: String,
+    /// `PAYMENT_SUCCEEDED` of a payment made to save its card (`setup_future_usage`
+    /// `off_session`): the customer and payment method to save for auto top-up.
+    pub saved_card: Option<(String, String)>,
+    /// `PAYMENT_SUCCEEDED` of an auto top-up (`metadata.reeve_topup_attempt_id`).
+    pub topup_attempt_id: Option<String>,
 }
 
 impl LedgerAction {
@@ -59,6 +64,17 @@ impl LedgerAction {
             amount_micros: self.amount.0,
             object_id: self.object_id.clone(),
             description: self.description.clone(),
+            saved_customer_id: self
+                .saved_card
+                .as_ref()
+                .map(|(customer, _)| customer.clone())
+                .unwrap_or_default(),
+            saved_payment_method_id: self
+                .saved_card
+                .as_ref()
+                .map(|(_, method)| method.clone())
+                .unwrap_or_default(),
+            topup_attempt_id: self.topup_attempt_id.clone().unwrap_or_default(),
         }
     }
 
@@ -115,6 +131,17 @@ fn positive_micros(cents: i64) -> Option<Micros> {
     Micros::from_cents(cents).filter(|m| m.0 > 0)
 }
 
+/// The customer and payment method a payment intent saved for off-session use (its
+/// `setup_future_usage` is `off_session`), as ids (or expanded objects' ids).
+fn saved_card(object: &Value) -> Option<(String, String)> {
+    if text(object, "setup_future_usage") != Some("off_session") {
+        return None;
+    }
+    let id_of =
+        |key: &str| owned(object, key).or_else(|| object.get(key).and_then(|o| owned(o, "id")));
+    Some((id_of("customer")?, id_of("payment_method")?))
+}
+
 /// The payment intent and charge an object names (a charge names itself).
 pub fn payment_of(event_type: &str, object: &Value) -> (Option<String>, Option<String>) {
     match event_type {
@@ -156,6 +183,8 @@ pub fn interpret(event_type: &str, object: &Value, currency: &str) -> Interpreta
             amount,
             object_id: object_id.to_owned(),
             description,
+            saved_card: None,
+            topup_attempt_id: None,
         })
     };
     match event_type {
@@ -184,6 +213,10 @@ pub fn interpret(event_type: &str, object: &Value, currency: &str) -> Interpreta
                 amount,
                 object_id: id.to_owned(),
                 description: format!("Stripe payment {id}"),
+                saved_card: saved_card(object),
+                topup_attempt_id: object
+                    .get("metadata")
+                    .and_then(|m| owned(m, "reeve_topup_attempt_id")),
             })
         }
         "checkout.session.completed" => {
@@ -336,6 +369,24 @@ mod tests {
     }
 
     #[test]
+    fn a_payment_saving_its_card_names_it_and_a_top_up_names_its_attempt() {
+        let pi = json!({"id": "pi_1", "amount_received": 2500, "currency": "usd",
+                        "customer": "cus_1", "payment_method": "pm_1",
+                        "setup_future_usage": "off_session",
+                        "metadata": {"user_id": "alice"}});
+        let request = recorded("payment_intent.succeeded", &pi).request("pi_1");
+        assert_eq!(request.saved_customer_id, "cus_1");
+        assert_eq!(request.saved_payment_method_id, "pm_1");
+        let pi = json!({"id": "pi_2", "amount_received": 2500, "currency": "usd",
+                        "customer": "cus_1", "payment_method": "pm_1",
+                        "setup_future_usage": null,
+                        "metadata": {"user_id": "alice", "reeve_topup_attempt_id": "topup_1"}});
+        let request = recorded("payment_intent.succeeded", &pi).request("pi_2");
+        assert_eq!(request.saved_customer_id, "");
+        assert_eq!(request.topup_attempt_id, "topup_1");
+    }
+
+    #[test]
     fn payment_intent_credits_amount_received_to_its_metadata_user() {
         let pi = json!({"id": "pi_1", "amount_received": 2500, "currency": "usd",
                         "latest_charge": "ch_1", "metadata": {"user_id": "alice"}});
@@ -350,6 +401,8 @@ mod tests {
                 amount: Micros(25 * CREDIT),
                 object_id: "pi_1".to_owned(),
                 description: "Stripe payment pi_1".to_owned(),
+                saved_card: None,
+                topup_attempt_id: None,
             }
         );
         let request = action.request("pi_1");
