@@ -13,8 +13,8 @@ use std::time::Duration;
 use reeve_runtime::Micros;
 use reeve_runtime::config::{self, ConfigError};
 use stripe_checkout::checkout_session::{
-    CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionLineItemsPriceData,
-    CreateCheckoutSessionCustomerCreation, CreateCheckoutSessionPaymentIntentData,
+    CreateCheckoutSession, CreateCheckoutSessionCustomerCreation, CreateCheckoutSessionLineItems,
+    CreateCheckoutSessionLineItemsPriceData, CreateCheckoutSessionPaymentIntentData,
     CreateCheckoutSessionPaymentIntentDataSetupFutureUsage, ProductData,
 };
 

@@ -177,9 +177,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             u64::try_from(topup_worker::DEFAULT_POLL.as_millis()).unwrap_or(500),
         )?;
         if !(10..=60_000).contains(&poll_ms) {
-            return Err(
-                ConfigError::new("REEVE_TOPUP_POLL_MS", "must be 10 to 60000 milliseconds").into(),
-            );
+            return Err(ConfigError::new(
+                "REEVE_TOPUP_POLL_MS",
+                "must be 10 to 60000 milliseconds",
+            )
+            .into());
         }
         topup_worker::TopUpWorker::new(store.topups(), stripe, config.clock.clone())?
             .spawn(std::time::Duration::from_millis(poll_ms), shutdown.clone());

@@ -1170,7 +1170,10 @@ impl CreditsApi {
         if let Some(card) = &facts.card {
             reeve_runtime::ids::check_key(&card.customer_id, "saved_customer_id")
                 .and_then(|()| {
-                    reeve_runtime::ids::check_key(&card.payment_method_id, "saved_payment_method_id")
+                    reeve_runtime::ids::check_key(
+                        &card.payment_method_id,
+                        "saved_payment_method_id",
+                    )
                 })
                 .map_err(|invalid| CreditsError::Invalid(invalid.into()))?;
             let fresh = topups

@@ -135,6 +135,11 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     );
     println!("  quota-svc    grpc://{}", quota.local_addr);
     println!("  Stripe       {stripe}");
+    if fake_stripe.is_some() {
+        println!(
+            "  auto top-up  PUT /api/credits/auto-topup; save a card with a purchase {{\"save_payment_method\": true}}, then pay its checkout URL + /pay?payment_method=pm_card_visa (or pm_card_chargeDeclined, pm_card_authenticationRequired)"
+        );
+    }
     if !generated.is_empty() {
         println!(
             "  dev defaults {} (generated secrets are kept in {})",
