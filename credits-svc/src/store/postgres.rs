@@ -108,14 +108,6 @@ async fn apply_in(
             Op::Write(_) => None,
         })
         .collect();
-    if !named.is_empty() {
-        let owners: Vec<String> =
-            sqlx::query_scalar("SELECT user_id FROM credit_holds WHERE hold_id = ANY($1::text[])")
-                .bind(&named)
-                .fetch_all(&mut *conn)
-                .await?;
-        users.extend(owners);
-    }
     users.sort_unstable();
     users.dedup();
     let to_create = ledger::users_to_create(&writes);
@@ -130,20 +122,33 @@ async fn apply_in(
         .execute(&mut *conn)
         .await?;
     }
-    // Lock the balances in user order and read their lots in the same round trip.
-    // Lock the balances in user order, then read their lots in a statement of its own:
-    // rows joined to a locked row would come from the snapshot taken before the lock
-    // wait, stale if a concurrent transaction moved them meanwhile.
-    let balances: HashMap<String, Micros> = sqlx::query_as::<_, (String, i64)>(
+    // Lock the balances in user order (with the owners of the holds named, found in the
+    // same statement: a hold's owner never changes), then read their lots in a
+    // statement of its own: rows joined to a locked row would come from the snapshot
+    // taken before the lock wait, stale if a concurrent transaction moved them
+    // meanwhile.
+    let lock_sql = if named.is_empty() {
         "SELECT user_id, balance_micros FROM credit_accounts \
-         WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE",
-    )
-    .bind(&users)
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|(user, balance)| (user, Micros(balance)))
-    .collect();
+         WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE"
+    } else {
+        "SELECT user_id, balance_micros FROM credit_accounts \
+         WHERE user_id = ANY(ARRAY(SELECT UNNEST($1::text[]) \
+             UNION SELECT user_id FROM credit_holds WHERE hold_id = ANY($2::text[]))) \
+         ORDER BY user_id FOR UPDATE"
+    };
+    let balances: HashMap<String, Micros> = sqlx::query_as::<_, (String, i64)>(lock_sql)
+        .bind(&users)
+        .bind(&named)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(user, balance)| (user, Micros(balance)))
+        .collect();
+    if !named.is_empty() {
+        users.extend(balances.keys().cloned());
+        users.sort_unstable();
+        users.dedup();
+    }
     let lots = lots_of(
         sqlx::query_as::<_, LotRow>(&format!(
             "SELECT {LOT_COLUMNS} FROM credit_lots \
@@ -237,25 +242,15 @@ async fn append_entries(
     lot_ids: &[i64],
     now_us: i64,
 ) -> Result<Option<Vec<i64>>, StoreError> {
-    // Every existing lot the plan moves: remainder, reserved and expired amounts.
-    let spent = plan.spent();
-    let mut moved: Vec<i64> = spent.keys().chain(plan.lot_moves.keys()).copied().collect();
-    moved.sort_unstable();
-    moved.dedup();
-    let lot_spent: Vec<i64> = moved
-        .iter()
-        .map(|id| spent.get(id).copied().unwrap_or(0))
-        .collect();
-    let lot_held: Vec<i64> = moved
-        .iter()
-        .map(|id| plan.lot_moves.get(id).map_or(0, |m| m.held))
-        .collect();
-    let lot_expired: Vec<i64> = moved
-        .iter()
-        .map(|id| plan.lot_moves.get(id).map_or(0, |m| m.expired))
-        .collect();
+    let LotMoves {
+        ids: moved,
+        spent: lot_spent,
+        held: lot_held,
+        expired: lot_expired,
+    } = LotMoves::of(plan);
     if plan.inserts.is_empty() {
-        if !moved.is_empty() {
+        // A plan that changes holds moves its lots in the statement saving them.
+        if !moved.is_empty() && !plan.holds.iter().any(|change| change.dirty) {
             sqlx::query(LOT_MOVES_SQL)
                 .bind(&moved)
                 .bind(&lot_spent)
@@ -351,6 +346,40 @@ async fn append_entries(
     Ok(Some(ids))
 }
 
+/// Every existing lot a plan moves, as (id, spent, held, expired) arrays: remainder,
+/// reserved and expired amounts.
+#[derive(Default)]
+struct LotMoves {
+    ids: Vec<i64>,
+    spent: Vec<i64>,
+    held: Vec<i64>,
+    expired: Vec<i64>,
+}
+
+impl LotMoves {
+    fn of(plan: &ledger::Plan) -> LotMoves {
+        let spent = plan.spent();
+        let mut ids: Vec<i64> = spent.keys().chain(plan.lot_moves.keys()).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        LotMoves {
+            spent: ids
+                .iter()
+                .map(|id| spent.get(id).copied().unwrap_or(0))
+                .collect(),
+            held: ids
+                .iter()
+                .map(|id| plan.lot_moves.get(id).map_or(0, |m| m.held))
+                .collect(),
+            expired: ids
+                .iter()
+                .map(|id| plan.lot_moves.get(id).map_or(0, |m| m.expired))
+                .collect(),
+            ids,
+        }
+    }
+}
+
 /// Moves existing lots by (id, spent, held, expired) arrays.
 const LOT_MOVES_SQL: &str = "UPDATE credit_lots AS l \
      SET remaining_micros = l.remaining_micros - m.spent, \
@@ -359,9 +388,11 @@ const LOT_MOVES_SQL: &str = "UPDATE credit_lots AS l \
      FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) AS m(id, spent, held, expired) \
      WHERE l.id = m.id";
 
-/// Saves the plan's holds in at most four statements whatever their number: new ones,
-/// their reservations, changed ones' state, and the reservations of resolved ones (a
-/// resolved hold reserves nothing). `false` when a new hold id was taken concurrently.
+/// Saves the plan's holds in one statement whatever their number: new ones and their
+/// reservations, changed ones' state, the reservations of resolved ones (a resolved
+/// hold reserves nothing) and, for a plan without entries, its lot moves (a plan with
+/// entries moved them when appending). `false` when a new hold id was taken
+/// concurrently (its reservations are not written; the caller rolls back).
 async fn save_holds(
     conn: &mut PgConnection,
     plan: &ledger::Plan,
@@ -386,91 +417,95 @@ async fn save_holds(
         HoldColumns::of(&holds)
     };
     let new = columns(true);
-    if !new.ids.is_empty() {
-        let inserted: Vec<String> = sqlx::query_scalar(&format!(
-            "INSERT INTO credit_holds ({HOLD_COLUMNS}) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], \
-                 $6::int8[], $7::int8[], $8::bool[], $9::text[], $10::int8[], $11::int8[], $12::int8[]) \
-             ON CONFLICT (hold_id) DO NOTHING RETURNING hold_id"
-        ))
-        .bind(&new.ids)
-        .bind(&new.users)
-        .bind(&new.amounts)
-        .bind(&new.statuses)
-        .bind(&new.settled)
-        .bind(&new.entries)
-        .bind(&new.shortfalls)
-        .bind(&new.late)
-        .bind(&new.descriptions)
-        .bind(&new.created)
-        .bind(&new.expires)
-        .bind(&new.resolved)
-        .fetch_all(&mut *conn)
-        .await?;
-        if inserted.len() != new.ids.len() {
-            return Ok(false);
-        }
-        let mut hold_ids = Vec::new();
-        let mut lots = Vec::new();
-        let mut amounts = Vec::new();
-        let mut positions: Vec<i32> = Vec::new();
-        for (_, hold) in dirty
-            .iter()
-            .filter(|(c, h)| c.is_new && h.status == HoldStatus::Held)
-        {
-            for (position, (lot, amount)) in hold.reservations.iter().enumerate() {
-                hold_ids.push(hold.hold_id.as_str());
-                lots.push(*lot);
-                amounts.push(amount.0);
-                positions.push(i32::try_from(position).unwrap_or(i32::MAX));
-            }
-        }
-        if !hold_ids.is_empty() {
-            sqlx::query(
-                "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) \
-                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int4[])",
-            )
-            .bind(&hold_ids)
-            .bind(&lots)
-            .bind(&amounts)
-            .bind(&positions)
-            .execute(&mut *conn)
-            .await?;
-        }
-    }
     let changed = columns(false);
-    if !changed.ids.is_empty() {
-        sqlx::query(
-            "UPDATE credit_holds AS h SET status = c.status, settled_micros = c.settled, \
-                 entry_id = c.entry_id, shortfall_micros = c.shortfall, late = c.late, \
-                 expires_at_us = c.expires, resolved_at_us = c.resolved \
-             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::bool[], \
-                 $7::int8[], $8::int8[]) AS c(hold_id, status, settled, entry_id, shortfall, late, expires, resolved) \
-             WHERE h.hold_id = c.hold_id",
-        )
-        .bind(&changed.ids)
-        .bind(&changed.statuses)
-        .bind(&changed.settled)
-        .bind(&changed.entries)
-        .bind(&changed.shortfalls)
-        .bind(&changed.late)
-        .bind(&changed.expires)
-        .bind(&changed.resolved)
-        .execute(&mut *conn)
-        .await?;
-        let resolved: Vec<&str> = dirty
-            .iter()
-            .filter(|(c, h)| !c.is_new && h.status != HoldStatus::Held)
-            .map(|(_, h)| h.hold_id.as_str())
-            .collect();
-        if !resolved.is_empty() {
-            sqlx::query("DELETE FROM credit_hold_reservations WHERE hold_id = ANY($1::text[])")
-                .bind(&resolved)
-                .execute(&mut *conn)
-                .await?;
+    let mut reserving = Vec::new();
+    let mut lots = Vec::new();
+    let mut amounts = Vec::new();
+    let mut positions: Vec<i32> = Vec::new();
+    for (_, hold) in dirty
+        .iter()
+        .filter(|(c, h)| c.is_new && h.status == HoldStatus::Held)
+    {
+        for (position, (lot, amount)) in hold.reservations.iter().enumerate() {
+            reserving.push(hold.hold_id.as_str());
+            lots.push(*lot);
+            amounts.push(amount.0);
+            positions.push(i32::try_from(position).unwrap_or(i32::MAX));
         }
     }
-    Ok(true)
+    let resolved: Vec<&str> = dirty
+        .iter()
+        .filter(|(c, h)| !c.is_new && h.status != HoldStatus::Held)
+        .map(|(_, h)| h.hold_id.as_str())
+        .collect();
+    let moves = if plan.inserts.is_empty() {
+        LotMoves::of(plan)
+    } else {
+        LotMoves::default()
+    };
+    let inserted: i64 = sqlx::query_scalar(&format!(
+        "WITH new_holds AS ( \
+            INSERT INTO credit_holds ({HOLD_COLUMNS}) \
+            SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], \
+                $6::int8[], $7::int8[], $8::bool[], $9::text[], $10::int8[], $11::int8[], $12::int8[]) \
+            ON CONFLICT (hold_id) DO NOTHING RETURNING hold_id \
+         ), new_reservations AS ( \
+            INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) \
+            SELECT r.hold_id, r.lot_id, r.amount_micros, r.position \
+            FROM UNNEST($13::text[], $14::int8[], $15::int8[], $16::int4[]) \
+                AS r(hold_id, lot_id, amount_micros, position) \
+            WHERE r.hold_id IN (SELECT hold_id FROM new_holds) \
+         ), changed AS ( \
+            UPDATE credit_holds AS h SET status = c.status, settled_micros = c.settled, \
+                entry_id = c.entry_id, shortfall_micros = c.shortfall, late = c.late, \
+                expires_at_us = c.expires, resolved_at_us = c.resolved \
+            FROM UNNEST($17::text[], $18::text[], $19::int8[], $20::int8[], $21::int8[], $22::bool[], \
+                $23::int8[], $24::int8[]) AS c(hold_id, status, settled, entry_id, shortfall, late, expires, resolved) \
+            WHERE h.hold_id = c.hold_id \
+         ), freed AS ( \
+            DELETE FROM credit_hold_reservations WHERE hold_id = ANY($25::text[]) \
+         ), lots_moved AS ( \
+            UPDATE credit_lots AS l \
+            SET remaining_micros = l.remaining_micros - m.spent, \
+                held_micros = l.held_micros + m.held, \
+                expired_micros = l.expired_micros + m.expired \
+            FROM UNNEST($26::int8[], $27::int8[], $28::int8[], $29::int8[]) AS m(id, spent, held, expired) \
+            WHERE l.id = m.id \
+         ) \
+         SELECT count(*) FROM new_holds"
+    ))
+    .bind(&new.ids)
+    .bind(&new.users)
+    .bind(&new.amounts)
+    .bind(&new.statuses)
+    .bind(&new.settled)
+    .bind(&new.entries)
+    .bind(&new.shortfalls)
+    .bind(&new.late)
+    .bind(&new.descriptions)
+    .bind(&new.created)
+    .bind(&new.expires)
+    .bind(&new.resolved)
+    .bind(&reserving)
+    .bind(&lots)
+    .bind(&amounts)
+    .bind(&positions)
+    .bind(&changed.ids)
+    .bind(&changed.statuses)
+    .bind(&changed.settled)
+    .bind(&changed.entries)
+    .bind(&changed.shortfalls)
+    .bind(&changed.late)
+    .bind(&changed.expires)
+    .bind(&changed.resolved)
+    .bind(&resolved)
+    .bind(&moves.ids)
+    .bind(&moves.spent)
+    .bind(&moves.held)
+    .bind(&moves.expired)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(usize::try_from(inserted).ok() == Some(new.ids.len()))
 }
 
 /// Holds as column arrays for UNNEST.
