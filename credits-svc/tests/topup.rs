@@ -23,6 +23,7 @@ on_both_stores!(
     the_monthly_cap_is_never_exceeded_and_a_new_month_starts_afresh,
     no_attempt_without_a_card_while_disabled_or_backing_off,
     settings_are_refused_whole_and_nothing_is_written,
+    an_attempt_without_an_answer_is_resent_only_while_its_key_holds,
 );
 
 fn card() -> Card {
@@ -301,4 +302,55 @@ async fn settings_are_refused_whole_and_nothing_is_written(backend: Backend) {
         .unwrap()
         .into_inner();
     assert!(!view.configured && !view.enabled && view.last_attempt.is_none());
+}
+
+/// An attempt Stripe never answered definitively is claimed again after each lease
+/// (the same request under the same Idempotency-Key), but only within the resend
+/// window: later the key may be gone and a resend could charge twice, so it stays
+/// `processing`, still blocking a second attempt for its user.
+async fn an_attempt_without_an_answer_is_resent_only_while_its_key_holds(backend: Backend) {
+    use credits_svc::store::topup::RESEND_WINDOW_US;
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let mut c = client(server.local_addr).await;
+    let topups = store.topups();
+    let t0: i64 = 2_000_000_000_000_000;
+    let lease = 60_000_000;
+    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
+        .await
+        .unwrap();
+    store.apply(&[grant("dora", 20, "g")], t0).await.unwrap();
+    topups
+        .save_card("dora", "pi_card", &card(), t0)
+        .await
+        .unwrap();
+    store
+        .apply(&[deduction("dora", 15 * CREDIT, "d1")], t0)
+        .await
+        .unwrap();
+    let first = topups.claim(t0, lease, 10).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let unknown = ChargeResult::Unknown("HTTP 500: api_error".into());
+    assert!(!topups.record(&first[0], &unknown, t0).await.unwrap());
+    assert!(
+        topups
+            .claim(t0 + lease - 1, lease, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = topups.claim(t0 + lease, lease, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt_id, first[0].attempt_id, "the same key");
+    // Past the window: never sent again, and no second attempt either.
+    let late = t0 + RESEND_WINDOW_US + 1;
+    assert!(topups.claim(late, lease, 10).await.unwrap().is_empty());
+    store
+        .apply(&[deduction("dora", CREDIT, "d2")], late)
+        .await
+        .unwrap();
+    let attempts = topups.attempts("dora").await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].state, AttemptState::Processing);
 }

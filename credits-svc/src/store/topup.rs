@@ -314,7 +314,18 @@ const USE_CARD_SQL: &str = "INSERT INTO credit_topup_settings \
      payment_method_id = excluded.payment_method_id, consecutive_failures = 0, \
      retry_after_us = 0, suspended_reason = NULL, updated_at_us = excluded.updated_at_us";
 
-const CLAIM_FILTER: &str = "(state = 'pending' OR (state = 'processing' AND lease_until_us <= $1))";
+/// Due attempts: new ones, and claimed ones whose lease ran out, for as long as their
+/// request may be sent again under the same Idempotency-Key ($4: the oldest creation
+/// time still resent, see [`RESEND_WINDOW_US`]).
+const CLAIM_FILTER: &str = "(state = 'pending' OR (state = 'processing' AND lease_until_us <= $1 \
+     AND created_at_us >= $4))";
+
+/// How long an attempt without a definite answer from Stripe is sent again. Stripe
+/// keeps an Idempotency-Key for at least 24 hours; after that the same request could
+/// make a second charge, so an older attempt is never sent again: it stays
+/// `processing` (blocking new attempts for its user) until its payment's webhook
+/// completes it or a person looks.
+pub const RESEND_WINDOW_US: i64 = 12 * 3_600 * 1_000_000;
 
 const RESOLVE_ATTEMPT_SQL: &str = "UPDATE credit_topup_attempts SET state = $3, \
      payment_intent_id = COALESCE($4, payment_intent_id), failure_code = $5, action_url = $6, \
@@ -587,6 +598,7 @@ impl TopUpStore {
                 .bind(now_us)
                 .bind(now_us.saturating_add(lease_us))
                 .bind(i64::from(limit))
+                .bind(now_us.saturating_sub(RESEND_WINDOW_US))
                 .fetch_all(pool)
                 .await?;
             rows.into_iter().map(Attempt::try_from).collect()
