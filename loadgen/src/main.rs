@@ -5,9 +5,13 @@
 //! It creates a schema of its own, seeds it, and drops it at the end. It only ever
 //! talks to loopback addresses and stops after the configured duration.
 
+mod ceilings;
 mod holds;
 mod quota;
 mod recorder;
+mod scale;
+mod soak;
+mod stack;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,9 +49,30 @@ struct Args {
     /// Concurrent callers of single Deduct (and of CheckQuota).
     #[arg(long, default_value_t = 64)]
     single_callers: usize,
-    /// Which suite to run: credits, quota, recorder or all.
+    /// Which suite to run: credits, quota, recorder, all (those three), ceilings,
+    /// scale, soak, or rest-deduct (REST deductions only, to profile).
     #[arg(long, default_value = "all")]
     suite: String,
+    /// Scale suite: the ledger sizes (existing entries) to measure at, in order.
+    #[arg(long, value_delimiter = ',', default_value = "0,10000000,50000000")]
+    entries: Vec<u64>,
+    /// Scale suite: entries of the one heavy user whose History is paged (taken from
+    /// the first levels' entries).
+    #[arg(long, default_value_t = 10_000_000)]
+    heavy_entries: u64,
+    /// Scale suite: usage rows in quota-svc's tables for the quota checks at scale.
+    #[arg(long, default_value_t = 10_000_000)]
+    usage_rows: u64,
+    /// Scale suite: the dedicated database it creates and keeps (never `test`).
+    #[arg(long, default_value = "reeve_scale")]
+    scale_database: String,
+    /// Soak suite: minutes of mixed load.
+    #[arg(long, default_value_t = 30)]
+    minutes: u64,
+    /// Production telemetry (JSON logs at info, spans, the Prometheus recorder) in this
+    /// process, as the services' binaries set it up; `false` measures without it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    telemetry: bool,
     /// Users of the quota suite (each with usage rows in all 23 features).
     #[arg(long, default_value_t = 20_000)]
     quota_users: usize,
@@ -179,6 +204,15 @@ WHERE a.user_id = d.user_id AND a.user_id IN (SELECT user_id FROM locked)";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.telemetry {
+        reeve_runtime::telemetry::init_with(
+            "reeve-loadgen",
+            reeve_runtime::telemetry::LogFormat::Json,
+        )?;
+    }
+    if args.suite == "scale" {
+        return scale::run(&args).await;
+    }
     let schema = format!("loadgen_{}", std::process::id());
     let admin = PgPoolOptions::new()
         .max_connections(1)
@@ -201,6 +235,15 @@ async fn main() -> anyhow::Result<()> {
         }
         if matches!(args.suite.as_str(), "recorder" | "all") {
             recorder::run(&args).await?;
+        }
+        if args.suite == "ceilings" {
+            ceilings::run(&args, &url).await?;
+        }
+        if args.suite == "rest-deduct" {
+            ceilings::run_rest_deduct(&args, &url).await?;
+        }
+        if args.suite == "soak" {
+            soak::run(&args, &url).await?;
         }
         anyhow::Ok(())
     }
@@ -389,40 +432,7 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         )
         .await?,
     );
-    let p = pool.clone();
-    results.push(
-        drive(format!("raw SQL: one transaction per deduction, {} callers", args.single_callers), args.single_callers, duration, move |w, s| {
-            let pool = p.clone();
-            async move {
-                let mut tx = pool.begin().await?;
-                let user_id = user(pick(w, s, 0), users);
-                let now = credits_svc::system_clock_us();
-                let balance: Option<i64> = sqlx::query_scalar(
-                    "UPDATE raw_accounts SET balance_micros = balance_micros - $2, updated_at_us = $3 \
-                     WHERE user_id = $1 AND balance_micros >= $2 RETURNING balance_micros",
-                )
-                .bind(&user_id)
-                .bind(1_000i64)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let balance = balance.context("raw deduction found no balance")?;
-                sqlx::query(
-                    "INSERT INTO raw_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us) \
-                     VALUES ($1, 'deduction', -1000, $2, $3, '', $4)",
-                )
-                .bind(&user_id)
-                .bind(balance)
-                .bind(format!("rs-{w}-{s}"))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok(1)
-            }
-        })
-        .await?,
-    );
+    results.push(raw_single_deductions(&pool, users, args.single_callers, duration).await?);
 
     // Holds last: the deduction scenarios above run on users without holds.
     let deduct_batch_per_second = results[0].per_second();
@@ -519,6 +529,15 @@ async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
             .bind(SEED_BALANCE_MICROS)
             .execute(pool)
             .await?;
+            // Their grant entry, so balance = sum of entries holds for them too.
+            sqlx::query(
+                "INSERT INTO credit_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us) \
+                 SELECT 'w' || lpad(g::text, 6, '0'), 'grant', $2, $2, 'seed-w' || g, 'loadgen seed', 0 FROM generate_series(0, $1 - 1) AS g",
+            )
+            .bind(users)
+            .bind(SEED_BALANCE_MICROS)
+            .execute(pool)
+            .await?;
             sqlx::query(
                 "INSERT INTO credit_lots (user_id, category, priority, expires_at_us, source, \
                  original_micros, remaining_micros, entry_id, created_at_us) \
@@ -542,4 +561,46 @@ async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// `BEGIN; UPDATE … WHERE balance >= amount RETURNING; INSERT entry; COMMIT` from
+/// `callers` connections, on the raw tables of [`seed`].
+pub(crate) async fn raw_single_deductions(
+    pool: &sqlx::PgPool,
+    users: usize,
+    callers: usize,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let p = pool.clone();
+    drive(format!("raw SQL: one transaction per deduction, {callers} callers"), callers, duration, move |w, s| {
+            let pool = p.clone();
+            async move {
+                let mut tx = pool.begin().await?;
+                let user_id = user(pick(w, s, 0), users);
+                let now = credits_svc::system_clock_us();
+                let balance: Option<i64> = sqlx::query_scalar(
+                    "UPDATE raw_accounts SET balance_micros = balance_micros - $2, updated_at_us = $3 \
+                     WHERE user_id = $1 AND balance_micros >= $2 RETURNING balance_micros",
+                )
+                .bind(&user_id)
+                .bind(1_000i64)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let balance = balance.context("raw deduction found no balance")?;
+                sqlx::query(
+                    "INSERT INTO raw_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us) \
+                     VALUES ($1, 'deduction', -1000, $2, $3, '', $4)",
+                )
+                .bind(&user_id)
+                .bind(balance)
+                .bind(format!("rs-{w}-{s}"))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(1)
+            }
+    })
+    .await
 }

@@ -17,7 +17,7 @@ const WINDOW_US: i64 = 30 * 24 * 3600 * 1_000_000;
 /// Rows of earlier usage seeded per user and feature (the same in both designs).
 const SEED_ROWS: i64 = 2;
 
-fn features() -> Vec<String> {
+pub(crate) fn features() -> Vec<String> {
     quota_svc::registry::Registry::default()
         .features()
         .map(str::to_owned)
@@ -56,13 +56,7 @@ pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     let users = args.quota_users as u64;
     let duration = Duration::from_secs(args.seconds);
     let callers = args.single_callers;
-    let target = move |w: usize, s: u64, features: &[String]| {
-        let x = pick(w, s, 7);
-        (
-            format!("q{:05}", x % users),
-            features[(x / users) as usize % features.len()].clone(),
-        )
-    };
+    let target = move |w: usize, s: u64, features: &[String]| target(w, s, users, features);
     let mut results = Vec::new();
 
     for consume in [0i64, 1] {
@@ -99,47 +93,7 @@ pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
             )
             .await?,
         );
-        let (p, f) = (pool.clone(), features.clone());
-        let name = if consume == 0 {
-            "raw SQL: window SUM read"
-        } else {
-            "raw SQL: insert-if-under-limit (racy)"
-        };
-        results.push(
-            drive(format!("{name}, {callers} callers"), callers, duration, move |w, s| {
-                let pool = p.clone();
-                let (user_id, feature) = target(w, s, &f);
-                async move {
-                    let now = reeve_runtime::clock::now_us();
-                    if consume == 0 {
-                        let _: i64 = sqlx::query_scalar(
-                            "SELECT COALESCE(SUM(count), 0)::int8 FROM tier_usage \
-                             WHERE user_id = $1 AND feature = $2 AND created_at_us > $3",
-                        )
-                        .bind(&user_id)
-                        .bind(&feature)
-                        .bind(now - WINDOW_US)
-                        .fetch_one(&pool)
-                        .await?;
-                    } else {
-                        sqlx::query(
-                            "INSERT INTO tier_usage (user_id, feature, count, created_at_us) \
-                             SELECT $1, $2, 1, $3 WHERE (SELECT COALESCE(SUM(count), 0) FROM tier_usage \
-                             WHERE user_id = $1 AND feature = $2 AND created_at_us > $4) < $5",
-                        )
-                        .bind(&user_id)
-                        .bind(&feature)
-                        .bind(now)
-                        .bind(now - WINDOW_US)
-                        .bind(1_000_000i64)
-                        .execute(&pool)
-                        .await?;
-                    }
-                    Ok(1)
-                }
-            })
-            .await?,
-        );
+        results.push(raw_checks(&pool, consume, users, &features, callers, duration).await?);
     }
 
     println!();
@@ -162,8 +116,73 @@ pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The (user, feature) a caller checks: a cheap deterministic spread.
+pub(crate) fn target(w: usize, s: u64, users: u64, features: &[String]) -> (String, String) {
+    let x = pick(w, s, 7);
+    (
+        format!("q{:05}", x % users),
+        features[(x / users) as usize % features.len()].clone(),
+    )
+}
+
+/// The seed's `tier_usage` design in raw SQL from `callers` callers: a window SUM to
+/// read (`consume` 0), a racy insert-if-under-limit to consume.
+pub(crate) async fn raw_checks(
+    pool: &sqlx::PgPool,
+    consume: i64,
+    users: u64,
+    features: &std::sync::Arc<Vec<String>>,
+    callers: usize,
+    duration: Duration,
+) -> anyhow::Result<crate::Figures> {
+    let (p, f) = (pool.clone(), features.clone());
+    let name = if consume == 0 {
+        "raw SQL: window SUM read"
+    } else {
+        "raw SQL: insert-if-under-limit (racy)"
+    };
+    drive(
+        format!("{name}, {callers} callers"),
+        callers,
+        duration,
+        move |w, s| {
+            let pool = p.clone();
+            let (user_id, feature) = target(w, s, users, &f);
+            async move {
+                let now = reeve_runtime::clock::now_us();
+                if consume == 0 {
+                    let _: i64 = sqlx::query_scalar(
+                        "SELECT COALESCE(SUM(count), 0)::int8 FROM tier_usage \
+                     WHERE user_id = $1 AND feature = $2 AND created_at_us > $3",
+                    )
+                    .bind(&user_id)
+                    .bind(&feature)
+                    .bind(now - WINDOW_US)
+                    .fetch_one(&pool)
+                    .await?;
+                } else {
+                    sqlx::query(
+                        "INSERT INTO tier_usage (user_id, feature, count, created_at_us) \
+                     SELECT $1, $2, 1, $3 WHERE (SELECT COALESCE(SUM(count), 0) FROM tier_usage \
+                     WHERE user_id = $1 AND feature = $2 AND created_at_us > $4) < $5",
+                    )
+                    .bind(&user_id)
+                    .bind(&feature)
+                    .bind(now)
+                    .bind(now - WINDOW_US)
+                    .bind(1_000_000i64)
+                    .execute(&pool)
+                    .await?;
+                }
+                Ok(1)
+            }
+        },
+    )
+    .await
+}
+
 /// The same earlier usage in quota-svc's tables and in the seed's `tier_usage` design.
-async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
+pub(crate) async fn seed(pool: &sqlx::PgPool, users: usize) -> anyhow::Result<()> {
     let users = i64::try_from(users)?;
     let features = features();
     let now = reeve_runtime::clock::now_us();

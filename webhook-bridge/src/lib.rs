@@ -279,6 +279,12 @@ fn connection(
 
 /// The whole REST API on a state.
 pub fn router(state: Arc<AppState>) -> Router {
+    router_with(state, Router::new())
+}
+
+/// The API plus `extra` routes, all behind the same layers (body limit, error
+/// envelope, request tracking, span and metrics).
+fn router_with(state: Arc<AppState>, extra: Router<Arc<AppState>>) -> Router {
     Router::new()
         .route("/api/credits/balance", get(routes::credits::balance))
         .route("/api/credits/purchase", post(routes::credits::purchase))
@@ -308,6 +314,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/metrics",
             get(|| async { reeve_runtime::telemetry::render_metrics() }),
         )
+        .merge(extra)
         .fallback(|| async {
             error::ApiError::NotFound {
                 code: "not_found".to_owned(),
@@ -383,6 +390,18 @@ impl RunningBridge {
 /// Opens the event store (running its migration), binds and serves until `shutdown`
 /// is cancelled; in-flight requests finish first.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningBridge> {
+    start_with_extra_routes(config, Router::new(), shutdown).await
+}
+
+/// [`start`] with `extra` routes served beside the API under the same layers. Not part
+/// of the API: the load generator mounts its empty-request ceiling this way, so the
+/// ceiling pays exactly the stack a real route pays. `main.rs` never adds any.
+#[doc(hidden)]
+pub async fn start_with_extra_routes(
+    config: Config,
+    extra: Router<Arc<AppState>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningBridge> {
     let events = EventStore::open(&config.database_url).await?;
     let credits = connection(
         "REEVE_CREDITS_ADDR",
@@ -422,7 +441,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     );
     let local_addr = listener.local_addr()?;
     stripe::apply::spawn_retry(Arc::clone(&state), shutdown.clone());
-    let app = router(Arc::clone(&state)).into_make_service_with_connect_info::<ConnInfo>();
+    let app =
+        router_with(Arc::clone(&state), extra).into_make_service_with_connect_info::<ConnInfo>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
