@@ -226,13 +226,26 @@ pub fn trigger(
 
 /// The attempts a plan creates: one per user whose available balance it moved from
 /// `before` to `after` (see [`crate::events::available_moves`]) when [`trigger`] says so.
+/// Money Stripe takes back (a refund or a dispute, the only debits keyed in Stripe's
+/// namespace) never charges the card again: a refunded top-up would be bought back at
+/// once, and a disputed card charged while its owner disputes it.
 pub fn attempts_for(
+    plan: &crate::ledger::Plan,
     moves: &std::collections::BTreeMap<String, (i64, i64)>,
     states: &std::collections::HashMap<String, TriggerState>,
     now_us: i64,
 ) -> Vec<NewAttempt> {
+    let taken_back: std::collections::HashSet<&str> = plan
+        .inserts
+        .iter()
+        .filter(|entry| {
+            entry.write.key_source == crate::ledger::KeySource::Stripe && entry.write.amount.0 < 0
+        })
+        .map(|entry| entry.write.user_id.as_str())
+        .collect();
     moves
         .iter()
+        .filter(|(user, _)| !taken_back.contains(user.as_str()))
         .filter_map(|(user, &(before, after))| {
             trigger(user, states.get(user)?, before, after, now_us)
         })

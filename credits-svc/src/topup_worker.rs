@@ -71,6 +71,11 @@ impl TopUpWorker {
             .claim(self.clock.now_us(), LEASE_US, CLAIM_BATCH)
             .await?;
         for attempt in &claimed {
+            // Sent one after the other: one whose lease ran out meanwhile may be another
+            // worker's now, and past the resend window its key may be gone.
+            if self.clock.now_us() >= attempt.lease_until_us {
+                continue;
+            }
             let result = self.charge(attempt).await;
             let recorded = self
                 .store
@@ -217,11 +222,20 @@ fn refusal_of(error: StripeError) -> ChargeResult {
         (stripe::ApiErrorsType::IdempotencyError, _) | (_, 409 | 429 | 500..) => {
             ChargeResult::Unknown(format!("HTTP {status}: {code}"))
         }
-        // Any other refusal (a detached card, a deleted customer): nothing was charged.
-        _ => ChargeResult::Declined {
-            code,
-            message,
-            payment_intent_id,
-        },
+        // A card or customer that no longer exists: nothing was charged, and this card
+        // cannot be charged again.
+        (stripe::ApiErrorsType::InvalidRequestError, _)
+            if code == "resource_missing" || code.starts_with("payment_method_") =>
+        {
+            ChargeResult::Declined {
+                code,
+                message,
+                payment_intent_id,
+            }
+        }
+        // Anything else (a revoked, rotated or restricted key, a request of ours Stripe
+        // refuses): not the card's fault, so never counted toward a suspension; sent
+        // again after the lease, and logged.
+        _ => ChargeResult::Unknown(format!("HTTP {status}: {code}")),
     }
 }

@@ -24,6 +24,7 @@ on_both_stores!(
     no_attempt_without_a_card_while_disabled_or_backing_off,
     settings_are_refused_whole_and_nothing_is_written,
     an_attempt_without_an_answer_is_resent_only_while_its_key_holds,
+    refunds_and_disputes_never_charge_the_card_again,
 );
 
 fn card() -> Card {
@@ -353,4 +354,54 @@ async fn an_attempt_without_an_answer_is_resent_only_while_its_key_holds(backend
     let attempts = topups.attempts("dora").await.unwrap();
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].state, AttemptState::Processing);
+}
+
+/// Money Stripe takes back never triggers a top-up: a refund or a dispute taking the
+/// balance below the threshold makes no attempt (buying the refunded credits back, or
+/// charging a card while it is disputed); the next deduction below it does.
+async fn refunds_and_disputes_never_charge_the_card_again(backend: Backend) {
+    use pb::PaymentEventKind as Kind;
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let mut c = client(server.local_addr).await;
+    let topups = store.topups();
+    let now = reeve_runtime::clock::now_us();
+    c.set_auto_top_up(settings("rita", 10, 5, 1_000))
+        .await
+        .unwrap();
+    topups
+        .save_card("rita", "pi_card", &card(), now)
+        .await
+        .unwrap();
+    let event = |kind: Kind, amount: i64, object: &str| pb::PaymentEventRequest {
+        kind: kind as i32,
+        payment_id: "pi_rita".into(),
+        user_id: "rita".into(),
+        amount_micros: amount * CREDIT,
+        object_id: object.into(),
+        ..Default::default()
+    };
+    c.record_payment_event(event(Kind::PaymentSucceeded, 20, ""))
+        .await
+        .unwrap();
+    // 20 − 12 refunded = 8 < 10; − 3 disputed = 5.
+    c.record_payment_event(event(Kind::Refunded, 12, "ch_rita"))
+        .await
+        .unwrap();
+    c.record_payment_event(event(Kind::DisputeFundsWithdrawn, 3, "dp_rita"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.balance("rita", now).await.unwrap().balance,
+        Micros(5 * CREDIT)
+    );
+    assert!(topups.attempts("rita").await.unwrap().is_empty());
+    // Back above, then a deduction below: that one charges.
+    store.apply(&[grant("rita", 10, "g")], now).await.unwrap();
+    store
+        .apply(&[deduction("rita", 6 * CREDIT, "d")], now)
+        .await
+        .unwrap();
+    assert_eq!(topups.attempts("rita").await.unwrap().len(), 1);
 }

@@ -58,7 +58,7 @@ pub(crate) async fn emit_pg(
     }
     let alerts = lookup.alerts;
     let emitted = events::derive(plan, lots, &moves, &alerts);
-    let attempts = crate::topup::attempts_for(&moves, &lookup.topups, now_us);
+    let attempts = crate::topup::attempts_for(plan, &moves, &lookup.topups, now_us);
     super::topup::insert_attempts_pg(&mut *conn, &attempts, now_us).await?;
     reeve_events::insert_pg(conn, &emitted.events, now_us).await?;
     for (user, armed) in &emitted.alerts {
@@ -84,7 +84,7 @@ pub(crate) async fn emit_sqlite(
     let lookup = super::topup::lookup_sqlite(&mut *conn, &users, now_us).await?;
     let alerts = lookup.alerts;
     let emitted = events::derive(plan, lots, &moves, &alerts);
-    let attempts = crate::topup::attempts_for(&moves, &lookup.topups, now_us);
+    let attempts = crate::topup::attempts_for(plan, &moves, &lookup.topups, now_us);
     super::topup::insert_attempts_sqlite(&mut *conn, &attempts, now_us).await?;
     reeve_events::insert_sqlite(conn, &emitted.events, now_us).await?;
     for (user, armed) in &emitted.alerts {

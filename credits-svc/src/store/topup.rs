@@ -526,6 +526,16 @@ impl TopUpStore {
     ) -> Result<bool, StoreError> {
         on_store!(self, |pool, begin, insert, lock| {
             let mut tx = begin!().await?;
+            // The settings row first, then the attempt: the order `record` takes them
+            // in, so a webhook and the worker answering together never deadlock.
+            let failures: Option<(i32, i64)> = sqlx::query_as(&format!(
+                "SELECT consecutive_failures, retry_after_us FROM credit_topup_settings \
+                 WHERE user_id = $1{lock}"
+            ))
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let (failures, retry_after_us) = failures.unwrap_or((0, 0));
             let row: Option<AttemptRow> = sqlx::query_as(&format!(
                 "SELECT {ATTEMPT_COLUMNS} FROM credit_topup_attempts WHERE attempt_id = $1{lock}"
             ))
@@ -548,14 +558,6 @@ impl TopUpStore {
             let result = ChargeResult::Succeeded {
                 payment_intent_id: payment_intent_id.to_owned(),
             };
-            let failures: Option<(i32, i64)> = sqlx::query_as(&format!(
-                "SELECT consecutive_failures, retry_after_us FROM credit_topup_settings \
-                 WHERE user_id = $1{lock}"
-            ))
-            .bind(user_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let (failures, retry_after_us) = failures.unwrap_or((0, 0));
             if let Some(resolution) = resolve(&attempt, failures, retry_after_us, &result, now_us) {
                 sqlx::query(SAVE_FAILURES_SQL)
                     .bind(user_id)
