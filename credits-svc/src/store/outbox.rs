@@ -60,13 +60,23 @@ pub(crate) async fn emit_pg(
     let emitted = events::derive(plan, lots, &moves, &alerts);
     let attempts = crate::topup::attempts_for(plan, &moves, &lookup.topups, now_us);
     super::topup::insert_attempts_pg(&mut *conn, &attempts, now_us).await?;
-    reeve_events::insert_pg(conn, &emitted.events, now_us).await?;
-    for (user, armed) in &emitted.alerts {
-        sqlx::query("UPDATE credit_balance_alerts SET armed = $2 WHERE user_id = $1")
-            .bind(user)
-            .bind(armed)
-            .execute(&mut *conn)
-            .await?;
+    reeve_events::insert_pg(&mut *conn, &emitted.events, now_us).await?;
+    if !emitted.alerts.is_empty() {
+        // Every alert whose armed state changes, in one statement (a batch crossing
+        // many users' thresholds is one round trip, not one per user).
+        let (users, armed): (Vec<&str>, Vec<bool>) = emitted
+            .alerts
+            .iter()
+            .map(|(user, armed)| (user.as_str(), *armed))
+            .unzip();
+        sqlx::query(
+            "UPDATE credit_balance_alerts AS a SET armed = c.armed \
+             FROM UNNEST($1::text[], $2::bool[]) AS c(user_id, armed) WHERE a.user_id = c.user_id",
+        )
+        .bind(&users)
+        .bind(&armed)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
