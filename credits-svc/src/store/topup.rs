@@ -187,6 +187,25 @@ const INSERT_ATTEMPT_SQL: &str = "INSERT INTO credit_topup_attempts \
       created_at_us, updated_at_us) VALUES ($1, $2, $3, 'pending', $4, $5, $6, $6) \
      ON CONFLICT DO NOTHING";
 
+/// The one body of [`insert_attempts_pg`] and [`insert_attempts_sqlite`] (the same SQL
+/// on either connection type).
+macro_rules! insert_attempts_on {
+    ($conn:expr, $attempts:expr, $now_us:expr) => {{
+        for attempt in $attempts {
+            sqlx::query(INSERT_ATTEMPT_SQL)
+                .bind(crate::topup::new_attempt_id())
+                .bind(&attempt.user_id)
+                .bind(attempt.amount.0)
+                .bind(&attempt.card.customer_id)
+                .bind(&attempt.card.payment_method_id)
+                .bind($now_us)
+                .execute(&mut *$conn)
+                .await?;
+        }
+        Ok(())
+    }};
+}
+
 /// Creates the attempts a plan triggered, inside its transaction. One already in
 /// flight for the user makes the insert a no-op (the partial unique index).
 pub(crate) async fn insert_attempts_pg(
@@ -194,18 +213,7 @@ pub(crate) async fn insert_attempts_pg(
     attempts: &[NewAttempt],
     now_us: i64,
 ) -> Result<(), StoreError> {
-    for attempt in attempts {
-        sqlx::query(INSERT_ATTEMPT_SQL)
-            .bind(crate::topup::new_attempt_id())
-            .bind(&attempt.user_id)
-            .bind(attempt.amount.0)
-            .bind(&attempt.card.customer_id)
-            .bind(&attempt.card.payment_method_id)
-            .bind(now_us)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
+    insert_attempts_on!(conn, attempts, now_us)
 }
 
 /// As [`insert_attempts_pg`], on SQLite.
@@ -214,18 +222,7 @@ pub(crate) async fn insert_attempts_sqlite(
     attempts: &[NewAttempt],
     now_us: i64,
 ) -> Result<(), StoreError> {
-    for attempt in attempts {
-        sqlx::query(INSERT_ATTEMPT_SQL)
-            .bind(crate::topup::new_attempt_id())
-            .bind(&attempt.user_id)
-            .bind(attempt.amount.0)
-            .bind(&attempt.card.customer_id)
-            .bind(&attempt.card.payment_method_id)
-            .bind(now_us)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
+    insert_attempts_on!(conn, attempts, now_us)
 }
 
 #[derive(sqlx::FromRow)]
