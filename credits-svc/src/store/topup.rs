@@ -411,26 +411,38 @@ macro_rules! on_store {
 impl TopUpStore {
     /// The user's auto top-up at `now_us` (this month's use counted from the first of
     /// the month, UTC).
+    ///
+    /// The three reads see one snapshot (a repeatable-read transaction on PostgreSQL,
+    /// the single writer on SQLite): read apart, a decline recorded between them showed
+    /// the failed attempt with the failure count from before it.
     pub async fn view(&self, user_id: &str, now_us: i64) -> Result<TopUpView, StoreError> {
+        let postgres = matches!(self, TopUpStore::Postgres(_));
         on_store!(self, |pool, begin, insert, lock| {
+            let mut tx = begin!().await?;
+            if postgres {
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let row: Option<SettingsRow> = sqlx::query_as(&format!(
                 "SELECT {SETTINGS_COLUMNS} FROM credit_topup_settings WHERE user_id = $1"
             ))
             .bind(user_id)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *tx)
             .await?;
             let month_used: i64 = sqlx::query_scalar(MONTH_USED_SQL)
                 .bind(user_id)
                 .bind(month_start_us(now_us))
-                .fetch_one(pool)
+                .fetch_one(&mut *tx)
                 .await?;
             let last: Option<AttemptRow> = sqlx::query_as(&format!(
                 "SELECT {ATTEMPT_COLUMNS} FROM credit_topup_attempts WHERE user_id = $1 \
                  ORDER BY created_at_us DESC, attempt_id DESC LIMIT 1"
             ))
             .bind(user_id)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *tx)
             .await?;
+            tx.commit().await?;
             view_of(row, month_used, last)
         })
     }
