@@ -645,12 +645,13 @@ async fn history(
     }
     let mut plan = format!("\nPlans of the History query ({label}):\n");
     for (name, before) in [("first page", i64::MAX), ("deep page", deep)] {
-        let lines: Vec<String> = sqlx::query_scalar(
-            "EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM credit_ledger \
-             WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT 51",
-        )
+        let lines: Vec<String> = sqlx::query_scalar(&format!(
+            "EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM credit_ledger {}",
+            credits_svc::store::postgres::HISTORY_FILTER
+        ))
         .bind(HEAVY)
         .bind(before)
+        .bind(51_i64)
         .fetch_all(pool)
         .await?;
         plan.push_str(&format!("\n{name}:\n"));

@@ -22,6 +22,13 @@ use sqlx::postgres::PgPool;
 use super::*;
 use crate::ledger;
 
+/// A page of a user's history, newest first, below an entry id ($2; `i64::MAX` for the
+/// first page). Ordered on `-id`, which only the index `credit_ledger_user_newest`
+/// (user_id, -id) provides: on `id DESC` the planner could take a backward scan of the
+/// primary key for a user with many entries and walk every other user's newer ones
+/// (migration 1006).
+pub const HISTORY_FILTER: &str = "WHERE user_id = $1 AND -id > -$2 ORDER BY -id LIMIT $3";
+
 #[derive(Debug, Clone)]
 pub struct PgLedger {
     pool: PgPool,
@@ -878,8 +885,7 @@ impl LedgerStore for PgLedger {
         limit: u32,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
         let rows = sqlx::query_as::<_, EntryRow>(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM credit_ledger \
-             WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+            "SELECT {ENTRY_COLUMNS} FROM credit_ledger {HISTORY_FILTER}"
         ))
         .bind(user_id)
         .bind(before_id.unwrap_or(i64::MAX))
