@@ -25,6 +25,7 @@ on_both_stores!(
     settings_are_refused_whole_and_nothing_is_written,
     an_attempt_without_an_answer_is_resent_only_while_its_key_holds,
     refunds_and_disputes_never_charge_the_card_again,
+    disabling_withdraws_an_attempt_no_worker_has_sent,
 );
 
 fn card() -> Card {
@@ -404,4 +405,86 @@ async fn refunds_and_disputes_never_charge_the_card_again(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(topups.attempts("rita").await.unwrap().len(), 1);
+}
+
+async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let mut c = client(server.local_addr).await;
+    let topups = store.topups();
+    let t0: i64 = 2_000_000_000_000_000;
+    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
+        .await
+        .unwrap();
+    topups
+        .save_card("dora", "pi_card", &card(), t0)
+        .await
+        .unwrap();
+    store.apply(&[grant("dora", 20, "g")], t0).await.unwrap();
+    store
+        .apply(&[deduction("dora", 15 * CREDIT, "d1")], t0)
+        .await
+        .unwrap();
+    assert_eq!(
+        topups.attempts("dora").await.unwrap()[0].state,
+        AttemptState::Pending
+    );
+    // The user turns it off before any worker picked the attempt up: never sent.
+    c.set_auto_top_up(pb::SetAutoTopUpRequest {
+        enabled: false,
+        ..settings("dora", 10, 5, 1_000)
+    })
+    .await
+    .unwrap();
+    assert!(
+        topups
+            .claim(t0 + 1, 60_000_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let withdrawn = topups.attempts("dora").await.unwrap();
+    assert_eq!(withdrawn.len(), 1);
+    assert_eq!(withdrawn[0].state, AttemptState::Failed);
+    assert_eq!(
+        withdrawn[0].failure_code.as_deref(),
+        Some(credits_svc::store::topup::DISABLED_CODE)
+    );
+    let view = topups.view("dora", t0 + 1).await.unwrap();
+    assert_eq!(
+        view.month_used,
+        Micros(0),
+        "a withdrawn attempt uses no cap"
+    );
+    assert_eq!(view.consecutive_failures, 0, "nor counts as a decline");
+    // Disabled, writes make nothing; enabled again, the next write makes a new one.
+    store
+        .apply(&[deduction("dora", 1, "d2")], t0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(topups.attempts("dora").await.unwrap().len(), 1);
+    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
+        .await
+        .unwrap();
+    store
+        .apply(&[deduction("dora", 1, "d3")], t0 + 3)
+        .await
+        .unwrap();
+    let claimed = topups.claim(t0 + 3, 60_000_000, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].amount, Micros(5 * CREDIT));
+    // A claimed attempt is already on its way to Stripe: disabling leaves it be.
+    c.set_auto_top_up(pb::SetAutoTopUpRequest {
+        enabled: false,
+        ..settings("dora", 10, 5, 1_000)
+    })
+    .await
+    .unwrap();
+    let attempt = topups
+        .attempt(&claimed[0].attempt_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(attempt.state, AttemptState::Processing);
 }

@@ -300,6 +300,13 @@ const UPSERT_SETTINGS_SQL: &str = "INSERT INTO credit_topup_settings \
      amount_micros = excluded.amount_micros, monthly_cap_micros = excluded.monthly_cap_micros, \
      updated_at_us = excluded.updated_at_us";
 
+/// The failure code of an attempt withdrawn because its user disabled auto top-up
+/// before any worker sent it.
+pub const DISABLED_CODE: &str = "auto_topup_disabled";
+
+const WITHDRAW_PENDING_SQL: &str = "UPDATE credit_topup_attempts SET state = 'failed', \
+     failure_code = $2, updated_at_us = $3 WHERE user_id = $1 AND state = 'pending'";
+
 const SAVE_CARD_SQL: &str = "INSERT INTO credit_topup_cards \
      (payment_id, user_id, customer_id, payment_method_id, saved_at_us) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (payment_id) DO NOTHING";
@@ -448,6 +455,9 @@ impl TopUpStore {
     }
 
     /// Sets the user's settings (the card, failures and suspension stay as they are).
+    /// Disabling withdraws, in the same transaction, an attempt no worker has claimed
+    /// yet: it ends `failed` with [`DISABLED_CODE`] and is never sent. (One already
+    /// claimed was sent, or is being sent, before the user changed their mind.)
     pub async fn set(
         &self,
         user_id: &str,
@@ -455,6 +465,7 @@ impl TopUpStore {
         now_us: i64,
     ) -> Result<(), StoreError> {
         on_store!(self, |pool, begin, insert, lock| {
+            let mut tx = begin!().await?;
             sqlx::query(UPSERT_SETTINGS_SQL)
                 .bind(user_id)
                 .bind(settings.enabled)
@@ -462,8 +473,17 @@ impl TopUpStore {
                 .bind(settings.amount.0)
                 .bind(settings.monthly_cap.0)
                 .bind(now_us)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+            if !settings.enabled {
+                sqlx::query(WITHDRAW_PENDING_SQL)
+                    .bind(user_id)
+                    .bind(DISABLED_CODE)
+                    .bind(now_us)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
             Ok(())
         })
     }
