@@ -1,6 +1,7 @@
 //! `reeve endpoints` and `reeve deliveries`: the operator's side of outbound webhooks.
-//! Endpoints are registered (with a new Standard Webhooks secret, shown once), listed
-//! and removed; the attempt log is read, and a delivery sent again by hand.
+//! Endpoints are registered (with a new Standard Webhooks secret, shown once), listed,
+//! given a new secret, enabled again and removed; the attempt log is read, and a
+//! delivery sent again by hand.
 //!
 //! Like `reeve events`, this goes straight to the outbox tables (`REEVE_DATABASE_URL`)
 //! through reeve-events' `EventStore`, the same queries the dispatchers run; it never
@@ -28,6 +29,17 @@ pub enum EndpointsCommand {
     List,
     /// Remove an endpoint; its pending deliveries are cancelled, its log stays.
     Remove { endpoint_id: String },
+    /// Give an endpoint a new secret (printed this once); the old one keeps signing
+    /// beside it for the overlap, so the receiver can switch without dropping a message.
+    RotateSecret {
+        endpoint_id: String,
+        /// Hours the old secret still signs (every message carries both signatures).
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(0..=720))]
+        overlap_hours: u32,
+    },
+    /// Enable an endpoint disabled after days of failures (its failure clock restarts;
+    /// deliveries cancelled when it was disabled stay cancelled: `reeve deliveries retry`).
+    Enable { endpoint_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +138,40 @@ pub async fn endpoints(command: EndpointsCommand, json: bool) -> anyhow::Result<
                         events_text(&endpoint.events)
                     );
                 }
+            }
+        }
+        EndpointsCommand::RotateSecret {
+            endpoint_id,
+            overlap_hours,
+        } => {
+            let now_us = reeve_runtime::clock::now_us();
+            let overlap_us = i64::from(overlap_hours) * 3_600_000_000;
+            let Some(secret) = store
+                .rotate_secret(&endpoint_id, overlap_us, now_us)
+                .await?
+            else {
+                bail!("no endpoint {endpoint_id}");
+            };
+            let until = rfc3339(now_us.saturating_add(overlap_us));
+            if json {
+                println!(
+                    "{}",
+                    json!({"id": endpoint_id, "secret": secret, "previous_secret_valid_until": until})
+                );
+            } else {
+                println!("endpoint {endpoint_id}: new secret");
+                println!("secret   {secret}");
+                println!("(shown this once; the previous secret also signs until {until})");
+            }
+        }
+        EndpointsCommand::Enable { endpoint_id } => {
+            if !store.enable_endpoint(&endpoint_id).await? {
+                bail!("no endpoint {endpoint_id}");
+            }
+            if json {
+                println!("{}", json!({"id": endpoint_id, "status": "enabled"}));
+            } else {
+                println!("endpoint {endpoint_id} enabled");
             }
         }
         EndpointsCommand::Remove { endpoint_id } => {

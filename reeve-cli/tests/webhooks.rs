@@ -160,3 +160,100 @@ async fn endpoints_and_deliveries_keep_their_contracts() {
     let none = cli.json(&["deliveries", "--endpoint", "ep_other", "--json"]);
     assert_eq!(none, serde_json::json!([]));
 }
+
+/// `reeve endpoints rotate-secret` and `reeve endpoints enable`: after a rotation every
+/// message carries two signatures (new and old secret) until the overlap ends; a
+/// disabled endpoint is enabled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_is_rotated_with_an_overlap_and_a_disabled_endpoint_enabled() {
+    let cli = Cli::new();
+    let signatures = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = std::sync::Arc::clone(&signatures);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let seen = std::sync::Arc::clone(&seen);
+            async move {
+                let signature = headers
+                    .get("webhook-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                seen.lock().unwrap().push(signature);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let added = cli.json(&["endpoints", "add", &url, "--json"]);
+    let id = added["id"].as_str().unwrap().to_owned();
+    let rotated = cli.json(&["endpoints", "rotate-secret", &id, "--json"]);
+    let new_secret = rotated["secret"].as_str().unwrap();
+    assert!(new_secret.starts_with("whsec_"), "{rotated}");
+    assert_ne!(new_secret, added["secret"].as_str().unwrap());
+    assert_eq!(rotated["id"], id.as_str());
+    assert!(
+        rotated["previous_secret_valid_until"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    let text = cli.run(&["endpoints", "rotate-secret", "ep_missing"]);
+    assert_eq!(text.status.code(), Some(1));
+    let text = cli.run(&["endpoints", "rotate-secret", &id, "--overlap-hours", "721"]);
+    assert_eq!(text.status.code(), Some(2), "an overlap beyond 30 days");
+
+    let store = EventStore::open(&cli.url).await.unwrap();
+    let event = NewEvent::new(
+        "credits.depleted",
+        Some("ann"),
+        serde_json::json!({"user_id": "ann"}),
+    );
+    store
+        .insert(std::slice::from_ref(&event), reeve_runtime::clock::now_us())
+        .await
+        .unwrap();
+    let dispatcher = Dispatcher::new(
+        store.clone(),
+        DispatcherConfig::default(),
+        reeve_runtime::clock::Clock::system(),
+    )
+    .unwrap();
+    assert_eq!(dispatcher.run_once().await.unwrap(), 1);
+    let header = signatures.lock().unwrap()[0].clone();
+    let parts: Vec<&str> = header.split(' ').collect();
+    assert_eq!(parts.len(), 2, "new and old secret sign: {header}");
+    assert!(parts.iter().all(|p| p.starts_with("v1,")), "{header}");
+    assert_ne!(parts[0], parts[1]);
+
+    // Disabled (as days of failures leave it), then enabled by the operator.
+    let pool = sqlx::SqlitePool::connect(&cli.url).await.unwrap();
+    sqlx::query(
+        "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = 'failing' \
+         WHERE endpoint_id = $1",
+    )
+    .bind(&id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        cli.json(&["endpoints", "list", "--json"])[0]["status"],
+        "disabled"
+    );
+    assert_eq!(
+        cli.json(&["endpoints", "enable", &id, "--json"]),
+        serde_json::json!({"id": id, "status": "enabled"})
+    );
+    let list = cli.json(&["endpoints", "list", "--json"]);
+    assert_eq!(list[0]["status"], "enabled");
+    assert_eq!(list[0]["disabled_reason"], Value::Null);
+    assert_eq!(
+        cli.run(&["endpoints", "enable", "ep_missing"])
+            .status
+            .code(),
+        Some(1)
+    );
+}
