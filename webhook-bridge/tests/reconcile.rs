@@ -344,3 +344,56 @@ on_both_stores!(
     after_refunds_disputes_and_inquiries_only_matched_remains,
     a_thousand_payments_across_pages_are_found_and_repaired_once,
 );
+
+/// `REEVE_RECONCILE_INTERVAL`'s job, as `main.rs` spawns it: every interval it reports
+/// over the last 24 hours through the gauges on `/metrics`, and never repairs. (One
+/// store only: the gauges are the process's, and no other test here publishes them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_job_reports_differences_as_gauges_and_repairs_nothing() {
+    let stack = Stack::start(Backend::Sqlite).await;
+    stack.fake.set_webhooks(false);
+    pay(&stack, Some("gus"), 1200, "usd").await;
+    pay(&stack, Some("gus"), 300, "usd").await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let job = stack
+        .bridge
+        .spawn_reconciler(
+            webhook_bridge::stripe::reconcile::Settings {
+                interval: std::time::Duration::from_millis(200),
+                secret_key: STRIPE_KEY.to_owned().into(),
+                api_base: stack.fake.api_base(),
+            },
+            shutdown.clone(),
+        )
+        .unwrap();
+    let wanted = [
+        "reeve_reconcile_items{class=\"missing_credit\"} 2",
+        "reeve_reconcile_amount_micros{class=\"missing_credit\"} 15000000",
+        "reeve_reconcile_items{class=\"duplicate_credit\"} 0",
+    ];
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = stack
+            .http
+            .get(format!("{}/metrics", stack.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if wanted.iter().all(|line| text.lines().any(|l| l == *line)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for line in wanted {
+        assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+    }
+    assert!(text.contains("reeve_reconcile_last_run_timestamp_seconds"));
+    // Report only: several runs later, still nothing credited.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(stack.balance("gus").await, 0);
+    shutdown.cancel();
+    job.await.unwrap();
+}
