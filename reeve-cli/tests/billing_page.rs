@@ -723,6 +723,194 @@ async fn a_user_sees_buys_and_downloads_in_a_real_browser() {
     browser.client.clone().close().await.unwrap();
 }
 
+async fn fill(page: &Client, id: &str, text: &str) {
+    let input = page.find(Locator::Id(id)).await.unwrap();
+    input.clear().await.unwrap();
+    input.send_keys(text).await.unwrap();
+}
+
+async fn click(page: &Client, id: &str) {
+    page.find(Locator::Id(id))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Auto top-up from the page: settings refused in words and nothing written, then
+/// saved; a purchase with "Save my card" saves the card; a deduction below the
+/// threshold tops up through the fake Stripe, and the page shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_top_up_is_set_and_a_card_saved_from_the_page() {
+    let downloads = tempfile::tempdir().unwrap();
+    let Some(browser) = browser(downloads.path()).await else {
+        return;
+    };
+    let page = &browser.client;
+    let system = System::start().await;
+    system.seed().await;
+    let rest = |path: &'static str| {
+        let url = format!("{}{path}", system.base);
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token("alice", 600))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let topup_part =
+        |part: &str| format!("document.querySelector('[data-topup={part}]').textContent");
+
+    page.goto(&system.link("alice", 3600)).await.unwrap();
+    wait_for(
+        page,
+        "!document.getElementById('autotopup').hidden",
+        "the auto top-up card",
+    )
+    .await;
+    assert_eq!(
+        js(page, &format!("return {}", topup_part("card"))).await,
+        json!("No")
+    );
+    assert_eq!(
+        js(page, &format!("return {}", topup_part("status"))).await,
+        json!("Off")
+    );
+    assert!(
+        text_of(page, "topup-status")
+            .await
+            .contains("No card is saved yet")
+    );
+
+    // Out of bounds: said next to the field, nothing written.
+    click(page, "topup-enabled").await;
+    fill(page, "topup-threshold", "0").await;
+    fill(page, "topup-amount", "25").await;
+    fill(page, "topup-cap", "100").await;
+    click(page, "topup-save").await;
+    wait_for(
+        page,
+        "!document.getElementById('topup-error').hidden",
+        "the threshold message",
+    )
+    .await;
+    assert_eq!(
+        text_of(page, "topup-error").await,
+        "The threshold must be a whole number of credits from 1 to 1,000,000,000."
+    );
+    assert_eq!(
+        js(
+            page,
+            "return document.getElementById('topup-threshold').getAttribute('aria-invalid')"
+        )
+        .await,
+        json!("true")
+    );
+    assert_eq!(rest("/api/credits/auto-topup").await["configured"], false);
+
+    fill(page, "topup-threshold", "5").await;
+    click(page, "topup-save").await;
+    wait_for(
+        page,
+        "document.querySelector('#topup-status.done')",
+        "the saved state",
+    )
+    .await;
+    assert_eq!(
+        text_of(page, "topup-status").await,
+        "Auto top-up saved: on, buying 25 credits below 5, at most 100 a month."
+    );
+    let saved = rest("/api/credits/auto-topup").await;
+    assert_eq!(
+        (
+            &saved["enabled"],
+            &saved["threshold"],
+            &saved["amount"],
+            &saved["monthly_cap"]
+        ),
+        (&json!(true), &json!(5), &json!(25), &json!(100)),
+        "{saved}"
+    );
+
+    // Buy 5 credits with the card saved for auto top-up.
+    click(page, "save-card").await;
+    fill(page, "amount", "5").await;
+    click(page, "buy-button").await;
+    let started = Instant::now();
+    let cont = loop {
+        match page.find(Locator::LinkText("Continue")).await {
+            Ok(link) => break link,
+            Err(_) if started.elapsed() < Duration::from_secs(15) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("no fake checkout page: {error}"),
+        }
+    };
+    cont.click().await.unwrap();
+    wait_for(
+        page,
+        "document.querySelector('#purchase-status.done')",
+        "the credited state",
+    )
+    .await;
+    wait_for(
+        page,
+        &format!("{} === 'Yes'", topup_part("card")),
+        "the saved card",
+    )
+    .await;
+    assert_eq!(text_of(page, "balance-main").await, "13.75");
+    assert_eq!(
+        rest("/api/credits/auto-topup").await["payment_method_saved"],
+        true
+    );
+
+    // Below the threshold: the saved card is charged, the credits land, the page says so.
+    system
+        .service_post(
+            "/api/credits/deduct",
+            json!({"user_id": "alice", "amount": "9", "idempotency_key": "call-2"}),
+        )
+        .await;
+    let started = Instant::now();
+    while rest("/api/credits/balance").await["balance"] != "29.750000" {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no top-up: {}",
+            rest("/api/credits/auto-topup").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    page.refresh().await.unwrap();
+    wait_for(
+        page,
+        &format!(
+            "document.querySelector('[data-topup=last]') && {}.includes('succeeded')",
+            topup_part("last")
+        ),
+        "the last top-up",
+    )
+    .await;
+    assert_eq!(
+        js(page, &format!("return {}", topup_part("last"))).await,
+        json!("25.00 credits, succeeded")
+    );
+    assert_eq!(text_of(page, "balance-main").await, "29.75");
+    std::fs::write(
+        screenshot_dir().join("auto-topup.png"),
+        page.screenshot().await.unwrap(),
+    )
+    .unwrap();
+
+    browser.client.clone().close().await.unwrap();
+}
+
 /// The CSV route on its own: the user's entries only, exact decimals, and a JSON 401
 /// without a token (what the page explains).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -282,21 +282,95 @@
   }
 
   // ---- auto top-up (shown only where the server has it) -------------------------
-  function loadAutoTopup() {
-    return api("/api/credits/auto-topup").then(function (settings) {
-      if (!settings || typeof settings !== "object") return;
-      var fields = $("autotopup-fields");
-      fields.textContent = "";
-      Object.keys(settings).forEach(function (key) {
-        if (/_micros$/.test(key) || key === "user_id") return;
-        var value = settings[key];
-        if (value !== null && typeof value === "object") return;
-        var shown = typeof value === "boolean" ? (value ? "On" : "Off") : (/^-?\d+\.\d{6}$/.test(String(value)) ? credits(value) + " credits" : String(value));
-        fields.appendChild(el("dt", {}, words(key)));
-        fields.appendChild(el("dd", {}, shown));
-      });
-      $("autotopup").hidden = false;
+  var TOPUP_LIMITS = { threshold: 1000000000, amount: 999999, monthly_cap: 1000000000 };
+  var TOPUP_FIELDS = { threshold: "topup-threshold", amount: "topup-amount", monthly_cap: "topup-cap" };
+  var TOPUP_NAMES = { threshold: "The threshold", amount: "The top-up amount", monthly_cap: "The monthly cap" };
+  var TOPUP_CODES = { invalid_threshold: "threshold", invalid_topup_amount: "amount", invalid_monthly_cap: "monthly_cap" };
+
+  function topupError(text, field) {
+    Object.keys(TOPUP_FIELDS).forEach(function (k) { $(TOPUP_FIELDS[k]).removeAttribute("aria-invalid"); });
+    $("topup-error").textContent = text || "";
+    $("topup-error").hidden = !text;
+    if (text && field) { $(TOPUP_FIELDS[field]).setAttribute("aria-invalid", "true"); $(TOPUP_FIELDS[field]).focus(); }
+  }
+
+  function topupStatus(kind, text) {
+    var box = $("topup-status");
+    box.className = "status " + kind;
+    box.textContent = text;
+  }
+
+  function renderAutoTopup(t, fillForm) {
+    var fields = $("autotopup-fields");
+    fields.textContent = "";
+    var rows = [];
+    var state = t.suspended ? "Suspended" : (t.enabled ? "On" : "Off");
+    rows.push(["Status", state]);
+    rows.push(["Card saved", t.payment_method_saved ? "Yes" : "No"]);
+    rows.push(["Used this month", credits(t.month_used) + " credits"]);
+    if (t.last_attempt) {
+      var a = t.last_attempt;
+      rows.push(["Last top-up", credits(a.amount) + " credits, " + words(a.state).toLowerCase() + (a.failure_code ? " (" + words(a.failure_code).toLowerCase() + ")" : "")]);
+    }
+    rows.forEach(function (r) {
+      fields.appendChild(el("dt", {}, r[0]));
+      fields.appendChild(el("dd", { "data-topup": r[0].split(" ")[0].toLowerCase() }, r[1]));
+    });
+    var notes = [];
+    if (t.suspended) notes.push("Your card was declined three times in a row, so auto top-up is paused. Buy credits with \u201cSave my card\u201d ticked to save a new card and resume it.");
+    else if (t.retry_after) notes.push("Your card was declined; the next try is not before " + when(t.retry_after) + ".");
+    if (!t.payment_method_saved) notes.push("No card is saved yet: buy credits with \u201cSave my card for auto top-up\u201d ticked.");
+    var old = $("topup-action"); if (old) old.remove();
+    if (t.last_attempt && t.last_attempt.state === "requires_action" && t.last_attempt.action_url) {
+      var link = el("a", { id: "topup-action", href: t.last_attempt.action_url, rel: "noopener" }, "Confirm the top-up payment with your bank");
+      fields.parentNode.insertBefore(link, fields.nextSibling);
+    }
+    topupStatus(notes.length ? "stalled" : "", notes.join(" "));
+    if (fillForm) {
+      $("topup-enabled").checked = !!t.enabled;
+      $("topup-threshold").value = t.threshold === null || t.threshold === undefined ? "" : String(t.threshold);
+      $("topup-amount").value = t.amount === null || t.amount === undefined ? "" : String(t.amount);
+      $("topup-cap").value = t.monthly_cap === null || t.monthly_cap === undefined ? "" : String(t.monthly_cap);
+    }
+    $("autotopup").hidden = false;
+  }
+
+  function loadAutoTopup(fillForm) {
+    return api("/api/credits/auto-topup").then(function (t) {
+      if (!t || typeof t !== "object") return;
+      renderAutoTopup(t, fillForm !== false);
     }, function () { $("autotopup").hidden = true; });
+  }
+
+  function onTopupSave(event) {
+    event.preventDefault();
+    topupError("");
+    hideAlert();
+    var body = { enabled: $("topup-enabled").checked };
+    var keys = ["threshold", "amount", "monthly_cap"];
+    for (var i = 0; i < keys.length; i++) {
+      var key = keys[i];
+      var text = $(TOPUP_FIELDS[key]).value.trim();
+      var n = /^\d+$/.test(text) ? Number(text) : NaN;
+      if (!(n >= 1 && n <= TOPUP_LIMITS[key])) {
+        topupError(TOPUP_NAMES[key] + " must be a whole number of credits from 1 to " + TOPUP_LIMITS[key].toLocaleString("en-US") + ".", key);
+        return;
+      }
+      body[key] = n;
+    }
+    var button = $("topup-save");
+    button.disabled = true;
+    api("/api/credits/auto-topup", { method: "PUT", body: JSON.stringify(body) })
+      .then(function (t) {
+        renderAutoTopup(t, true);
+        topupStatus("done", "Auto top-up saved: " + (t.enabled ? "on, buying " + t.amount + " credits below " + t.threshold + ", at most " + t.monthly_cap + " a month." : "off."));
+      })
+      .catch(function (failure) {
+        var field = TOPUP_CODES[failure.code];
+        if (field) topupError(failure.message || "Check this value.", field);
+        else showAlert(failure);
+      })
+      .then(function () { button.disabled = false; });
   }
 
   // ---- buying --------------------------------------------------------------------
@@ -321,7 +395,9 @@
     var button = $("buy-button");
     button.disabled = true;
     status("pending", [el("span", { "class": "spinner", "aria-hidden": "true" }), "Opening Stripe Checkout…"]);
-    api("/api/credits/purchase", { method: "POST", body: JSON.stringify({ amount: amount }) })
+    var purchase = { amount: amount };
+    if ($("save-card").checked) purchase.save_payment_method = true;
+    api("/api/credits/purchase", { method: "POST", body: JSON.stringify(purchase) })
       .then(function (p) {
         sessionStorage.setItem(PENDING_KEY, JSON.stringify({
           sub: claims.sub, amount: p.amount, amount_micros: p.amount_micros, session_id: p.session_id,
@@ -361,6 +437,8 @@
           status("done", [credits(pending.amount) + " credits added. Your balance is now " + credits(balance.available !== undefined && balance.available !== null ? balance.available : balance.balance) + " credits."]);
           $("buy-button").disabled = false;
           loadHistory(false);
+          // A purchase that saved a card changes auto top-up (card saved, suspension lifted).
+          loadAutoTopup(false);
           return;
         }
         if (Date.now() - pending.started > POLL_GIVE_UP_MS) {
@@ -393,6 +471,7 @@
     $("buy").addEventListener("submit", onBuy);
     $("more").addEventListener("click", function () { loadHistory(true).catch(showAlert); });
     $("csv").addEventListener("click", downloadCsv);
+    $("autotopup-form").addEventListener("submit", onTopupSave);
     $("amount").addEventListener("input", function () { fieldError(""); });
     // A new sign-in link opened in this tab changes only the fragment: start afresh.
     window.addEventListener("hashchange", function () {
