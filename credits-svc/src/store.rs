@@ -354,7 +354,7 @@ const BALANCE_SQL: &str = "SELECT a.balance_micros, l.id, l.user_id, l.category,
      h.expires_at_us AS hold_expires_at_us \
      FROM (SELECT $1 AS user_id) AS u \
      LEFT JOIN credit_accounts AS a ON a.user_id = u.user_id \
-     LEFT JOIN credit_lots AS l ON l.user_id = u.user_id AND l.remaining_micros > 0 \
+     LEFT JOIN credit_lots AS l ON l.user_id = u.user_id AND l.remaining_micros > 0 AND l.live \
      LEFT JOIN credit_hold_reservations AS r ON r.lot_id = l.id AND l.held_micros > 0 \
      LEFT JOIN credit_holds AS h ON h.hold_id = r.hold_id AND h.status = 'held'";
 
@@ -592,7 +592,7 @@ const UPDATE_HOLD_SQL: &str = "UPDATE credit_holds SET status = $2, settled_micr
 const DELETE_RESERVATIONS_SQL: &str = "DELETE FROM credit_hold_reservations WHERE hold_id = $1";
 /// Users with lots past their instant or held holds past theirs (the sweeper's work).
 const DUE_USERS_SQL: &str = "SELECT user_id FROM ( \
-     SELECT user_id FROM credit_lots WHERE remaining_micros > 0 AND expires_at_us <= $1 \
+     SELECT user_id FROM credit_lots WHERE remaining_micros > 0 AND live AND expires_at_us <= $1 \
      UNION SELECT user_id FROM credit_holds WHERE status = 'held' AND expires_at_us <= $1 \
      ) AS due ORDER BY user_id LIMIT $2";
 /// A page of a user's holds, newest first (after `SELECT {HOLD_COLUMNS}`).

@@ -821,3 +821,50 @@ async fn a_heavy_users_history_reads_only_their_entries() {
     assert_eq!(seen.len(), EACH + 1);
     assert!(seen.windows(2).all(|w| w[0] > w[1]), "not newest first");
 }
+
+/// Every deduction updates its user's balance and the lots it draws from. PostgreSQL
+/// updates a row in place (HOT, no index touched) only when no index depends on a
+/// column the update changes, predicates included; one such index made every
+/// deduction write a new entry into every index of `credit_lots` (migration 1007).
+#[tokio::test]
+async fn no_index_depends_on_what_a_deduction_changes() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let _server = db.start().await;
+    let pool = reeve_runtime::db::postgres_pool(&db.url, 1).await.unwrap();
+    for (table, moved) in [
+        (
+            "credit_lots",
+            &["remaining_micros", "held_micros", "expired_micros"][..],
+        ),
+        ("credit_accounts", &["balance_micros", "updated_at_us"][..]),
+    ] {
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index \
+             WHERE indrelid = to_regclass($1)",
+        )
+        .bind(table)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(!indexes.is_empty(), "{table} has its indexes");
+        for index in &indexes {
+            for column in moved {
+                assert!(
+                    !index.contains(column),
+                    "{index} depends on {column}: every deduction would update {table} without HOT"
+                );
+            }
+        }
+        let options: Option<Vec<String>> =
+            sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = to_regclass($1)")
+                .bind(table)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            options,
+            Some(vec!["fillfactor=70".to_owned()]),
+            "{table} leaves room for HOT updates"
+        );
+    }
+}

@@ -159,7 +159,7 @@ pub(crate) async fn set_alert_sqlite(
 
 const EXPIRING_SQL: &str = "SELECT id, user_id, category, priority, expires_at_us, source, original_micros, \
      remaining_micros, created_at_us, held_micros, expired_micros FROM credit_lots l \
-     WHERE remaining_micros > 0 AND expires_at_us > $1 AND expires_at_us <= $2 \
+     WHERE remaining_micros > 0 AND live AND expires_at_us > $1 AND expires_at_us <= $2 \
      AND NOT EXISTS (SELECT 1 FROM credit_lot_warnings w WHERE w.lot_id = l.id) \
      ORDER BY expires_at_us LIMIT $3";
 

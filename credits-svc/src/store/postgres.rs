@@ -159,7 +159,7 @@ async fn apply_in(
     let lots = lots_of(
         sqlx::query_as::<_, LotRow>(&format!(
             "SELECT {LOT_COLUMNS} FROM credit_lots \
-             WHERE user_id = ANY($1::text[]) AND remaining_micros > 0"
+             WHERE user_id = ANY($1::text[]) AND remaining_micros > 0 AND live"
         ))
         .bind(&users)
         .fetch_all(&mut *conn)
