@@ -5,6 +5,11 @@
 //! It creates a schema of its own, seeds it, and drops it at the end. It only ever
 //! talks to loopback addresses and stops after the configured duration.
 
+/// The services' binaries use mimalloc; the load generator runs them in its process,
+/// so it does too (glibc's malloc was 28% of a REST deduction's CPU, BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod ceilings;
 mod holds;
 mod outbox;

@@ -7,6 +7,11 @@
 //! `<data dir>/dev-secrets.toml`), so the admin commands find a local `reeve up`
 //! without flags.
 
+/// mimalloc instead of glibc's malloc: the allocator was the largest single cost of a
+/// REST deduction (28% of the process's CPU, BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod dev;
 mod events;
