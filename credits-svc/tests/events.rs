@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::{Backend, CREDIT, Client, TestDb, client};
 use credits_svc::events::{
-    CREDITS_BALANCE_LOW, CREDITS_DEPLETED, CREDITS_GRANTED, LOT_EXPIRED, LOT_EXPIRING,
+    CREDITS_BALANCE_LOW, CREDITS_DEPLETED, CREDITS_DISPUTED, CREDITS_GRANTED, CREDITS_PURCHASED,
+    CREDITS_REFUNDED, HOLD_EXPIRED, LOT_EXPIRED, LOT_EXPIRING,
 };
 use credits_svc::ledger::{EntryKind, WriteRequest};
 use credits_svc::lots::{Category, LotTerms};
@@ -26,6 +27,7 @@ on_both_stores!(
     one_balance_low_from_100_concurrent_deductions_crossing_the_threshold,
     a_lot_is_warned_of_once_before_it_expires,
     the_service_delivers_signed_events_to_registered_endpoints,
+    purchases_refunds_disputes_and_expired_holds_are_events_of_their_change,
 );
 
 async fn outbox(db: &TestDb) -> Vec<StoredEvent> {
@@ -214,4 +216,99 @@ async fn the_service_delivers_signed_events_to_registered_endpoints(backend: Bac
     assert_eq!(seen[0]["type"], CREDITS_GRANTED);
     assert_eq!(seen[0]["data"]["user_id"], "dave");
     assert_eq!(seen[0]["data"]["amount_micros"], 3 * CREDIT);
+}
+
+/// The events the other tests do not reach, each written by the change that causes it
+/// and only once: a purchase, a refund and a dispute of it (Stripe-keyed adjustments),
+/// and a hold that expired unsettled (by the sweep, then nothing more on a second one).
+async fn purchases_refunds_disputes_and_expired_holds_are_events_of_their_change(backend: Backend) {
+    use credits_svc::holds::{HoldOp, HoldRequest};
+    use credits_svc::ledger::KeySource;
+    let db = TestDb::new(backend).await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let t0: i64 = 2_000_000_000_000_000;
+    let stripe = |kind: EntryKind, micros: i64, key: &str| WriteRequest {
+        key_source: KeySource::Stripe,
+        payment_id: Some("pi_events".into()),
+        ..WriteRequest::caller("dana", kind, Micros(micros), key, "Stripe money")
+    };
+    let purchase = stripe(EntryKind::Purchase, 25 * CREDIT, "pi_events");
+    for _ in 0..2 {
+        written(store.apply(&[purchase.clone()], t0).await.unwrap());
+    }
+    written(
+        store
+            .apply(
+                &[stripe(
+                    EntryKind::Adjustment,
+                    -5 * CREDIT,
+                    "stripe:refund:ch_events:0:500",
+                )],
+                t0,
+            )
+            .await
+            .unwrap(),
+    );
+    written(
+        store
+            .apply(
+                &[stripe(
+                    EntryKind::Adjustment,
+                    -20 * CREDIT,
+                    "stripe:dispute:dp_events",
+                )],
+                t0,
+            )
+            .await
+            .unwrap(),
+    );
+    written(
+        store
+            .apply(&[grant_write("dana", 3, "g")], t0)
+            .await
+            .unwrap(),
+    );
+    let hold = HoldOp::Hold(HoldRequest {
+        hold_id: "h-events".into(),
+        user_id: "dana".into(),
+        amount: Micros(2 * CREDIT),
+        ttl_secs: 60,
+        description: String::new(),
+    });
+    store.apply_holds(&[hold], t0).await.unwrap();
+    store.expire_due(t0 + 61_000_000, 100).await.unwrap();
+    store.expire_due(t0 + 120_000_000, 100).await.unwrap();
+    let events = outbox(&db).await;
+    let one = |kind: &str| {
+        let found = of_type(&events, kind);
+        assert_eq!(found.len(), 1, "{kind}: {found:?}");
+        found[0].body["data"].clone()
+    };
+    let purchased = one(CREDITS_PURCHASED);
+    assert_eq!(purchased["amount_micros"], 25 * CREDIT);
+    assert_eq!(purchased["payment_id"], "pi_events");
+    assert_eq!(one(CREDITS_REFUNDED)["amount_micros"], -5 * CREDIT);
+    let disputed = one(CREDITS_DISPUTED);
+    assert_eq!(disputed["amount_micros"], -20 * CREDIT);
+    assert_eq!(disputed["balance_after_micros"], 0);
+    assert_eq!(one(CREDITS_DEPLETED)["user_id"], "dana");
+    let expired = one(HOLD_EXPIRED);
+    assert_eq!(expired["hold_id"], "h-events");
+    assert_eq!(expired["amount_micros"], 2 * CREDIT);
+    assert!(events.iter().all(|e| e.body["data"]["user_id"] == "dana"));
+}
+
+/// Every write applied (or a duplicate of one applied), none refused.
+fn written(outcomes: Vec<credits_svc::ledger::WriteOutcome>) {
+    use credits_svc::ledger::WriteOutcome;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, WriteOutcome::Applied(_) | WriteOutcome::Duplicate(_))),
+        "{outcomes:?}"
+    );
+}
+
+fn grant_write(user: &str, credits: i64, key: &str) -> WriteRequest {
+    WriteRequest::caller(user, EntryKind::Grant, Micros(credits * CREDIT), key, "")
 }
