@@ -234,7 +234,12 @@ async fn purchases_refunds_disputes_and_expired_holds_are_events_of_their_change
     };
     let purchase = stripe(EntryKind::Purchase, 25 * CREDIT, "pi_events");
     for _ in 0..2 {
-        written(store.apply(&[purchase.clone()], t0).await.unwrap());
+        written(
+            store
+                .apply(std::slice::from_ref(&purchase), t0)
+                .await
+                .unwrap(),
+        );
     }
     written(
         store
