@@ -871,19 +871,43 @@ pub(crate) fn payment_step(
 /// before giving up.
 const MAX_ATTEMPTS: usize = 8;
 
+/// A refusal for load that came after waiting this long, and is not a race (see
+/// [`is_race`]), means a database held by someone else (SQLite's busy timeout, a lock
+/// or statement timeout): it is answered as unavailable at once, instead of waiting as
+/// long again for each of [`MAX_ATTEMPTS`].
+const WAITED_TOO_LONG: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A deadlock broken or a serialization failure: a race with a neighbour, worth
+/// replanning however long it took to be told.
+fn is_race(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
+}
+
 /// Runs `attempt` until it is not overtaken: a lost key race (`None`) or a refusal for
 /// load (deadlock, serialization failure, lock timeout) is rolled back and replanned,
 /// with a short growing pause; after [`MAX_ATTEMPTS`] the caller gets `Contention`
-/// (ABORTED, retryable), never an internal error.
+/// (ABORTED, retryable), never an internal error. A refusal after a long wait
+/// ([`WAITED_TOO_LONG`]) is `Unavailable` at once (UNAVAILABLE, retryable).
 pub(crate) async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>, StoreError>>,
 {
     for round in 0..MAX_ATTEMPTS {
+        let started = std::time::Instant::now();
         match attempt().await {
             Ok(Some(done)) => return Ok(done),
             Ok(None) => {}
+            Err(StoreError::Busy(error))
+                if started.elapsed() >= WAITED_TOO_LONG && !is_race(&error) =>
+            {
+                tracing::warn!(%error, waited_ms = started.elapsed().as_millis() as u64,
+                    "ledger transaction refused after a long wait: the database is held");
+                return Err(StoreError::Unavailable(error));
+            }
             Err(StoreError::Busy(error)) => {
                 tracing::debug!(%error, round, "ledger transaction refused for load; replanning");
             }

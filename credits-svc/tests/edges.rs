@@ -799,3 +799,78 @@ async fn a_pre_namespace_ledger_keeps_its_keys_after_migration(backend: Backend)
     assert_eq!(balance(&mut c, "old").await, 16 * CREDIT);
     assert_audit_clean(&db, &["old"]).await;
 }
+
+/// An operator's long write transaction holds the SQLite file (say, the `sqlite3` shell
+/// left in `BEGIN IMMEDIATE`). A deduction waits SQLite's busy timeout once and
+/// answers UNAVAILABLE (retryable), not after waiting as long again for every retry
+/// round, and never INTERNAL; nothing is written, and the same key applies once when
+/// the file is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_sqlite_file_answers_unavailable_once_and_loses_nothing() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let server = db.start().await;
+    let addr = server.local_addr;
+    let mut c = client(addr).await;
+    grant(&mut c, "ola", 10 * CREDIT, "g-ola").await;
+    let mut holder = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE; UPDATE credit_accounts SET balance_micros = balance_micros")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let single = tokio::spawn(async move {
+        client(addr)
+            .await
+            .deduct(pb::DeductRequest {
+                user_id: "ola".into(),
+                amount_micros: CREDIT,
+                idempotency_key: "while-held".into(),
+                description: String::new(),
+            })
+            .await
+    });
+    let batch = tokio::spawn(async move {
+        client(addr)
+            .await
+            .deduct_batch(pb::DeductBatchRequest {
+                items: vec![pb::DeductRequest {
+                    user_id: "ola".into(),
+                    amount_micros: CREDIT,
+                    idempotency_key: "batch-while-held".into(),
+                    description: String::new(),
+                }],
+            })
+            .await
+    });
+    // One busy timeout (10 s) each, not eight: a hang fails here instead of the suite.
+    let limit = std::time::Duration::from_secs(40);
+    let single = tokio::time::timeout(limit, single)
+        .await
+        .expect("a single deduction against a held file answers")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(single.code(), Code::Unavailable, "{single:?}");
+    let batch = tokio::time::timeout(limit, batch)
+        .await
+        .expect("a batch against a held file answers")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(batch.code(), Code::Unavailable, "{batch:?}");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    assert_eq!(balance(&mut c, "ola").await, 10 * CREDIT, "nothing written");
+    for _ in 0..2 {
+        c.deduct(pb::DeductRequest {
+            user_id: "ola".into(),
+            amount_micros: CREDIT,
+            idempotency_key: "while-held".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(balance(&mut c, "ola").await, 9 * CREDIT, "applied once");
+}
