@@ -488,3 +488,71 @@ async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
         .unwrap();
     assert_eq!(attempt.state, AttemptState::Processing);
 }
+
+/// A ledger write that read the settings as enabled is still open (its balance row
+/// locked, its attempt written) when the user disables auto top-up: the disable waits
+/// for it and withdraws the attempt, so no worker can charge it. (PostgreSQL: SQLite
+/// has a single writer.) The open write is played by hand: the lock and the insert it
+/// makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disabling_during_a_write_that_creates_an_attempt_withdraws_it() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let server = db.start().await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let mut c = client(server.local_addr).await;
+    let topups = store.topups();
+    let t0: i64 = 2_000_000_000_000_000;
+    c.set_auto_top_up(settings("eve", 10, 5, 1_000))
+        .await
+        .unwrap();
+    topups
+        .save_card("eve", "pi_card", &card(), t0)
+        .await
+        .unwrap();
+    store.apply(&[grant("eve", 20, "g")], t0).await.unwrap();
+    let pool = reeve_runtime::db::postgres_pool(&db.url, 2).await.unwrap();
+    let mut write = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM credit_accounts WHERE user_id = 'eve' FOR UPDATE")
+        .execute(&mut *write)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO credit_topup_attempts (attempt_id, user_id, amount_micros, state, \
+         customer_id, payment_method_id, created_at_us, updated_at_us) \
+         VALUES ('tu_in_flight', 'eve', 5000000, 'pending', 'cus_test', 'pm_test', $1, $1)",
+    )
+    .bind(t0)
+    .execute(&mut *write)
+    .await
+    .unwrap();
+    let addr = server.local_addr;
+    let disable = tokio::spawn(async move {
+        client(addr)
+            .await
+            .set_auto_top_up(pb::SetAutoTopUpRequest {
+                enabled: false,
+                ..settings("eve", 10, 5, 1_000)
+            })
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !disable.is_finished(),
+        "the disable waits for the open write"
+    );
+    write.commit().await.unwrap();
+    disable.await.unwrap().unwrap();
+    assert!(
+        topups
+            .claim(t0 + 1, 60_000_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let attempt = topups.attempt("tu_in_flight").await.unwrap().unwrap();
+    assert_eq!(attempt.state, AttemptState::Failed);
+    assert_eq!(
+        attempt.failure_code.as_deref(),
+        Some(credits_svc::store::topup::DISABLED_CODE)
+    );
+}

@@ -596,14 +596,14 @@ async fn history(
 ) -> anyhow::Result<(Vec<Figures>, String)> {
     // Page tokens are entry ids: the next page is the entries below the token.
     let middle: i64 = sqlx::query_scalar(
-        "SELECT id FROM credit_ledger WHERE user_id = $1 ORDER BY id DESC OFFSET $2 LIMIT 1",
+        "SELECT id FROM credit_ledger WHERE user_id = $1 ORDER BY -id OFFSET $2 LIMIT 1",
     )
     .bind(HEAVY)
     .bind(i64::try_from(heavy / 2)?)
     .fetch_one(pool)
     .await?;
     let deep: i64 = sqlx::query_scalar(
-        "SELECT id FROM credit_ledger WHERE user_id = $1 ORDER BY id ASC OFFSET 100 LIMIT 1",
+        "SELECT id FROM credit_ledger WHERE user_id = $1 ORDER BY -id DESC OFFSET 100 LIMIT 1",
     )
     .bind(HEAVY)
     .fetch_one(pool)

@@ -766,11 +766,17 @@ impl LedgerStore for PgLedger {
         include_spent: bool,
         now_us: i64,
     ) -> Result<Vec<Lot>, StoreError> {
+        // The live lots through the partial index on `live` (a generic plan could not
+        // fold `OR $2` away); spent ones too only when asked.
+        let filter = if include_spent {
+            "user_id = $1"
+        } else {
+            "user_id = $1 AND remaining_micros > 0 AND live"
+        };
         let rows = sqlx::query_as::<_, LotRow>(&format!(
-            "SELECT {LOT_COLUMNS} FROM credit_lots WHERE user_id = $1 AND (remaining_micros > 0 OR $2)"
+            "SELECT {LOT_COLUMNS} FROM credit_lots WHERE {filter}"
         ))
         .bind(user_id)
-        .bind(include_spent)
         .fetch_all(&self.pool)
         .await?;
         Ok(lots_in_order(lots_of(rows)?, include_spent, now_us))

@@ -420,12 +420,14 @@ impl TopUpStore {
     /// the month, UTC).
     ///
     /// The three reads see one snapshot (a repeatable-read transaction on PostgreSQL,
-    /// the single writer on SQLite): read apart, a decline recorded between them showed
+    /// a read transaction on SQLite): read apart, a decline recorded between them showed
     /// the failed attempt with the failure count from before it.
     pub async fn view(&self, user_id: &str, now_us: i64) -> Result<TopUpView, StoreError> {
         let postgres = matches!(self, TopUpStore::Postgres(_));
         on_store!(self, |pool, begin, insert, lock| {
-            let mut tx = begin!().await?;
+            // A deferred transaction: on SQLite (WAL) its first read fixes the snapshot
+            // and no writer is waited for.
+            let mut tx = pool.begin().await?;
             if postgres {
                 sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     .execute(&mut *tx)
@@ -466,6 +468,15 @@ impl TopUpStore {
     ) -> Result<(), StoreError> {
         on_store!(self, |pool, begin, insert, lock| {
             let mut tx = begin!().await?;
+            // The user's balance row first, as every ledger write takes it: a write that
+            // read the settings as enabled commits its attempt before this goes on (and
+            // the attempt is withdrawn below), or reads them after this commits.
+            sqlx::query(&format!(
+                "SELECT 1 FROM credit_accounts WHERE user_id = $1{lock}"
+            ))
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
             sqlx::query(UPSERT_SETTINGS_SQL)
                 .bind(user_id)
                 .bind(settings.enabled)

@@ -321,7 +321,7 @@
     else if (t.retry_after) notes.push("Your card was declined; the next try is not before " + when(t.retry_after) + ".");
     if (!t.payment_method_saved) notes.push("No card is saved yet: buy credits with \u201cSave my card for auto top-up\u201d ticked.");
     var old = $("topup-action"); if (old) old.remove();
-    if (t.last_attempt && t.last_attempt.state === "requires_action" && t.last_attempt.action_url) {
+    if (t.last_attempt && t.last_attempt.state === "requires_action" && /^https?:\/\//.test(t.last_attempt.action_url || "")) {
       var link = el("a", { id: "topup-action", href: t.last_attempt.action_url, rel: "noopener" }, "Confirm the top-up payment with your bank");
       fields.parentNode.insertBefore(link, fields.nextSibling);
     }
