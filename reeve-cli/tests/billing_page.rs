@@ -535,17 +535,7 @@ async fn a_user_sees_buys_and_downloads_in_a_real_browser() {
         .click()
         .await
         .unwrap();
-    let started = Instant::now();
-    let cont = loop {
-        match page.find(Locator::LinkText("Continue")).await {
-            Ok(link) => break link,
-            Err(_) if started.elapsed() < Duration::from_secs(15) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("no fake checkout page: {error}"),
-        }
-    };
-    cont.click().await.unwrap();
+    pay_on_the_fake_checkout(page).await;
     wait_for(
         page,
         "document.querySelector('#purchase-status.pending')",
@@ -723,6 +713,21 @@ async fn a_user_sees_buys_and_downloads_in_a_real_browser() {
     browser.client.clone().close().await.unwrap();
 }
 
+/// Waits for the fake Stripe Checkout page the buy button led to, and pays.
+async fn pay_on_the_fake_checkout(page: &Client) {
+    let started = Instant::now();
+    let cont = loop {
+        match page.find(Locator::LinkText("Continue")).await {
+            Ok(link) => break link,
+            Err(_) if started.elapsed() < Duration::from_secs(15) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("no fake checkout page: {error}"),
+        }
+    };
+    cont.click().await.unwrap();
+}
+
 async fn fill(page: &Client, id: &str, text: &str) {
     let input = page.find(Locator::Id(id)).await.unwrap();
     input.clear().await.unwrap();
@@ -842,17 +847,7 @@ async fn auto_top_up_is_set_and_a_card_saved_from_the_page() {
     click(page, "save-card").await;
     fill(page, "amount", "5").await;
     click(page, "buy-button").await;
-    let started = Instant::now();
-    let cont = loop {
-        match page.find(Locator::LinkText("Continue")).await {
-            Ok(link) => break link,
-            Err(_) if started.elapsed() < Duration::from_secs(15) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("no fake checkout page: {error}"),
-        }
-    };
-    cont.click().await.unwrap();
+    pay_on_the_fake_checkout(page).await;
     wait_for(
         page,
         "document.querySelector('#purchase-status.done')",

@@ -33,6 +33,24 @@ impl Cli {
             .unwrap()
     }
 
+    /// Writes one event to the outbox and has a dispatcher make its one delivery.
+    async fn send_event(&self, kind: &str, user: &str) -> (NewEvent, Dispatcher) {
+        let store = EventStore::open(&self.url).await.unwrap();
+        let event = NewEvent::new(kind, Some(user), serde_json::json!({"user_id": user}));
+        store
+            .insert(std::slice::from_ref(&event), reeve_runtime::clock::now_us())
+            .await
+            .unwrap();
+        let dispatcher = Dispatcher::new(
+            store,
+            DispatcherConfig::default(),
+            reeve_runtime::clock::Clock::system(),
+        )
+        .unwrap();
+        assert_eq!(dispatcher.run_once().await.unwrap(), 1);
+        (event, dispatcher)
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let output = self.run(args);
         assert!(output.status.success(), "{args:?}: {output:?}");
@@ -102,23 +120,7 @@ async fn endpoints_and_deliveries_keep_their_contracts() {
         cli.run(&["endpoints", "remove", &other]).status.code(),
         Some(1)
     );
-    let store = EventStore::open(&cli.url).await.unwrap();
-    let event = NewEvent::new(
-        "credits.balance_low",
-        Some("alice"),
-        serde_json::json!({"user_id": "alice"}),
-    );
-    store
-        .insert(std::slice::from_ref(&event), reeve_runtime::clock::now_us())
-        .await
-        .unwrap();
-    let dispatcher = Dispatcher::new(
-        store.clone(),
-        DispatcherConfig::default(),
-        reeve_runtime::clock::Clock::system(),
-    )
-    .unwrap();
-    assert_eq!(dispatcher.run_once().await.unwrap(), 1);
+    let (event, dispatcher) = cli.send_event("credits.balance_low", "alice").await;
 
     let failed = cli.json(&["deliveries", "--failed", "--endpoint", &id, "--json"]);
     let failed = failed.as_array().unwrap();
@@ -206,23 +208,7 @@ async fn a_secret_is_rotated_with_an_overlap_and_a_disabled_endpoint_enabled() {
     let text = cli.run(&["endpoints", "rotate-secret", &id, "--overlap-hours", "721"]);
     assert_eq!(text.status.code(), Some(2), "an overlap beyond 30 days");
 
-    let store = EventStore::open(&cli.url).await.unwrap();
-    let event = NewEvent::new(
-        "credits.depleted",
-        Some("ann"),
-        serde_json::json!({"user_id": "ann"}),
-    );
-    store
-        .insert(std::slice::from_ref(&event), reeve_runtime::clock::now_us())
-        .await
-        .unwrap();
-    let dispatcher = Dispatcher::new(
-        store.clone(),
-        DispatcherConfig::default(),
-        reeve_runtime::clock::Clock::system(),
-    )
-    .unwrap();
-    assert_eq!(dispatcher.run_once().await.unwrap(), 1);
+    let (_, _dispatcher) = cli.send_event("credits.depleted", "ann").await;
     let header = signatures.lock().unwrap()[0].clone();
     let parts: Vec<&str> = header.split(' ').collect();
     assert_eq!(parts.len(), 2, "new and old secret sign: {header}");
