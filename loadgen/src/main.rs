@@ -87,6 +87,26 @@ struct Args {
     quota_batch_workers: usize,
 }
 
+/// Sends one DeductBatch and requires every item applied (the timed batch scenarios
+/// use fresh keys and enough credits); the number applied.
+pub(crate) async fn deduct_all(
+    client: &mut stack::CreditsClient,
+    items: Vec<pb::DeductRequest>,
+) -> anyhow::Result<u64> {
+    let sent = items.len();
+    let outcomes = client
+        .deduct_batch(pb::DeductBatchRequest { items })
+        .await?
+        .into_inner()
+        .outcomes;
+    let applied = outcomes
+        .iter()
+        .filter(|o| matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_))))
+        .count();
+    anyhow::ensure!(applied == sent, "only {applied} of {sent} applied");
+    Ok(applied as u64)
+}
+
 #[derive(Debug)]
 pub(crate) struct Figures {
     name: String,
@@ -320,22 +340,7 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
                                 description: String::new(),
                             })
                             .collect();
-                        let outcomes = client
-                            .deduct_batch(pb::DeductBatchRequest { items })
-                            .await?
-                            .into_inner()
-                            .outcomes;
-                        let applied = outcomes
-                            .iter()
-                            .filter(|o| {
-                                matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_)))
-                            })
-                            .count();
-                        anyhow::ensure!(
-                            applied as u64 == batch_size,
-                            "only {applied} of {batch_size} applied"
-                        );
-                        Ok(batch_size)
+                        deduct_all(&mut client, items).await
                     }
                 },
             )
@@ -398,19 +403,7 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
                             description: String::new(),
                         })
                         .collect();
-                    let outcomes = client
-                        .deduct_batch(pb::DeductBatchRequest { items })
-                        .await?
-                        .into_inner()
-                        .outcomes;
-                    let applied = outcomes
-                        .iter()
-                        .filter(|o| {
-                            matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_)))
-                        })
-                        .count();
-                    anyhow::ensure!(applied == 100, "only {applied} of 100 applied");
-                    Ok(100)
+                    deduct_all(&mut client, items).await
                 }
             },
         )

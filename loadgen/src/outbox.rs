@@ -137,20 +137,7 @@ fn deduct_batches(
                     description: String::new(),
                 })
                 .collect();
-            let outcomes = client
-                .deduct_batch(pb::DeductBatchRequest { items })
-                .await?
-                .into_inner()
-                .outcomes;
-            let applied = outcomes
-                .iter()
-                .filter(|o| matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_))))
-                .count() as u64;
-            anyhow::ensure!(
-                applied == BATCH_ITEMS,
-                "only {applied} of {BATCH_ITEMS} applied"
-            );
-            Ok(BATCH_ITEMS)
+            crate::deduct_all(&mut client, items).await
         })
     }
 }

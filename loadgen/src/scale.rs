@@ -233,19 +233,7 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
                                 description: String::new(),
                             })
                             .collect();
-                        let outcomes = client
-                            .deduct_batch(pb::DeductBatchRequest { items })
-                            .await?
-                            .into_inner()
-                            .outcomes;
-                        let applied = outcomes
-                            .iter()
-                            .filter(|o| {
-                                matches!(o.result, Some(pb::deduct_outcome::Result::Applied(_)))
-                            })
-                            .count();
-                        anyhow::ensure!(applied == 100, "only {applied} of 100 applied");
-                        Ok(100)
+                        crate::deduct_all(&mut client, items).await
                     }
                 },
             )
