@@ -429,6 +429,9 @@ pub struct Plan {
     pub lot_moves: HashMap<i64, LotMove>,
     outcomes: Vec<Planned>,
     created_at_us: i64,
+    /// Some outcome was looked up among the entries already holding a key (even when
+    /// none was there): with those unread, it may be wrong.
+    consulted_existing: bool,
 }
 
 impl Plan {
@@ -516,6 +519,14 @@ impl Plan {
         self.outcomes
             .iter()
             .all(|planned| matches!(planned, Planned::Insert(_) | Planned::DuplicateOfInsert(_)))
+    }
+
+    /// The plan holds without the entries already holding its keys: it appends every
+    /// write (a key taken meanwhile fails the append, not the plan), or no outcome was
+    /// looked up among them (hold operations on holds still held: their settle keys are
+    /// claimed only with the hold's own resolution, under the owner's lock).
+    pub fn stands_without_existing(&self) -> bool {
+        self.appends_every_write() || !self.consulted_existing
     }
 
     /// The net change of each user's balance, to apply to the cached balances.
@@ -635,6 +646,7 @@ impl Wallet {
 struct Planner<'a> {
     now_us: i64,
     existing: &'a ExistingEntries,
+    consulted_existing: bool,
     wallets: HashMap<String, Wallet>,
     /// Every loaded or new hold; wallets index into it.
     all_holds: Vec<Hold>,
@@ -677,6 +689,7 @@ impl<'a> Planner<'a> {
         let mut planner = Planner {
             now_us,
             existing,
+            consulted_existing: false,
             wallets,
             all_holds: holds.to_vec(),
             hold_index: holds
@@ -891,6 +904,7 @@ pub fn plan_ops(
         lot_moves: planner.lot_moves,
         outcomes,
         created_at_us: now_us,
+        consulted_existing: planner.consulted_existing,
     }
 }
 
@@ -905,6 +919,7 @@ impl<'a> Planner<'a> {
             return done(WriteOutcome::Invalid(invalid));
         }
         let key = write.key();
+        self.consulted_existing = true;
         if let Some(entry) = self.existing.get(&(key.0, key.1.to_owned())) {
             return done(if write.same_request_as(entry) {
                 WriteOutcome::Duplicate(entry.clone())
@@ -1189,6 +1204,7 @@ impl<'a> Planner<'a> {
                 };
             }
             HoldStatus::Settled => {
+                self.consulted_existing = true;
                 let entry = self
                     .existing
                     .get(&(KeySource::System, settle_key(&hold.hold_id)))
@@ -1678,5 +1694,50 @@ mod tests {
         )
         .finish(&[], &[]);
         assert!(matches!(&outcomes[0], WriteOutcome::Invalid(i) if i.code == "balance_overflow"));
+    }
+
+    #[test]
+    fn only_plans_that_consulted_taken_keys_need_them_read() {
+        let lots = [lot(1, "a", Category::Paid, 50, None, 10_000)];
+        let wallet = balances(&[("a", 10_000)]);
+        let none = HashMap::new();
+        let settle = |amount: i64| {
+            Op::Hold(HoldOp::Settle {
+                hold_id: "h".to_owned(),
+                amount: Micros(amount),
+                description: String::new(),
+            })
+        };
+        let hold = Op::Hold(HoldOp::Hold(HoldRequest {
+            hold_id: "h".to_owned(),
+            user_id: "a".to_owned(),
+            amount: Micros(5_000),
+            ttl_secs: 60,
+            description: String::new(),
+        }));
+        let made = plan_ops(std::slice::from_ref(&hold), &wallet, &lots, &[], &none, 0);
+        assert!(made.stands_without_existing());
+        let mut held = made.saved_holds(&[]).pop().expect("the hold");
+        assert_eq!(held.status, HoldStatus::Held);
+        // Settling a held hold claims its key with the hold's resolution: nothing to read.
+        let settled = plan_ops(
+            &[settle(1_000)],
+            &wallet,
+            &lots,
+            std::slice::from_ref(&held),
+            &none,
+            1,
+        );
+        assert!(settled.stands_without_existing());
+        // Settled before: the answer is the entry under its key, which must be read.
+        held.status = HoldStatus::Settled;
+        held.settled = Some(Micros(1_000));
+        let again = plan_ops(&[settle(1_000)], &wallet, &lots, &[held], &none, 2);
+        assert!(!again.stands_without_existing());
+        // A refused write may be a duplicate; an applied one conflicts on append instead.
+        let refused = plan(&[deduct("a", 20_000, "k")], &wallet, &lots, &none, 0);
+        assert!(!refused.stands_without_existing());
+        let applied = plan(&[deduct("a", 2_000, "k")], &wallet, &lots, &none, 0);
+        assert!(applied.stands_without_existing());
     }
 }

@@ -89,10 +89,11 @@ impl PgLedger {
 /// one statement, and save holds. `None` when a concurrent transaction claimed one of
 /// the keys or hold ids first (roll back and replan).
 ///
-/// `optimistic`: the used keys are not read first when the plan appends every write
-/// (the common case: fresh keys, enough credits); a key already taken then shows up as
-/// a conflict of the append, and the caller replans with the keys read. A plan that
-/// refuses anything always reads them, since a refused write may be a duplicate.
+/// `optimistic`: the used keys are not read first when the plan stands without them
+/// (the common case: fresh keys, enough credits, settles of holds still held); a key
+/// already taken then shows up as a conflict of the append, and the caller replans
+/// with the keys read. A plan that refuses a write always reads them, since a refused
+/// write may be a duplicate; so does one that settles a hold settled before.
 async fn apply_in(
     conn: &mut PgConnection,
     ops: &[Op],
@@ -200,7 +201,7 @@ async fn apply_in(
             &ExistingEntries::new(),
             now_us,
         );
-        if keys.is_empty() || first.appends_every_write() {
+        if keys.is_empty() || first.stands_without_existing() {
             plan = Some(first);
         }
     }
@@ -832,6 +833,10 @@ impl LedgerStore for PgLedger {
             return Ok(Vec::new());
         }
         let ops: Vec<Op> = ops.iter().cloned().map(Op::Hold).collect();
+        // As `apply`: settles of held holds need no key read; anything else replans.
+        if let Some(outcomes) = self.try_apply(&ops, &[], now_us, true).await.ok().flatten() {
+            return Ok(hold_outcomes(outcomes));
+        }
         Ok(hold_outcomes(
             with_retries(|| self.try_apply(&ops, &[], now_us, false)).await?,
         ))
