@@ -4,7 +4,9 @@
 //!
 //! - **Hold + SettleHold per LLM call**: each caller makes one call after the other,
 //!   a call being one `Hold` (5,000 micros) then one `SettleHold` of the real cost; the
-//!   rate counts calls and the latency is the pair's.
+//!   rate counts calls and the latency is the pair's. An untimed 2 s warm-up of the
+//!   same calls and an ANALYZE come first (the tables' first plans are made for no
+//!   rows).
 //! - **SettleHoldBatch ×100**: the holds are created beforehand and excluded from the
 //!   timing (inserted by SQL, as the seed inserts lots: one reservation on the user's
 //!   lot each, spread over the `u` users), sized from the DeductBatch ×100 rate of the
@@ -43,7 +45,53 @@ pub(crate) async fn run(
     let users = args.users;
     let mut results = Vec::new();
 
-    let c = Arc::clone(&client);
+    // The holds tables start empty and never analyzed, so the first plans of their
+    // statements are made for a table of no rows (sequential scans that grow with every
+    // hold): a database past its first minute has statistics. An untimed warm-up of the
+    // same calls gives the tables a history, then ANALYZE does what autovacuum would.
+    let pair = |tag: &'static str| {
+        let c = Arc::clone(&client);
+        move |w: usize, s: u64| {
+            let mut client = c(w);
+            async move {
+                let hold_id = format!("{tag}-{w}-{s}");
+                client
+                    .hold(pb::HoldRequest {
+                        user_id: user(pick(w, s, 0), users),
+                        hold_id: hold_id.clone(),
+                        amount_micros: HOLD_MICROS,
+                        ttl_seconds: 600,
+                        description: String::new(),
+                    })
+                    .await?;
+                let settled = client
+                    .settle_hold(pb::SettleHoldRequest {
+                        hold_id,
+                        amount_micros: 1_000 + (s as i64 % 500),
+                        description: String::new(),
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::ensure!(
+                    !settled.duplicate && settled.shortfall_micros == 0,
+                    "a settle was not applied as asked"
+                );
+                Ok(1)
+            }
+        }
+    };
+    drive(
+        "warm-up (untimed): Hold + SettleHold".to_owned(),
+        args.single_callers,
+        Duration::from_secs(2),
+        pair("hw"),
+    )
+    .await?;
+    for table in ["credit_holds", "credit_hold_reservations"] {
+        sqlx::query(&format!("ANALYZE {table}"))
+            .execute(pool)
+            .await?;
+    }
     results.push(
         drive(
             format!(
@@ -52,34 +100,7 @@ pub(crate) async fn run(
             ),
             args.single_callers,
             duration,
-            move |w, s| {
-                let mut client = c(w);
-                async move {
-                    let hold_id = format!("hs-{w}-{s}");
-                    client
-                        .hold(pb::HoldRequest {
-                            user_id: user(pick(w, s, 0), users),
-                            hold_id: hold_id.clone(),
-                            amount_micros: HOLD_MICROS,
-                            ttl_seconds: 600,
-                            description: String::new(),
-                        })
-                        .await?;
-                    let settled = client
-                        .settle_hold(pb::SettleHoldRequest {
-                            hold_id,
-                            amount_micros: 1_000 + (s as i64 % 500),
-                            description: String::new(),
-                        })
-                        .await?
-                        .into_inner();
-                    anyhow::ensure!(
-                        !settled.duplicate && settled.shortfall_micros == 0,
-                        "a settle was not applied as asked"
-                    );
-                    Ok(1)
-                }
-            },
+            pair("hs"),
         )
         .await?,
     );
