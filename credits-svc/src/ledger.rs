@@ -682,7 +682,10 @@ impl<'a> Planner<'a> {
                 expires_at_us: lot.expires_at_us,
                 source: lot.source.clone(),
                 remaining: lot.remaining,
-                reserved: Micros::ZERO,
+                // What the held holds reserve from the lot: its stored `held`, moved
+                // in the same transaction as every reservation (so the holds that are
+                // not named need not be read).
+                reserved: lot.held,
                 expired: lot.expired,
             });
         }
@@ -706,13 +709,6 @@ impl<'a> Planner<'a> {
         for (index, hold) in holds.iter().enumerate() {
             let wallet = planner.wallets.entry(hold.user_id.clone()).or_default();
             wallet.holds.push(index);
-            if hold.status == HoldStatus::Held {
-                for (lot, amount) in &hold.reservations {
-                    if let Some(tracked) = wallet.lot_mut(LotRef::Existing(*lot)) {
-                        tracked.reserved = Micros(tracked.reserved.0 + amount.0);
-                    }
-                }
-            }
         }
         for wallet in planner.wallets.values_mut() {
             let lots_sum: i64 = wallet.lots.iter().map(|t| t.remaining.0).sum();
@@ -850,8 +846,10 @@ pub fn plan(
 }
 
 /// Applies `ops` in order against `balances` (the locked users' current balances; a
-/// missing user has zero), `lots` (their lots with a remainder, expired or not),
-/// `holds` (their held holds, and every hold the operations name, with reservations)
+/// missing user has zero), `lots` (their lots with a remainder, expired or not, each
+/// with what held holds reserve from it), `holds` (every hold the operations name and
+/// their held holds past their instant, with reservations; other held holds are seen
+/// only through their lots' `held`)
 /// and `existing` (ledger entries already holding some of the keys), at `now_us`.
 /// Each operation stands alone: one that is invalid or short of credits does not stop
 /// the others, and a batch gives every operation the outcome it would have had as a
@@ -1719,6 +1717,8 @@ mod tests {
         assert!(made.stands_without_existing());
         let mut held = made.saved_holds(&[]).pop().expect("the hold");
         assert_eq!(held.status, HoldStatus::Held);
+        let mut lots = lots;
+        lots[0].held = Micros(5_000);
         // Settling a held hold claims its key with the hold's resolution: nothing to read.
         let settled = plan_ops(
             &[settle(1_000)],

@@ -169,12 +169,15 @@ async fn apply_in(
     let holds = if hold_ids.is_empty() && lots.iter().all(|lot| lot.held.0 == 0) {
         Vec::new()
     } else {
-        // The holds and their reservations in one round trip: reservation rows first
-        // (hold_id, lot_id, amount; no status), then the holds (with a status).
+        // The holds named and the users' held holds past their instant (to expire), with
+        // their reservations, in one round trip: reservation rows first (hold_id,
+        // lot_id, amount; no status), then the holds (with a status). What other held
+        // holds reserve is in their lots' `held`.
         let rows = sqlx::query_as::<_, HoldOrReservation>(&format!(
             "WITH h AS ( \
-                SELECT {HOLD_COLUMNS} FROM credit_holds \
-                WHERE hold_id = ANY($2::text[]) OR (user_id = ANY($1::text[]) AND status = 'held') \
+                SELECT {HOLD_COLUMNS} FROM credit_holds WHERE hold_id = ANY($2::text[]) \
+                UNION SELECT {HOLD_COLUMNS} FROM credit_holds \
+                WHERE user_id = ANY($1::text[]) AND status = 'held' AND expires_at_us <= $3 \
              ) \
              SELECT r.hold_id, NULL::text AS user_id, r.amount_micros, NULL::text AS status, \
                     NULL::int8 AS settled_micros, r.lot_id AS entry_id, 0::int8 AS shortfall_micros, \
@@ -186,6 +189,7 @@ async fn apply_in(
         ))
         .bind(&users)
         .bind(&hold_ids)
+        .bind(now_us)
         .fetch_all(&mut *conn)
         .await?;
         holds_and_reservations(rows)?

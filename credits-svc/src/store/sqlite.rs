@@ -383,10 +383,11 @@ async fn apply_in(
     if !hold_ids.is_empty() || lots.iter().any(|lot| lot.held.0 > 0) {
         for chunk in users.chunks(IN_LIST_CHUNK) {
             let sql = format!(
-                "SELECT {HOLD_COLUMNS} FROM credit_holds WHERE status = 'held' AND user_id IN ({})",
+                "SELECT {HOLD_COLUMNS} FROM credit_holds \
+                 WHERE status = 'held' AND expires_at_us <= ? AND user_id IN ({})",
                 placeholders(chunk.len())
             );
-            let mut query = sqlx::query_as::<_, HoldRow>(&sql);
+            let mut query = sqlx::query_as::<_, HoldRow>(&sql).bind(now_us);
             for user in chunk {
                 query = query.bind(user);
             }
