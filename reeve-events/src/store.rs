@@ -453,12 +453,15 @@ impl EventStore {
         Ok((changed == 1).then_some(secret))
     }
 
-    /// Enables a disabled endpoint again (its failure clock restarts).
+    /// Enables a disabled endpoint again (its failure clock restarts); on one already
+    /// enabled it changes nothing (a failing endpoint keeps its clock, so enabling it
+    /// cannot put off its disabling).
     pub async fn enable_endpoint(&self, endpoint_id: &str) -> Result<bool, EventsError> {
         let changed = on_pool!(self, |pool| {
             sqlx::query(
                 "UPDATE webhook_endpoints SET status = 'enabled', disabled_reason = NULL, \
-                 failing_since_us = NULL WHERE endpoint_id = $1",
+                 failing_since_us = CASE WHEN status = 'enabled' THEN failing_since_us END \
+                 WHERE endpoint_id = $1",
             )
             .bind(endpoint_id)
             .execute(pool)

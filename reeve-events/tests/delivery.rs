@@ -355,14 +355,18 @@ async fn an_endpoint_failing_for_days_is_disabled_with_an_event(backend: Backend
         ..quick()
     };
     let dispatcher = dispatcher(&setup, config);
-    // An event a day, each failing until the endpoint has failed for three days.
-    for _ in 0..4 {
+    // An event a day, each failing until the endpoint has failed for three days; an
+    // operator enabling it while it is still enabled does not restart its clock.
+    for day in 0..4 {
         setup
             .store
             .insert(&[event("credits.granted", "a")], setup.clock.now_us())
             .await
             .unwrap();
         dispatcher.run_once().await.unwrap();
+        if day == 1 {
+            assert!(setup.store.enable_endpoint(&d.id).await.unwrap());
+        }
         setup.clock.advance(24 * 3600 * 1_000_000);
     }
     dispatcher.run_once().await.unwrap();
@@ -384,6 +388,27 @@ async fn an_endpoint_failing_for_days_is_disabled_with_an_event(backend: Backend
     setup.clock.advance(24 * 3600 * 1_000_000);
     dispatcher.run_once().await.unwrap();
     assert_eq!(dead.ids().len(), before);
+    // Enabled again, it starts a new clock: one more failing day does not disable it.
+    assert!(setup.store.enable_endpoint(&d.id).await.unwrap());
+    assert!(
+        !setup
+            .store
+            .enable_endpoint("no-such-endpoint")
+            .await
+            .unwrap()
+    );
+    setup
+        .store
+        .insert(&[event("credits.granted", "a")], setup.clock.now_us())
+        .await
+        .unwrap();
+    dispatcher.run_once().await.unwrap();
+    setup.clock.advance(24 * 3600 * 1_000_000);
+    dispatcher.run_once().await.unwrap();
+    let endpoints = setup.store.endpoints().await.unwrap();
+    let revived = endpoints.iter().find(|e| e.id == d.id).unwrap();
+    assert_eq!(revived.status, "enabled");
+    assert!(dead.ids().len() > before);
 }
 
 async fn manual_redelivery_and_secret_rotation_keep_the_webhook_id(backend: Backend) {
