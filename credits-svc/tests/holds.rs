@@ -460,6 +460,26 @@ async fn hold_ids_are_idempotency_keys_and_batches_settle_each_item(backend: Bac
     let first = hold(&mut c, "b", "same", 2 * CREDIT, 600).await.unwrap();
     let again = hold(&mut c, "b", "same", 2 * CREDIT, 600).await.unwrap();
     assert!(again.duplicate && !first.duplicate);
+    // The same hold id for another user is not theirs to take.
+    grant(&mut c, "b2", 30 * CREDIT, "g2", None).await;
+    assert_eq!(
+        hold(&mut c, "b2", "same", 2 * CREDIT, 600)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(balance(&mut c, "b2").await.held_micros, 0);
+    // A hold retried after it was settled (nothing of the user held any more) answers
+    // the stored hold and reserves nothing again.
+    let once = hold(&mut c, "b2", "once", CREDIT, 600).await.unwrap();
+    assert!(!once.duplicate);
+    settle(&mut c, "once", CREDIT / 2).await.unwrap();
+    let replay = hold(&mut c, "b2", "once", CREDIT, 600).await.unwrap();
+    assert!(replay.duplicate);
+    assert_eq!(status(&replay.hold.unwrap()), pb::HoldStatus::Settled);
+    let b2 = balance(&mut c, "b2").await;
+    assert_eq!((b2.balance_micros, b2.held_micros), (30 * CREDIT - CREDIT / 2, 0));
     assert_eq!(
         hold(&mut c, "b", "same", 3 * CREDIT, 600)
             .await
