@@ -521,14 +521,6 @@ impl Plan {
             .all(|planned| matches!(planned, Planned::Insert(_) | Planned::DuplicateOfInsert(_)))
     }
 
-    /// Every operation made a new hold: nothing refused, nothing answered from a hold
-    /// that exists.
-    pub fn makes_every_hold(&self) -> bool {
-        self.outcomes.iter().all(|planned| {
-            matches!(planned, Planned::HoldState { hold, duplicate: false } if self.holds[*hold].is_new)
-        })
-    }
-
     /// The plan holds without the entries already holding its keys: it appends every
     /// write (a key taken meanwhile fails the append, not the plan), or no outcome was
     /// looked up among them (hold operations on holds still held: their settle keys are

@@ -166,22 +166,38 @@ async fn apply_in(
         .fetch_all(&mut *conn)
         .await?,
     )?;
-    // New holds need no read when nothing of their users is held, if the plan makes
-    // every one of them: a hold id taken already (a replay, or another user's) then
-    // conflicts when saved, and the caller replans. A plan that refuses a hold reads
-    // them and plans again, since the refused one may be a replay.
-    let only_new_holds = ops.iter().all(|op| matches!(op, Op::Hold(HoldOp::Hold(_))));
-    let nothing_held = lots.iter().all(|lot| lot.held.0 == 0);
-    let unread = nothing_held && (hold_ids.is_empty() || (optimistic && only_new_holds));
-    let mut holds = if unread {
+    let holds = if hold_ids.is_empty() && lots.iter().all(|lot| lot.held.0 == 0) {
         Vec::new()
     } else {
-        read_holds(conn, &users, &hold_ids, now_us).await?
+        // The holds named and the users' held holds past their instant (to expire), with
+        // their reservations, in one round trip: reservation rows first (hold_id,
+        // lot_id, amount; no status), then the holds (with a status). What other held
+        // holds reserve is in their lots' `held`.
+        let rows = sqlx::query_as::<_, HoldOrReservation>(&format!(
+            "WITH h AS ( \
+                SELECT {HOLD_COLUMNS} FROM credit_holds WHERE hold_id = ANY($2::text[]) \
+                UNION SELECT {HOLD_COLUMNS} FROM credit_holds \
+                WHERE user_id = ANY($1::text[]) AND status = 'held' AND expires_at_us <= $3 \
+             ) \
+             SELECT r.hold_id, NULL::text AS user_id, r.amount_micros, NULL::text AS status, \
+                    NULL::int8 AS settled_micros, r.lot_id AS entry_id, 0::int8 AS shortfall_micros, \
+                    false AS late, '' AS description, r.position::int8 AS created_at_us, \
+                    0::int8 AS expires_at_us, NULL::int8 AS resolved_at_us \
+             FROM credit_hold_reservations AS r JOIN h USING (hold_id) \
+             UNION ALL SELECT {HOLD_COLUMNS} FROM h \
+             ORDER BY 1, 10"
+        ))
+        .bind(&users)
+        .bind(&hold_ids)
+        .bind(now_us)
+        .fetch_all(&mut *conn)
+        .await?;
+        holds_and_reservations(rows)?
     };
     let keys = keys_of_ops(ops);
     let mut plan = None;
     if optimistic || keys.is_empty() {
-        let mut first = ledger::plan_ops(
+        let first = ledger::plan_ops(
             ops,
             &balances,
             &lots,
@@ -189,17 +205,6 @@ async fn apply_in(
             &ExistingEntries::new(),
             now_us,
         );
-        if unread && !hold_ids.is_empty() && !first.makes_every_hold() {
-            holds = read_holds(conn, &users, &hold_ids, now_us).await?;
-            first = ledger::plan_ops(
-                ops,
-                &balances,
-                &lots,
-                &holds,
-                &ExistingEntries::new(),
-                now_us,
-            );
-        }
         if keys.is_empty() || first.stands_without_existing() {
             plan = Some(first);
         }
@@ -238,38 +243,6 @@ async fn apply_in(
     }
     super::outbox::emit_pg(conn, &plan, &balances, &lots, now_us).await?;
     Ok(Some(plan.finish_ops(&ids, &lot_ids)))
-}
-
-/// The holds named and the users' held holds past their instant (to expire), with
-/// their reservations, in one round trip: reservation rows first (hold_id, lot_id,
-/// amount; no status), then the holds (with a status). What other held holds reserve
-/// is in their lots' `held`.
-async fn read_holds(
-    conn: &mut PgConnection,
-    users: &[String],
-    hold_ids: &[String],
-    now_us: i64,
-) -> Result<Vec<Hold>, StoreError> {
-    let rows = sqlx::query_as::<_, HoldOrReservation>(&format!(
-        "WITH h AS ( \
-            SELECT {HOLD_COLUMNS} FROM credit_holds WHERE hold_id = ANY($2::text[]) \
-            UNION SELECT {HOLD_COLUMNS} FROM credit_holds \
-            WHERE user_id = ANY($1::text[]) AND status = 'held' AND expires_at_us <= $3 \
-         ) \
-         SELECT r.hold_id, NULL::text AS user_id, r.amount_micros, NULL::text AS status, \
-                NULL::int8 AS settled_micros, r.lot_id AS entry_id, 0::int8 AS shortfall_micros, \
-                false AS late, '' AS description, r.position::int8 AS created_at_us, \
-                0::int8 AS expires_at_us, NULL::int8 AS resolved_at_us \
-         FROM credit_hold_reservations AS r JOIN h USING (hold_id) \
-         UNION ALL SELECT {HOLD_COLUMNS} FROM h \
-         ORDER BY 1, 10"
-    ))
-    .bind(users)
-    .bind(hold_ids)
-    .bind(now_us)
-    .fetch_all(&mut *conn)
-    .await?;
-    holds_and_reservations(rows)
 }
 
 /// Appends the plan's entries with their draws, moves balances and existing lots, in
