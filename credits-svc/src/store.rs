@@ -522,9 +522,16 @@ fn holds_of(
         .into_iter()
         .map(Hold::try_from)
         .collect::<Result<_, _>>()?;
+    // By id, not a scan per reservation: a batch of a thousand settles has a thousand
+    // of each.
+    let index: std::collections::HashMap<String, usize> = holds
+        .iter()
+        .enumerate()
+        .map(|(i, hold)| (hold.hold_id.clone(), i))
+        .collect();
     for (hold_id, lot_id, amount) in reservations {
-        if let Some(hold) = holds.iter_mut().find(|h| h.hold_id == hold_id) {
-            hold.reservations.push((lot_id, Micros(amount)));
+        if let Some(&i) = index.get(&hold_id) {
+            holds[i].reservations.push((lot_id, Micros(amount)));
         }
     }
     Ok(holds)

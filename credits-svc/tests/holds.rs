@@ -479,7 +479,10 @@ async fn hold_ids_are_idempotency_keys_and_batches_settle_each_item(backend: Bac
     assert!(replay.duplicate);
     assert_eq!(status(&replay.hold.unwrap()), pb::HoldStatus::Settled);
     let b2 = balance(&mut c, "b2").await;
-    assert_eq!((b2.balance_micros, b2.held_micros), (30 * CREDIT - CREDIT / 2, 0));
+    assert_eq!(
+        (b2.balance_micros, b2.held_micros),
+        (30 * CREDIT - CREDIT / 2, 0)
+    );
     assert_eq!(
         hold(&mut c, "b", "same", 3 * CREDIT, 600)
             .await

@@ -399,16 +399,18 @@ async fn apply_in(
         }
     }
     let mut reservations: Vec<(String, i64, i64)> = Vec::new();
-    for row in &holds_rows {
-        reservations.extend(
-            sqlx::query_as::<_, (String, i64, i64)>(
-                "SELECT hold_id, lot_id, amount_micros FROM credit_hold_reservations \
-                 WHERE hold_id = ? ORDER BY position",
-            )
-            .bind(&row.hold_id)
-            .fetch_all(&mut *conn)
-            .await?,
+    let read: Vec<&str> = holds_rows.iter().map(|row| row.hold_id.as_str()).collect();
+    for chunk in read.chunks(IN_LIST_CHUNK) {
+        let sql = format!(
+            "SELECT hold_id, lot_id, amount_micros FROM credit_hold_reservations \
+             WHERE hold_id IN ({}) ORDER BY hold_id, position",
+            placeholders(chunk.len())
         );
+        let mut query = sqlx::query_as::<_, (String, i64, i64)>(&sql);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        reservations.extend(query.fetch_all(&mut *conn).await?);
     }
     let holds = holds_of(holds_rows, reservations)?;
 
