@@ -333,6 +333,15 @@ async fn filters_route_events_and_redirects_are_not_followed(backend: Backend) {
     );
 }
 
+/// One `credits.granted` event, inserted at the test clock's now.
+async fn grant_event_now(setup: &Setup) {
+    setup
+        .store
+        .insert(&[event("credits.granted", "a")], setup.clock.now_us())
+        .await
+        .unwrap();
+}
+
 async fn an_endpoint_failing_for_days_is_disabled_with_an_event(backend: Backend) {
     let setup = setup(backend).await;
     let dead = Receiver::start(vec![Answer::Fail; 100]).await;
@@ -358,11 +367,7 @@ async fn an_endpoint_failing_for_days_is_disabled_with_an_event(backend: Backend
     // An event a day, each failing until the endpoint has failed for three days; an
     // operator enabling it while it is still enabled does not restart its clock.
     for day in 0..4 {
-        setup
-            .store
-            .insert(&[event("credits.granted", "a")], setup.clock.now_us())
-            .await
-            .unwrap();
+        grant_event_now(&setup).await;
         dispatcher.run_once().await.unwrap();
         if day == 1 {
             assert!(setup.store.enable_endpoint(&d.id).await.unwrap());
@@ -380,11 +385,7 @@ async fn an_endpoint_failing_for_days_is_disabled_with_an_event(backend: Backend
     assert_eq!(told[0].1["data"]["endpoint_id"], d.id);
     // Nothing more is sent to it.
     let before = dead.ids().len();
-    setup
-        .store
-        .insert(&[event("credits.granted", "a")], setup.clock.now_us())
-        .await
-        .unwrap();
+    grant_event_now(&setup).await;
     setup.clock.advance(24 * 3600 * 1_000_000);
     dispatcher.run_once().await.unwrap();
     assert_eq!(dead.ids().len(), before);
@@ -397,11 +398,7 @@ async fn an_endpoint_failing_for_days_is_disabled_with_an_event(backend: Backend
             .await
             .unwrap()
     );
-    setup
-        .store
-        .insert(&[event("credits.granted", "a")], setup.clock.now_us())
-        .await
-        .unwrap();
+    grant_event_now(&setup).await;
     dispatcher.run_once().await.unwrap();
     setup.clock.advance(24 * 3600 * 1_000_000);
     dispatcher.run_once().await.unwrap();
