@@ -487,6 +487,81 @@ async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(attempt.state, AttemptState::Processing);
+    // Stripe asks for the user's action; it waits in flight, so nothing new is made...
+    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
+        .await
+        .unwrap();
+    let action = ChargeResult::RequiresAction {
+        payment_intent_id: "pi_action".into(),
+        action_url: Some("https://stripe.example/3ds".into()),
+    };
+    assert!(topups.record(&claimed[0], &action, t0 + 4).await.unwrap());
+    store
+        .apply(&[deduction("dora", 1, "d4")], t0 + 5)
+        .await
+        .unwrap();
+    assert_eq!(topups.attempts("dora").await.unwrap().len(), 2);
+    // ...until the user turns auto top-up off, which withdraws it; on again, the next
+    // write makes a new attempt.
+    c.set_auto_top_up(pb::SetAutoTopUpRequest {
+        enabled: false,
+        ..settings("dora", 10, 5, 1_000)
+    })
+    .await
+    .unwrap();
+    let waited = topups
+        .attempt(&claimed[0].attempt_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(waited.state, AttemptState::Failed);
+    assert_eq!(
+        waited.failure_code.as_deref(),
+        Some(credits_svc::store::topup::DISABLED_CODE)
+    );
+    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
+        .await
+        .unwrap();
+    store
+        .apply(&[deduction("dora", 1, "d5")], t0 + 6)
+        .await
+        .unwrap();
+    let attempts = topups.attempts("dora").await.unwrap();
+    assert_eq!(attempts.len(), 3);
+    assert!(
+        attempts
+            .iter()
+            .any(|a| a.state == AttemptState::Pending && a.attempt_id != claimed[0].attempt_id)
+    );
+    // The user completes the withdrawn one after all: its own payment completes it,
+    // another payment does not, nor does any payment complete one never sent.
+    let never_sent = attempts
+        .iter()
+        .find(|a| a.failure_code.is_some() && a.attempt_id != claimed[0].attempt_id)
+        .unwrap();
+    for (attempt, payment) in [
+        (&claimed[0].attempt_id, "pi_other"),
+        (&never_sent.attempt_id, "pi_stray"),
+    ] {
+        assert!(
+            !topups
+                .complete(attempt, "dora", payment, t0 + 7)
+                .await
+                .unwrap()
+        );
+    }
+    assert!(
+        topups
+            .complete(&claimed[0].attempt_id, "dora", "pi_action", t0 + 7)
+            .await
+            .unwrap()
+    );
+    let paid = topups
+        .attempt(&claimed[0].attempt_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(paid.state, AttemptState::Succeeded);
 }
 
 /// A ledger write that read the settings as enabled is still open (its balance row

@@ -301,11 +301,16 @@ const UPSERT_SETTINGS_SQL: &str = "INSERT INTO credit_topup_settings \
      updated_at_us = excluded.updated_at_us";
 
 /// The failure code of an attempt withdrawn because its user disabled auto top-up
-/// before any worker sent it.
+/// before any worker sent it, or while it waited for the user's action (which could
+/// otherwise wait forever, blocking every later attempt).
 pub const DISABLED_CODE: &str = "auto_topup_disabled";
 
+/// Withdraws what is not on its way to Stripe: attempts no worker has sent, and those
+/// waiting for the user's action (a payment the user completes later still credits
+/// them through its webhook, and completes the attempt: see `complete`).
 const WITHDRAW_PENDING_SQL: &str = "UPDATE credit_topup_attempts SET state = 'failed', \
-     failure_code = $2, updated_at_us = $3 WHERE user_id = $1 AND state = 'pending'";
+     failure_code = $2, updated_at_us = $3 \
+     WHERE user_id = $1 AND state IN ('pending', 'requires_action')";
 
 const SAVE_CARD_SQL: &str = "INSERT INTO credit_topup_cards \
      (payment_id, user_id, customer_id, payment_method_id, saved_at_us) \
@@ -339,11 +344,14 @@ const SAVE_FAILURES_SQL: &str = "UPDATE credit_topup_settings SET consecutive_fa
      retry_after_us = $3, suspended_reason = COALESCE($4, suspended_reason), updated_at_us = $5 \
      WHERE user_id = $1";
 
-/// The webhook's payment of an attempt completes it (from any in-flight state).
+/// The webhook's payment of an attempt completes it (from any in-flight state, or
+/// withdrawn by a disable while it waited for the user's action on this same payment:
+/// the user paid it).
 const COMPLETE_ATTEMPT_SQL: &str = "UPDATE credit_topup_attempts SET state = 'succeeded', \
      payment_intent_id = $3, failure_code = NULL, updated_at_us = $4 \
      WHERE attempt_id = $1 AND user_id = $2 \
-     AND state IN ('pending', 'processing', 'requires_action')";
+     AND (state IN ('pending', 'processing', 'requires_action') \
+          OR (state = 'failed' AND failure_code = $5 AND payment_intent_id = $3))";
 
 fn view_of(
     row: Option<SettingsRow>,
@@ -458,8 +466,10 @@ impl TopUpStore {
 
     /// Sets the user's settings (the card, failures and suspension stay as they are).
     /// Disabling withdraws, in the same transaction, an attempt no worker has claimed
-    /// yet: it ends `failed` with [`DISABLED_CODE`] and is never sent. (One already
-    /// claimed was sent, or is being sent, before the user changed their mind.)
+    /// yet, or one waiting for the user's action: it ends `failed` with
+    /// [`DISABLED_CODE`] (never sent, or never completed unless the user pays it
+    /// later). One claimed and not answered was sent, or is being sent, before the user
+    /// changed their mind: it stays.
     pub async fn set(
         &self,
         user_id: &str,
@@ -585,7 +595,10 @@ impl TopUpStore {
             let Some(attempt) = row.map(Attempt::try_from).transpose()? else {
                 return Ok(false);
             };
-            if attempt.user_id != user_id || !attempt.state.in_flight() {
+            let withdrawn = attempt.state == AttemptState::Failed
+                && attempt.failure_code.as_deref() == Some(DISABLED_CODE)
+                && attempt.payment_intent_id.as_deref() == Some(payment_intent_id);
+            if attempt.user_id != user_id || !(attempt.state.in_flight() || withdrawn) {
                 return Ok(false);
             }
             sqlx::query(COMPLETE_ATTEMPT_SQL)
@@ -593,6 +606,7 @@ impl TopUpStore {
                 .bind(user_id)
                 .bind(payment_intent_id)
                 .bind(now_us)
+                .bind(DISABLED_CODE)
                 .execute(&mut *tx)
                 .await?;
             let result = ChargeResult::Succeeded {
