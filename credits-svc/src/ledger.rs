@@ -715,9 +715,15 @@ impl<'a> Planner<'a> {
             wallet.debt = (lots_sum - wallet.balance.0).max(0);
         }
         // A hold past its instant reserves nothing: mark it expired and free its lots.
+        // Only a locked user's (one in `balances`, whose lots are loaded): a hold read
+        // because a `Hold` of another user named its id is only answered, and freeing
+        // it here would leave its lots' `held` behind.
         for index in 0..planner.all_holds.len() {
             let hold = &planner.all_holds[index];
-            if hold.status == HoldStatus::Held && hold.expires_at_us <= now_us {
+            if hold.status == HoldStatus::Held
+                && hold.expires_at_us <= now_us
+                && balances.contains_key(&hold.user_id)
+            {
                 planner.free(index);
                 let hold = planner.hold_mut(index);
                 hold.status = HoldStatus::Expired;

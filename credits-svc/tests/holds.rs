@@ -28,6 +28,7 @@ on_both_stores!(
     a_hold_keeps_what_it_reserved_of_a_lot_that_expires_under_it,
     a_restart_between_hold_and_settle_charges_nothing,
     hold_ids_are_idempotency_keys_and_batches_settle_each_item,
+    another_users_hold_on_an_expired_hold_id_leaves_the_owner_whole,
 );
 
 const T0: i64 = 2_000_000_000_000_000;
@@ -673,4 +674,46 @@ fn postgres_random_histories_keep_balance_equal_to_available_plus_held() {
 #[test]
 fn sqlite_random_histories_keep_balance_equal_to_available_plus_held() {
     run_property(Backend::Sqlite);
+}
+
+/// A hold id past its instant, not yet swept, named by another user's `Hold`: the
+/// other user is refused and the owner's hold and lot are left as they are (the
+/// owner is not locked by that call), so the owner can spend all of it once the hold
+/// expires on their own next write.
+async fn another_users_hold_on_an_expired_hold_id_leaves_the_owner_whole(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let clock = ManualClock::at(T0);
+    let server = start_at(&db, &clock).await;
+    let mut c = client(server.local_addr).await;
+    grant(&mut c, "owner", 10 * CREDIT, "g-owner", None).await;
+    grant(&mut c, "taker", 10 * CREDIT, "g-taker", None).await;
+    hold(&mut c, "owner", "shared", 4 * CREDIT, 60)
+        .await
+        .unwrap();
+    clock.set(T0 + 61_000_000);
+    let refused = hold(&mut c, "taker", "shared", CREDIT, 60)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists);
+    assert_eq!(balance(&mut c, "taker").await.held_micros, 0);
+    assert_eq!(balance(&mut c, "owner").await.available_micros, 10 * CREDIT);
+    let spent = c
+        .deduct(pb::DeductRequest {
+            user_id: "owner".into(),
+            amount_micros: 10 * CREDIT,
+            idempotency_key: "all".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spent.entry.unwrap().balance_after_micros, 0);
+    assert_eq!(
+        status(&get_hold(&mut c, "shared").await),
+        pb::HoldStatus::Expired
+    );
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let lots = store.lots("owner", true, T0 + 61_000_000).await.unwrap();
+    assert!(lots.iter().all(|lot| lot.held.0 == 0), "{lots:?}");
+    assert_audit_clean(&db, "owner").await;
 }

@@ -194,6 +194,15 @@ async fn apply_in(
         .await?;
         holds_and_reservations(rows)?
     };
+    // A hold named by a settle, release or extension whose owner is not locked was
+    // made after the lock statement looked for it (its `Hold` committed in between):
+    // planning without its owner's balance and lots would draw from nothing. Again.
+    if holds
+        .iter()
+        .any(|hold| named.contains(&hold.hold_id.as_str()) && !balances.contains_key(&hold.user_id))
+    {
+        return Ok(None);
+    }
     let keys = keys_of_ops(ops);
     let mut plan = None;
     if optimistic || keys.is_empty() {
