@@ -30,6 +30,7 @@ on_both_stores!(
     a_write_the_database_refuses_fails_alone_among_concurrent_deductions,
     a_key_refused_for_want_of_credits_is_free_again_alone_and_in_a_batch,
     a_pre_namespace_ledger_keeps_its_keys_after_migration,
+    a_lot_held_for_a_hold_gone_is_recounted_by_migration,
 );
 
 // Load never answers INTERNAL: PostgreSQL-only (SQLite writers are serialised).
@@ -688,43 +689,114 @@ async fn crossing_batches_sharing_keys_never_answer_internal(backend: Backend) {
     }
 }
 
-/// Runs only the migrations before key sources (copied to a folder of their own, so
-/// their checksums match the real ones) and writes a ledger the old way.
-async fn old_ledger(db: &TestDb) {
-    let source = match db.backend {
+/// Runs only the migrations up to `last` (copied to a folder of their own, so their
+/// checksums match the real ones), then `statements`, as an older release left them.
+async fn old_schema(db: &TestDb, last: u32, statements: &[&str]) {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(match db.backend {
         Backend::Postgres => "migrations/postgres",
         Backend::Sqlite => "migrations/sqlite",
-    };
+    });
     let dir = tempfile::tempdir().unwrap();
-    let name = "1001_credit_ledger.sql";
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(source)
-            .join(name),
-        dir.path().join(name),
-    )
-    .unwrap();
+    for file in std::fs::read_dir(&source).unwrap() {
+        let name = file.unwrap().file_name().into_string().unwrap();
+        let version: u32 = name.split('_').next().unwrap().parse().unwrap();
+        if version <= last {
+            std::fs::copy(source.join(&name), dir.path().join(&name)).unwrap();
+        }
+    }
     let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
+    match db.backend {
+        Backend::Postgres => {
+            let pool = reeve_runtime::db::postgres_pool(&db.url, 1).await.unwrap();
+            migrator.run(&pool).await.unwrap();
+            for statement in statements {
+                sqlx::query(statement).execute(&pool).await.unwrap();
+            }
+        }
+        Backend::Sqlite => {
+            let pool = reeve_runtime::db::sqlite_pool(&db.url).await.unwrap();
+            migrator.run(&pool).await.unwrap();
+            for statement in statements {
+                sqlx::query(statement).execute(&pool).await.unwrap();
+            }
+        }
+    }
+}
+
+/// A ledger written the old way, before key sources (migration 1001 only).
+async fn old_ledger(db: &TestDb) {
     let rows = "INSERT INTO credit_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, description, created_at_us) VALUES \
         ('old', 'purchase', 25000000, 25000000, 'pi_old', 'Stripe payment pi_old', 1), \
         ('old', 'adjustment', -5000000, 20000000, 'stripe:refund:ch_old:0:500', 'refund', 2), \
         ('old', 'adjustment', -10000000, 10000000, 'stripe:dispute:dp_old', 'dispute', 3), \
         ('old', 'deduction', -1000000, 9000000, 'pi_used_by_gateway', '', 4)";
     let account = "INSERT INTO credit_accounts (user_id, balance_micros, updated_at_us) VALUES ('old', 9000000, 4)";
-    match db.backend {
-        Backend::Postgres => {
-            let pool = reeve_runtime::db::postgres_pool(&db.url, 1).await.unwrap();
-            migrator.run(&pool).await.unwrap();
-            sqlx::query(rows).execute(&pool).await.unwrap();
-            sqlx::query(account).execute(&pool).await.unwrap();
-        }
-        Backend::Sqlite => {
-            let pool = reeve_runtime::db::sqlite_pool(&db.url).await.unwrap();
-            migrator.run(&pool).await.unwrap();
-            sqlx::query(rows).execute(&pool).await.unwrap();
-            sqlx::query(account).execute(&pool).await.unwrap();
-        }
-    }
+    old_schema(db, 1001, &[rows, account]).await;
+}
+
+/// Lots whose `held_micros` an earlier release left above what held holds reserve
+/// (an expired hold's reservations deleted, its amount still held) are recounted by
+/// migration 1008; one whose count is right keeps it.
+async fn a_lot_held_for_a_hold_gone_is_recounted_by_migration(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    old_schema(
+        &db,
+        1007,
+        &[
+            "INSERT INTO credit_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, description, created_at_us) VALUES \
+                ('drift', 'grant', 10000000, 10000000, 'g1', 'caller', '', 1), \
+                ('drift', 'grant', 5000000, 15000000, 'g2', 'caller', '', 2)",
+            "INSERT INTO credit_accounts (user_id, balance_micros, updated_at_us) VALUES ('drift', 15000000, 2)",
+            // Lots 1 and 2 of a fresh database.
+            "INSERT INTO credit_lots (user_id, category, priority, source, original_micros, remaining_micros, held_micros, created_at_us) VALUES \
+                ('drift', 'paid', 50, 'g1', 10000000, 10000000, 4000000, 1), \
+                ('drift', 'paid', 50, 'g2', 5000000, 5000000, 2000000, 2)",
+            "INSERT INTO credit_holds (hold_id, user_id, amount_micros, status, created_at_us, expires_at_us, resolved_at_us) VALUES \
+                ('gone', 'drift', 4000000, 'expired', 1, 3, 3), \
+                ('kept', 'drift', 2000000, 'held', 2, 9000000000000000, NULL)",
+            "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) VALUES ('kept', 2, 2000000, 0)",
+        ],
+    )
+    .await;
+    let server = db.start().await;
+    let mut c = client(server.local_addr).await;
+    let answer = c
+        .get_balance(pb::GetBalanceRequest {
+            user_id: "drift".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            answer.balance_micros,
+            answer.held_micros,
+            answer.available_micros
+        ),
+        (15 * CREDIT, 2 * CREDIT, 13 * CREDIT)
+    );
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let held: Vec<(i64, i64)> = store
+        .lots("drift", true, 3)
+        .await
+        .unwrap()
+        .iter()
+        .map(|lot| (lot.id, lot.held.0))
+        .collect();
+    assert_eq!(held, [(1, 0), (2, 2 * CREDIT)]);
+    // All of what is not held can be spent.
+    let spent = c
+        .deduct(pb::DeductRequest {
+            user_id: "drift".into(),
+            amount_micros: 13 * CREDIT,
+            idempotency_key: "all-but-held".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spent.entry.unwrap().balance_after_micros, 2 * CREDIT);
+    assert_audit_clean(&db, &["drift"]).await;
 }
 
 async fn a_pre_namespace_ledger_keeps_its_keys_after_migration(backend: Backend) {
