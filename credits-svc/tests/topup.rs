@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Backend, CREDIT, TestDb, client};
+use common::{Backend, CREDIT, Client, TestDb, client};
 use credits_svc::events::CREDITS_BALANCE_LOW;
 use credits_svc::ledger::{EntryKind, WriteRequest};
 use credits_svc::topup::{AttemptState, Card, ChargeResult, TOPUP_SUCCEEDED};
@@ -43,6 +43,17 @@ fn settings(user: &str, threshold: i64, amount: i64, cap: i64) -> pb::SetAutoTop
         amount_micros: amount * CREDIT,
         monthly_cap_micros: cap * CREDIT,
     }
+}
+
+/// Turns auto top-up on or off with the usual test settings (below 10 credits, buy 5,
+/// at most 1,000 a month).
+async fn switch(c: &mut Client, user: &str, enabled: bool) {
+    c.set_auto_top_up(pb::SetAutoTopUpRequest {
+        enabled,
+        ..settings(user, 10, 5, 1_000)
+    })
+    .await
+    .unwrap();
 }
 
 fn grant(user: &str, credits: i64, key: &str) -> WriteRequest {
@@ -207,9 +218,7 @@ async fn no_attempt_without_a_card_while_disabled_or_backing_off(backend: Backen
     let mut c = client(server.local_addr).await;
     let topups = store.topups();
     let t0: i64 = 2_000_000_000_000_000;
-    c.set_auto_top_up(settings("carol", 10, 5, 1_000))
-        .await
-        .unwrap();
+    switch(&mut c, "carol", true).await;
     store.apply(&[grant("carol", 100, "g")], t0).await.unwrap();
     // No card: nothing.
     store
@@ -222,21 +231,14 @@ async fn no_attempt_without_a_card_while_disabled_or_backing_off(backend: Backen
         .save_card("carol", "pi_card", &card(), t0)
         .await
         .unwrap();
-    c.set_auto_top_up(pb::SetAutoTopUpRequest {
-        enabled: false,
-        ..settings("carol", 10, 5, 1_000)
-    })
-    .await
-    .unwrap();
+    switch(&mut c, "carol", false).await;
     store
         .apply(&[deduction("carol", CREDIT, "d2")], t0)
         .await
         .unwrap();
     assert!(topups.attempts("carol").await.unwrap().is_empty());
     // Enabled: one; declined, so an hour of back-off.
-    c.set_auto_top_up(settings("carol", 10, 5, 1_000))
-        .await
-        .unwrap();
+    switch(&mut c, "carol", true).await;
     store
         .apply(&[deduction("carol", CREDIT, "d3")], t0)
         .await
@@ -319,9 +321,7 @@ async fn an_attempt_without_an_answer_is_resent_only_while_its_key_holds(backend
     let topups = store.topups();
     let t0: i64 = 2_000_000_000_000_000;
     let lease = 60_000_000;
-    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
-        .await
-        .unwrap();
+    switch(&mut c, "dora", true).await;
     store.apply(&[grant("dora", 20, "g")], t0).await.unwrap();
     topups
         .save_card("dora", "pi_card", &card(), t0)
@@ -368,9 +368,7 @@ async fn refunds_and_disputes_never_charge_the_card_again(backend: Backend) {
     let mut c = client(server.local_addr).await;
     let topups = store.topups();
     let now = reeve_runtime::clock::now_us();
-    c.set_auto_top_up(settings("rita", 10, 5, 1_000))
-        .await
-        .unwrap();
+    switch(&mut c, "rita", true).await;
     topups
         .save_card("rita", "pi_card", &card(), now)
         .await
@@ -414,9 +412,7 @@ async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
     let mut c = client(server.local_addr).await;
     let topups = store.topups();
     let t0: i64 = 2_000_000_000_000_000;
-    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
-        .await
-        .unwrap();
+    switch(&mut c, "dora", true).await;
     topups
         .save_card("dora", "pi_card", &card(), t0)
         .await
@@ -431,12 +427,7 @@ async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
         AttemptState::Pending
     );
     // The user turns it off before any worker picked the attempt up: never sent.
-    c.set_auto_top_up(pb::SetAutoTopUpRequest {
-        enabled: false,
-        ..settings("dora", 10, 5, 1_000)
-    })
-    .await
-    .unwrap();
+    switch(&mut c, "dora", false).await;
     assert!(
         topups
             .claim(t0 + 1, 60_000_000, 10)
@@ -464,9 +455,7 @@ async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(topups.attempts("dora").await.unwrap().len(), 1);
-    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
-        .await
-        .unwrap();
+    switch(&mut c, "dora", true).await;
     store
         .apply(&[deduction("dora", 1, "d3")], t0 + 3)
         .await
@@ -475,12 +464,7 @@ async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].amount, Micros(5 * CREDIT));
     // A claimed attempt is already on its way to Stripe: disabling leaves it be.
-    c.set_auto_top_up(pb::SetAutoTopUpRequest {
-        enabled: false,
-        ..settings("dora", 10, 5, 1_000)
-    })
-    .await
-    .unwrap();
+    switch(&mut c, "dora", false).await;
     let attempt = topups
         .attempt(&claimed[0].attempt_id)
         .await
@@ -488,9 +472,7 @@ async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
         .unwrap();
     assert_eq!(attempt.state, AttemptState::Processing);
     // Stripe asks for the user's action; it waits in flight, so nothing new is made...
-    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
-        .await
-        .unwrap();
+    switch(&mut c, "dora", true).await;
     let action = ChargeResult::RequiresAction {
         payment_intent_id: "pi_action".into(),
         action_url: Some("https://stripe.example/3ds".into()),
@@ -503,12 +485,7 @@ async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
     assert_eq!(topups.attempts("dora").await.unwrap().len(), 2);
     // ...until the user turns auto top-up off, which withdraws it; on again, the next
     // write makes a new attempt.
-    c.set_auto_top_up(pb::SetAutoTopUpRequest {
-        enabled: false,
-        ..settings("dora", 10, 5, 1_000)
-    })
-    .await
-    .unwrap();
+    switch(&mut c, "dora", false).await;
     let waited = topups
         .attempt(&claimed[0].attempt_id)
         .await
@@ -519,9 +496,7 @@ async fn disabling_withdraws_an_attempt_no_worker_has_sent(backend: Backend) {
         waited.failure_code.as_deref(),
         Some(credits_svc::store::topup::DISABLED_CODE)
     );
-    c.set_auto_top_up(settings("dora", 10, 5, 1_000))
-        .await
-        .unwrap();
+    switch(&mut c, "dora", true).await;
     store
         .apply(&[deduction("dora", 1, "d5")], t0 + 6)
         .await
@@ -577,9 +552,7 @@ async fn disabling_during_a_write_that_creates_an_attempt_withdraws_it() {
     let mut c = client(server.local_addr).await;
     let topups = store.topups();
     let t0: i64 = 2_000_000_000_000_000;
-    c.set_auto_top_up(settings("eve", 10, 5, 1_000))
-        .await
-        .unwrap();
+    switch(&mut c, "eve", true).await;
     topups
         .save_card("eve", "pi_card", &card(), t0)
         .await
