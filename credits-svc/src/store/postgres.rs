@@ -197,10 +197,10 @@ async fn apply_in(
     // A hold named by a settle, release or extension whose owner is not locked was
     // made after the lock statement looked for it (its `Hold` committed in between):
     // planning without its owner's balance and lots would draw from nothing. Again.
-    if holds
-        .iter()
-        .any(|hold| named.contains(&hold.hold_id.as_str()) && !balances.contains_key(&hold.user_id))
-    {
+    let named_ids: std::collections::HashSet<&str> = named.iter().copied().collect();
+    if holds.iter().any(|hold| {
+        named_ids.contains(hold.hold_id.as_str()) && !balances.contains_key(&hold.user_id)
+    }) {
         return Ok(None);
     }
     let keys = keys_of_ops(ops);
