@@ -67,6 +67,16 @@ impl PgLedger {
         Ok(Some(outcomes))
     }
 
+    /// Writes and hold operations alike: first without reading the keys they use (fresh
+    /// keys, settles of holds still held), then, on any conflict or error, with them
+    /// read and retried.
+    async fn apply_ops(&self, ops: &[Op], now_us: i64) -> Result<Vec<OpOutcome>, StoreError> {
+        if let Some(outcomes) = self.try_apply(ops, &[], now_us, true).await.ok().flatten() {
+            return Ok(outcomes);
+        }
+        with_retries(|| self.try_apply(ops, &[], now_us, false)).await
+    }
+
     async fn try_payment_event(
         &self,
         event: &PaymentEvent,
@@ -828,13 +838,7 @@ impl LedgerStore for PgLedger {
             return Ok(Vec::new());
         }
         let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
-        // Fresh keys first without reading them; any conflict replans with them read.
-        if let Some(outcomes) = self.try_apply(&ops, &[], now_us, true).await.ok().flatten() {
-            return Ok(write_outcomes(outcomes));
-        }
-        Ok(write_outcomes(
-            with_retries(|| self.try_apply(&ops, &[], now_us, false)).await?,
-        ))
+        Ok(write_outcomes(self.apply_ops(&ops, now_us).await?))
     }
 
     async fn apply_holds(
@@ -846,13 +850,7 @@ impl LedgerStore for PgLedger {
             return Ok(Vec::new());
         }
         let ops: Vec<Op> = ops.iter().cloned().map(Op::Hold).collect();
-        // As `apply`: settles of held holds need no key read; anything else replans.
-        if let Some(outcomes) = self.try_apply(&ops, &[], now_us, true).await.ok().flatten() {
-            return Ok(hold_outcomes(outcomes));
-        }
-        Ok(hold_outcomes(
-            with_retries(|| self.try_apply(&ops, &[], now_us, false)).await?,
-        ))
+        Ok(hold_outcomes(self.apply_ops(&ops, now_us).await?))
     }
 
     async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, StoreError> {
