@@ -18,8 +18,18 @@ use sqlx::sqlite::{
 /// transaction (a crashed or cut-off caller) is ended after a minute, so the row locks
 /// it holds cannot stall everyone else for hours.
 pub async fn postgres_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options =
-        PgConnectOptions::from_str(url)?.options([("idle_in_transaction_session_timeout", "60s")]);
+    postgres_pool_with(url, max_connections, &[]).await
+}
+
+/// [`postgres_pool`] with more session settings (`name`, `value`) on every connection.
+pub async fn postgres_pool_with(
+    url: &str,
+    max_connections: u32,
+    settings: &[(&str, &str)],
+) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?
+        .options([("idle_in_transaction_session_timeout", "60s")])
+        .options(settings.iter().copied());
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))

@@ -36,7 +36,15 @@ pub struct PgLedger {
 
 impl PgLedger {
     pub async fn connect(url: &str) -> Result<PgLedger, StoreError> {
-        let pool = reeve_runtime::db::postgres_pool(url, 16).await?;
+        // Generic plans: the ledger's statements take arrays whose sizes a custom plan
+        // would look at, and re-planning the hold statements on every call cost more
+        // (0.23 ms each in pg_stat_statements) than the plans saved.
+        let pool = reeve_runtime::db::postgres_pool_with(
+            url,
+            16,
+            &[("plan_cache_mode", "force_generic_plan")],
+        )
+        .await?;
         let mut migrator = sqlx::migrate!("./migrations/postgres");
         // Other services keep their own migrations in the same database.
         migrator.set_ignore_missing(true);
