@@ -347,7 +347,8 @@ impl TryFrom<LotRow> for Lot {
 }
 
 /// The cached balance and the lots with a remainder, read in one statement so a sweep
-/// committing in between cannot be half seen (both stores).
+/// committing in between cannot be half seen (SQLite; PostgreSQL keeps a hold's
+/// reservations in its row and has its own).
 const BALANCE_SQL: &str = "SELECT a.balance_micros, l.id, l.user_id, l.category, l.priority, \
      l.expires_at_us, l.source, l.original_micros, l.remaining_micros, l.created_at_us, \
      l.held_micros, l.expired_micros, r.amount_micros AS reserved_micros, \
@@ -376,7 +377,7 @@ struct BalanceRow {
     hold_expires_at_us: Option<i64>,
 }
 
-/// The balance answer from the rows of [`BALANCE_SQL`] (a lot appears once per
+/// The balance answer from the rows of a balance statement (a lot appears once per
 /// reservation on it).
 fn balance_of(rows: Vec<BalanceRow>, now_us: i64) -> Result<BalanceDetails, StoreError> {
     let cached = rows.first().and_then(|r| r.balance_micros).unwrap_or(0);
@@ -434,7 +435,15 @@ struct HoldRow {
     resolved_at_us: Option<i64>,
 }
 
-const HOLD_COLUMNS: &str = "hold_id, user_id, amount_micros, status, settled_micros, entry_id, shortfall_micros, late, description, created_at_us, expires_at_us, resolved_at_us";
+/// The columns of [`HoldRow`], as a macro so a store can `concat!` its own after them.
+macro_rules! hold_columns {
+    () => {
+        "hold_id, user_id, amount_micros, status, settled_micros, entry_id, shortfall_micros, late, description, created_at_us, expires_at_us, resolved_at_us"
+    };
+}
+use hold_columns;
+
+const HOLD_COLUMNS: &str = hold_columns!();
 
 impl TryFrom<HoldRow> for Hold {
     type Error = StoreError;
@@ -462,55 +471,6 @@ impl TryFrom<HoldRow> for Hold {
             reservations: Vec::new(),
         })
     }
-}
-
-/// A row of the PostgreSQL holds query: a hold (with a status) or one of its
-/// reservations (no status; `entry_id` is the lot, `created_at_us` the position).
-#[derive(sqlx::FromRow)]
-struct HoldOrReservation {
-    hold_id: String,
-    user_id: Option<String>,
-    amount_micros: i64,
-    status: Option<String>,
-    settled_micros: Option<i64>,
-    entry_id: Option<i64>,
-    shortfall_micros: i64,
-    late: bool,
-    description: String,
-    created_at_us: i64,
-    expires_at_us: i64,
-    resolved_at_us: Option<i64>,
-}
-
-/// Holds with their reservations from [`HoldOrReservation`] rows (reservations of one
-/// hold in position order).
-fn holds_and_reservations(rows: Vec<HoldOrReservation>) -> Result<Vec<Hold>, StoreError> {
-    let mut holds = Vec::new();
-    let mut reservations = Vec::new();
-    for row in rows {
-        match (row.status, row.user_id) {
-            (Some(status), Some(user_id)) => holds.push(HoldRow {
-                hold_id: row.hold_id,
-                user_id,
-                amount_micros: row.amount_micros,
-                status,
-                settled_micros: row.settled_micros,
-                entry_id: row.entry_id,
-                shortfall_micros: row.shortfall_micros,
-                late: row.late,
-                description: row.description,
-                created_at_us: row.created_at_us,
-                expires_at_us: row.expires_at_us,
-                resolved_at_us: row.resolved_at_us,
-            }),
-            _ => reservations.push((
-                row.hold_id,
-                row.entry_id.unwrap_or_default(),
-                row.amount_micros,
-            )),
-        }
-    }
-    holds_of(holds, reservations)
 }
 
 /// Holds with their reservations (`(hold_id, lot_id, amount)` rows in order).

@@ -31,6 +31,7 @@ on_both_stores!(
     a_key_refused_for_want_of_credits_is_free_again_alone_and_in_a_batch,
     a_pre_namespace_ledger_keeps_its_keys_after_migration,
     a_lot_held_for_a_hold_gone_is_recounted_by_migration,
+    a_holds_reservations_survive_their_move_into_its_row,
 );
 
 // Load never answers INTERNAL: PostgreSQL-only (SQLite writers are serialised).
@@ -945,4 +946,127 @@ async fn a_held_sqlite_file_answers_unavailable_once_and_loses_nothing() {
         .unwrap();
     }
     assert_eq!(balance(&mut c, "ola").await, 9 * CREDIT, "applied once");
+}
+
+/// Holds made before their reservations moved into their rows (PostgreSQL migration
+/// 1009; SQLite keeps its reservations table): a held hold keeps its lots in position
+/// order (not lot order) and reserves them, its settle draws from them and frees the
+/// rest, and a hold resolved before keeps reserving nothing.
+async fn a_holds_reservations_survive_their_move_into_its_row(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    old_schema(
+        &db,
+        1008,
+        &[
+            "INSERT INTO credit_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, description, created_at_us) VALUES \
+                ('mover', 'grant', 10000000, 10000000, 'g1', 'caller', '', 1), \
+                ('mover', 'grant', 5000000, 15000000, 'g2', 'caller', '', 2), \
+                ('mover', 'deduction', -1000000, 14000000, 'settle:done', 'caller', '', 3)",
+            "INSERT INTO credit_accounts (user_id, balance_micros, updated_at_us) VALUES ('mover', 14000000, 3)",
+            // Lots 1 and 2 of a fresh database; 1 paid the settled hold's million.
+            "INSERT INTO credit_lots (user_id, category, priority, source, original_micros, remaining_micros, held_micros, created_at_us) VALUES \
+                ('mover', 'promotional', 10, 'g1', 10000000, 9000000, 3000000, 1), \
+                ('mover', 'paid', 50, 'g2', 5000000, 5000000, 5000000, 2)",
+            "INSERT INTO credit_holds (hold_id, user_id, amount_micros, status, settled_micros, created_at_us, expires_at_us, resolved_at_us) VALUES \
+                ('moving', 'mover', 8000000, 'held', NULL, 4, 9000000000000000, NULL), \
+                ('done', 'mover', 2000000, 'settled', 1000000, 3, 9000000000000000, 3)",
+            // Position order differs from lot order: lot 2 first.
+            "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) VALUES \
+                ('moving', 1, 3000000, 1), ('moving', 2, 5000000, 0)",
+        ],
+    )
+    .await;
+    let server = db.start().await;
+    let mut c = client(server.local_addr).await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let moving = store.hold("moving").await.unwrap().unwrap();
+    assert_eq!(
+        moving.reservations,
+        [
+            (2, reeve_runtime::Micros(5 * CREDIT)),
+            (1, reeve_runtime::Micros(3 * CREDIT))
+        ]
+    );
+    assert!(
+        store
+            .hold("done")
+            .await
+            .unwrap()
+            .unwrap()
+            .reservations
+            .is_empty()
+    );
+    let balance = c
+        .get_balance(pb::GetBalanceRequest {
+            user_id: "mover".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            balance.balance_micros,
+            balance.held_micros,
+            balance.available_micros
+        ),
+        (14 * CREDIT, 8 * CREDIT, 6 * CREDIT)
+    );
+    // What is not held can be spent, not a micro more.
+    let over = c
+        .deduct(pb::DeductRequest {
+            user_id: "mover".into(),
+            amount_micros: 6 * CREDIT + 1,
+            idempotency_key: "over".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), Code::FailedPrecondition);
+    // The settle draws from the reserved lots in their order and frees the rest.
+    let settled = c
+        .settle_hold(pb::SettleHoldRequest {
+            hold_id: "moving".into(),
+            amount_micros: 6 * CREDIT,
+            description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = settled.entry.unwrap();
+    assert_eq!(entry.balance_after_micros, 8 * CREDIT);
+    let draws: Vec<(i64, i64)> = entry
+        .draws
+        .iter()
+        .map(|draw| (draw.lot_id, draw.amount_micros))
+        .collect();
+    assert_eq!(draws, [(2, 5 * CREDIT), (1, CREDIT)]);
+    assert!(
+        store
+            .hold("moving")
+            .await
+            .unwrap()
+            .unwrap()
+            .reservations
+            .is_empty()
+    );
+    let lots: Vec<(i64, i64, i64)> = store
+        .lots("mover", true, 3)
+        .await
+        .unwrap()
+        .iter()
+        .map(|lot| (lot.id, lot.remaining.0, lot.held.0))
+        .collect();
+    assert_eq!(lots, [(1, 8 * CREDIT, 0), (2, 0, 0)]);
+    let all = c
+        .deduct(pb::DeductRequest {
+            user_id: "mover".into(),
+            amount_micros: 8 * CREDIT,
+            idempotency_key: "all".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.entry.unwrap().balance_after_micros, 0);
+    assert_audit_clean(&db, &["mover"]).await;
 }

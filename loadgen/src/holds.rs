@@ -87,11 +87,7 @@ pub(crate) async fn run(
         pair("hw"),
     )
     .await?;
-    for table in ["credit_holds", "credit_hold_reservations"] {
-        sqlx::query(&format!("ANALYZE {table}"))
-            .execute(pool)
-            .await?;
-    }
+    sqlx::query("ANALYZE credit_holds").execute(pool).await?;
     results.push(
         drive(
             format!(
@@ -178,9 +174,11 @@ async fn seed_holds(pool: &sqlx::PgPool, holds: u64, users: usize) -> anyhow::Re
     let now_us = credits_svc::system_clock_us();
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO credit_holds (hold_id, user_id, amount_micros, status, description, created_at_us, expires_at_us) \
-         SELECT 'sb-' || g, 'u' || lpad(((g * 7919) % $2)::text, 6, '0'), $3, 'held', '', $4, $4 + 86400000000 \
-         FROM generate_series(0::int8, $1 - 1) AS g",
+        "INSERT INTO credit_holds (hold_id, user_id, amount_micros, status, description, created_at_us, \
+             expires_at_us, reserved_lot_ids, reserved_micros) \
+         SELECT 'sb-' || g, l.user_id, $3, 'held', '', $4, $4 + 86400000000, ARRAY[l.id], ARRAY[$3::int8] \
+         FROM generate_series(0::int8, $1 - 1) AS g \
+         JOIN credit_lots AS l ON l.user_id = 'u' || lpad(((g * 7919) % $2)::text, 6, '0')",
     )
     .bind(i64::try_from(holds)?)
     .bind(i64::try_from(users)?)
@@ -189,22 +187,15 @@ async fn seed_holds(pool: &sqlx::PgPool, holds: u64, users: usize) -> anyhow::Re
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) \
-         SELECT h.hold_id, l.id, h.amount_micros, 1 FROM credit_holds h \
-         JOIN credit_lots l ON l.user_id = h.user_id WHERE h.hold_id LIKE 'sb-%'",
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
         "UPDATE credit_lots AS l SET held_micros = l.held_micros + r.held \
-         FROM (SELECT lot_id, SUM(amount_micros)::int8 AS held FROM credit_hold_reservations \
-               WHERE hold_id LIKE 'sb-%' GROUP BY lot_id) AS r \
+         FROM (SELECT reserved_lot_ids[1] AS lot_id, SUM(amount_micros)::int8 AS held FROM credit_holds \
+               WHERE hold_id LIKE 'sb-%' GROUP BY 1) AS r \
          WHERE l.id = r.lot_id",
     )
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    for table in ["credit_holds", "credit_hold_reservations", "credit_lots"] {
+    for table in ["credit_holds", "credit_lots"] {
         sqlx::query(&format!("ANALYZE {table}"))
             .execute(pool)
             .await?;

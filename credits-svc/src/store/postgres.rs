@@ -29,6 +29,58 @@ use crate::ledger;
 /// (migration 1006).
 pub const HISTORY_FILTER: &str = "WHERE user_id = $1 AND -id > -$2 ORDER BY -id LIMIT $3";
 
+/// The hold columns with the reservations, kept in the hold's row on PostgreSQL
+/// (migration 1009): lot ids and amounts in position order.
+const PG_HOLD_COLUMNS: &str = concat!(hold_columns!(), ", reserved_lot_ids, reserved_micros");
+
+/// A hold with its reservations in one row.
+#[derive(sqlx::FromRow)]
+struct PgHoldRow {
+    #[sqlx(flatten)]
+    hold: HoldRow,
+    reserved_lot_ids: Vec<i64>,
+    reserved_micros: Vec<i64>,
+}
+
+impl TryFrom<PgHoldRow> for Hold {
+    type Error = StoreError;
+
+    fn try_from(row: PgHoldRow) -> Result<Hold, StoreError> {
+        let mut hold = Hold::try_from(row.hold)?;
+        if row.reserved_lot_ids.len() != row.reserved_micros.len() {
+            return Err(StoreError::Corrupt(format!(
+                "hold {:?} has {} reserved lots and {} amounts",
+                hold.hold_id,
+                row.reserved_lot_ids.len(),
+                row.reserved_micros.len()
+            )));
+        }
+        hold.reservations = row
+            .reserved_lot_ids
+            .into_iter()
+            .zip(row.reserved_micros)
+            .map(|(lot, amount)| (lot, Micros(amount)))
+            .collect();
+        Ok(hold)
+    }
+}
+
+/// The cached balance and the lots with a remainder, with what the user's held holds
+/// reserve from each, in one statement (a sweep committing in between cannot be half
+/// seen); a lot appears once per reservation on it.
+const PG_BALANCE_SQL: &str = "SELECT a.balance_micros, l.id, l.user_id, l.category, l.priority, \
+     l.expires_at_us, l.source, l.original_micros, l.remaining_micros, l.created_at_us, \
+     l.held_micros, l.expired_micros, r.amount_micros AS reserved_micros, \
+     r.hold_expires_at_us \
+     FROM (SELECT $1::text AS user_id) AS u \
+     LEFT JOIN credit_accounts AS a ON a.user_id = u.user_id \
+     LEFT JOIN credit_lots AS l ON l.user_id = u.user_id AND l.remaining_micros > 0 AND l.live \
+     LEFT JOIN ( \
+         SELECT r.lot_id, r.amount_micros, h.expires_at_us AS hold_expires_at_us \
+         FROM credit_holds AS h, UNNEST(h.reserved_lot_ids, h.reserved_micros) AS r(lot_id, amount_micros) \
+         WHERE h.user_id = $1::text AND h.status = 'held' \
+     ) AS r ON r.lot_id = l.id AND l.held_micros > 0";
+
 #[derive(Debug, Clone)]
 pub struct PgLedger {
     pool: PgPool,
@@ -188,29 +240,22 @@ async fn apply_in(
         Vec::new()
     } else {
         // The holds named and the users' held holds past their instant (to expire), with
-        // their reservations, in one round trip: reservation rows first (hold_id,
-        // lot_id, amount; no status), then the holds (with a status). What other held
-        // holds reserve is in their lots' `held`.
-        let rows = sqlx::query_as::<_, HoldOrReservation>(&format!(
-            "WITH h AS ( \
-                SELECT {HOLD_COLUMNS} FROM credit_holds WHERE hold_id = ANY($2::text[]) \
-                UNION SELECT {HOLD_COLUMNS} FROM credit_holds \
-                WHERE user_id = ANY($1::text[]) AND status = 'held' AND expires_at_us <= $3 \
-             ) \
-             SELECT r.hold_id, NULL::text AS user_id, r.amount_micros, NULL::text AS status, \
-                    NULL::int8 AS settled_micros, r.lot_id AS entry_id, 0::int8 AS shortfall_micros, \
-                    false AS late, '' AS description, r.position::int8 AS created_at_us, \
-                    0::int8 AS expires_at_us, NULL::int8 AS resolved_at_us \
-             FROM credit_hold_reservations AS r JOIN h USING (hold_id) \
-             UNION ALL SELECT {HOLD_COLUMNS} FROM h \
-             ORDER BY 1, 10"
+        // their reservations (in the row). What other held holds reserve is in their
+        // lots' `held`.
+        let rows = sqlx::query_as::<_, PgHoldRow>(&format!(
+            "SELECT {PG_HOLD_COLUMNS} FROM credit_holds WHERE hold_id = ANY($2::text[]) \
+             UNION SELECT {PG_HOLD_COLUMNS} FROM credit_holds \
+             WHERE user_id = ANY($1::text[]) AND status = 'held' AND expires_at_us <= $3 \
+             ORDER BY 1"
         ))
         .bind(&users)
         .bind(&hold_ids)
         .bind(now_us)
         .fetch_all(&mut *conn)
         .await?;
-        holds_and_reservations(rows)?
+        rows.into_iter()
+            .map(Hold::try_from)
+            .collect::<Result<Vec<Hold>, StoreError>>()?
     };
     // A hold named by a settle, release or extension whose owner is not locked was
     // made after the lock statement looked for it (its `Hold` committed in between):
@@ -427,11 +472,10 @@ const LOT_MOVES_SQL: &str = "UPDATE credit_lots AS l \
      FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) AS m(id, spent, held, expired) \
      WHERE l.id = m.id";
 
-/// Saves the plan's holds in one statement whatever their number: new ones and their
-/// reservations, changed ones' state, the reservations of resolved ones (a resolved
-/// hold reserves nothing) and, for a plan without entries, its lot moves (a plan with
-/// entries moved them when appending). `false` when a new hold id was taken
-/// concurrently (its reservations are not written; the caller rolls back).
+/// Saves the plan's holds in one statement whatever their number: new ones with their
+/// reservations, changed ones' state (a resolved hold reserves nothing) and, for a plan
+/// without entries, its lot moves (a plan with entries moved them when appending).
+/// `false` when a new hold id was taken concurrently (the caller rolls back).
 async fn save_holds(
     conn: &mut PgConnection,
     plan: &ledger::Plan,
@@ -457,6 +501,8 @@ async fn save_holds(
     };
     let new = columns(true);
     let changed = columns(false);
+    // The new holds' reservations as flat (hold, lot, amount, position) rows, gathered
+    // into each hold's arrays by the statement (UNNEST takes no ragged arrays).
     let mut reserving = Vec::new();
     let mut lots = Vec::new();
     let mut amounts = Vec::new();
@@ -472,43 +518,42 @@ async fn save_holds(
             positions.push(i32::try_from(position).unwrap_or(i32::MAX));
         }
     }
-    let resolved: Vec<&str> = dirty
-        .iter()
-        .filter(|(c, h)| !c.is_new && h.status != HoldStatus::Held)
-        .map(|(_, h)| h.hold_id.as_str())
-        .collect();
     let moves = if plan.inserts.is_empty() {
         LotMoves::of(plan)
     } else {
         LotMoves::default()
     };
+    // A hold no longer held reserves nothing: its arrays are emptied with its state.
     let inserted: i64 = sqlx::query_scalar(&format!(
         "WITH new_holds AS ( \
-            INSERT INTO credit_holds ({HOLD_COLUMNS}) \
-            SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], \
+            INSERT INTO credit_holds ({PG_HOLD_COLUMNS}) \
+            SELECT n.*, COALESCE(r.lot_ids, '{{}}'), COALESCE(r.amounts, '{{}}') \
+            FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], \
                 $6::int8[], $7::int8[], $8::bool[], $9::text[], $10::int8[], $11::int8[], $12::int8[]) \
+                AS n({HOLD_COLUMNS}) \
+            LEFT JOIN ( \
+                SELECT hold_id, array_agg(lot_id ORDER BY position) AS lot_ids, \
+                       array_agg(amount_micros ORDER BY position) AS amounts \
+                FROM UNNEST($13::text[], $14::int8[], $15::int8[], $16::int4[]) \
+                    AS r(hold_id, lot_id, amount_micros, position) \
+                GROUP BY hold_id \
+            ) AS r USING (hold_id) \
             ON CONFLICT (hold_id) DO NOTHING RETURNING hold_id \
-         ), new_reservations AS ( \
-            INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) \
-            SELECT r.hold_id, r.lot_id, r.amount_micros, r.position \
-            FROM UNNEST($13::text[], $14::int8[], $15::int8[], $16::int4[]) \
-                AS r(hold_id, lot_id, amount_micros, position) \
-            WHERE r.hold_id IN (SELECT hold_id FROM new_holds) \
          ), changed AS ( \
             UPDATE credit_holds AS h SET status = c.status, settled_micros = c.settled, \
                 entry_id = c.entry_id, shortfall_micros = c.shortfall, late = c.late, \
-                expires_at_us = c.expires, resolved_at_us = c.resolved \
+                expires_at_us = c.expires, resolved_at_us = c.resolved, \
+                reserved_lot_ids = CASE WHEN c.status = 'held' THEN h.reserved_lot_ids ELSE '{{}}' END, \
+                reserved_micros = CASE WHEN c.status = 'held' THEN h.reserved_micros ELSE '{{}}' END \
             FROM UNNEST($17::text[], $18::text[], $19::int8[], $20::int8[], $21::int8[], $22::bool[], \
                 $23::int8[], $24::int8[]) AS c(hold_id, status, settled, entry_id, shortfall, late, expires, resolved) \
             WHERE h.hold_id = c.hold_id \
-         ), freed AS ( \
-            DELETE FROM credit_hold_reservations WHERE hold_id = ANY($25::text[]) \
          ), lots_moved AS ( \
             UPDATE credit_lots AS l \
             SET remaining_micros = l.remaining_micros - m.spent, \
                 held_micros = l.held_micros + m.held, \
                 expired_micros = l.expired_micros + m.expired \
-            FROM UNNEST($26::int8[], $27::int8[], $28::int8[], $29::int8[]) AS m(id, spent, held, expired) \
+            FROM UNNEST($25::int8[], $26::int8[], $27::int8[], $28::int8[]) AS m(id, spent, held, expired) \
             WHERE l.id = m.id \
          ) \
          SELECT count(*) FROM new_holds"
@@ -537,7 +582,6 @@ async fn save_holds(
     .bind(&changed.late)
     .bind(&changed.expires)
     .bind(&changed.resolved)
-    .bind(&resolved)
     .bind(&moves.ids)
     .bind(&moves.spent)
     .bind(&moves.held)
@@ -785,7 +829,7 @@ impl LedgerStore for PgLedger {
     }
 
     async fn balance(&self, user_id: &str, now_us: i64) -> Result<BalanceDetails, StoreError> {
-        let rows = sqlx::query_as::<_, BalanceRow>(BALANCE_SQL)
+        let rows = sqlx::query_as::<_, BalanceRow>(PG_BALANCE_SQL)
             .bind(user_id)
             .fetch_all(&self.pool)
             .await?;
@@ -862,20 +906,14 @@ impl LedgerStore for PgLedger {
     }
 
     async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, StoreError> {
-        let row = sqlx::query_as::<_, HoldRow>(&format!(
-            "SELECT {HOLD_COLUMNS} FROM credit_holds WHERE hold_id = $1"
+        sqlx::query_as::<_, PgHoldRow>(&format!(
+            "SELECT {PG_HOLD_COLUMNS} FROM credit_holds WHERE hold_id = $1"
         ))
         .bind(hold_id)
         .fetch_optional(&self.pool)
-        .await?;
-        let reservations: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT hold_id, lot_id, amount_micros FROM credit_hold_reservations \
-             WHERE hold_id = $1 ORDER BY position",
-        )
-        .bind(hold_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(holds_of(row.into_iter().collect(), reservations)?.pop())
+        .await?
+        .map(Hold::try_from)
+        .transpose()
     }
 
     async fn holds(
