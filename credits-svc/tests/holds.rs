@@ -717,3 +717,101 @@ async fn another_users_hold_on_an_expired_hold_id_leaves_the_owner_whole(backend
     assert!(lots.iter().all(|lot| lot.held.0 == 0), "{lots:?}");
     assert_audit_clean(&db, "owner").await;
 }
+
+/// A settle whose hold is made while the settle's batch waits on another user's row
+/// lock: the batch looked for the hold's owner before the hold existed, so that owner
+/// is not locked when the hold turns up. The batch plans again with the owner locked:
+/// the settle draws from the owner's reserved lots, frees the rest, and its entry
+/// says the owner's real balance. PostgreSQL only (SQLite writers are serialised).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_settle_of_a_hold_made_while_it_waits_draws_from_the_owner() {
+    use credits_svc::holds::{HoldOp, HoldOutcome, HoldRequest};
+    use reeve_runtime::Micros;
+
+    let db = TestDb::new(Backend::Postgres).await;
+    let clock = ManualClock::at(T0);
+    let server = start_at(&db, &clock).await;
+    let mut c = client(server.local_addr).await;
+    grant(&mut c, "owner", 10 * CREDIT, "g-owner", None).await;
+    grant(&mut c, "blocker", 10 * CREDIT, "g-blocker", None).await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let pool = reeve_runtime::db::postgres_pool(&db.url, 2).await.unwrap();
+    let mut blocking = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM credit_accounts WHERE user_id = 'blocker' FOR UPDATE")
+        .execute(&mut *blocking)
+        .await
+        .unwrap();
+    // One batch: settle a hold not made yet, and a hold of the blocked user.
+    let batch = tokio::spawn({
+        let store = std::sync::Arc::clone(&store);
+        async move {
+            let ops = [
+                HoldOp::Settle {
+                    hold_id: "made-meanwhile".into(),
+                    amount: Micros(3 * CREDIT),
+                    description: String::new(),
+                },
+                HoldOp::Hold(HoldRequest {
+                    hold_id: "blocker-hold".into(),
+                    user_id: "blocker".into(),
+                    amount: Micros(CREDIT),
+                    ttl_secs: 600,
+                    description: String::new(),
+                }),
+            ];
+            store.apply_holds(&ops, T0).await
+        }
+    });
+    // It waits on the blocker's row, its owner lookup done...
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never waited on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... when the hold it settles is made; then the blocker lets go.
+    hold(&mut c, "owner", "made-meanwhile", 4 * CREDIT, 600)
+        .await
+        .unwrap();
+    blocking.rollback().await.unwrap();
+    let outcomes = batch.await.unwrap().unwrap();
+    let HoldOutcome::Settled {
+        hold,
+        entry,
+        duplicate,
+    } = &outcomes[0]
+    else {
+        panic!("the settle was not applied: {:?}", outcomes[0]);
+    };
+    assert!(!duplicate);
+    assert_eq!(hold.user_id, "owner");
+    assert_eq!(
+        (entry.user_id.as_str(), entry.balance_after),
+        ("owner", Micros(7 * CREDIT))
+    );
+    assert!(matches!(outcomes[1], HoldOutcome::Hold { .. }));
+    let owner = balance(&mut c, "owner").await;
+    assert_eq!(
+        (
+            owner.balance_micros,
+            owner.held_micros,
+            owner.available_micros
+        ),
+        (7 * CREDIT, 0, 7 * CREDIT)
+    );
+    assert_eq!(balance(&mut c, "blocker").await.held_micros, CREDIT);
+    assert_audit_clean(&db, "owner").await;
+    assert_audit_clean(&db, "blocker").await;
+}
