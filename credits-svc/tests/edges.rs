@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{Backend, CREDIT, Client, TestDb, client};
+use common::{Backend, CREDIT, Client, TestDb, client, deduct};
 use futures::future::join_all;
 use reeve_proto::credits::v1 as pb;
 use reeve_proto::credits::v1::deduct_outcome::Result as Outcome;
@@ -399,14 +399,7 @@ async fn caller_keys_never_collide_with_stripe_keys(backend: Backend) {
         "stripe:dispute:dp_9",
         "stripe:dispute-reinstated:dp_9",
     ] {
-        c.deduct(pb::DeductRequest {
-            user_id: "gateway-user".into(),
-            amount_micros: CREDIT,
-            idempotency_key: key.into(),
-            description: String::new(),
-        })
-        .await
-        .unwrap();
+        deduct(&mut c, "gateway-user", CREDIT, key).await.unwrap();
     }
     // The payment, its refund and its dispute still apply, each once.
     let paid = record(
@@ -432,16 +425,9 @@ async fn caller_keys_never_collide_with_stripe_keys(backend: Backend) {
     assert_eq!(balance(&mut c, "buyer").await, 20 * CREDIT);
     assert_eq!(balance(&mut c, "gateway-user").await, 6 * CREDIT);
     // And a caller retrying its deduction keyed `pi_9` still gets its own entry back.
-    let retry = c
-        .deduct(pb::DeductRequest {
-            user_id: "gateway-user".into(),
-            amount_micros: CREDIT,
-            idempotency_key: "pi_9".into(),
-            description: String::new(),
-        })
+    let retry = deduct(&mut c, "gateway-user", CREDIT, "pi_9")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(retry.duplicate);
     assert_audit_clean(&db, &["buyer", "gateway-user"]).await;
 }
@@ -566,15 +552,10 @@ async fn a_write_the_database_refuses_fails_alone_among_concurrent_deductions(ba
         } else {
             format!("honest-{i}")
         };
-        c.deduct(pb::DeductRequest {
-            user_id: "ivy".into(),
-            amount_micros: CREDIT,
-            idempotency_key: key,
-            description: String::new(),
-        })
-        .await
-        .map(|_| ())
-        .map_err(|status| (i, status.code()))
+        deduct(&mut c, "ivy", CREDIT, &key)
+            .await
+            .map(|_| ())
+            .map_err(|status| (i, status.code()))
     }))
     .await;
     let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
@@ -786,16 +767,9 @@ async fn a_lot_held_for_a_hold_gone_is_recounted_by_migration(backend: Backend) 
         .collect();
     assert_eq!(held, [(1, 0), (2, 2 * CREDIT)]);
     // All of what is not held can be spent.
-    let spent = c
-        .deduct(pb::DeductRequest {
-            user_id: "drift".into(),
-            amount_micros: 13 * CREDIT,
-            idempotency_key: "all-but-held".into(),
-            description: String::new(),
-        })
+    let spent = deduct(&mut c, "drift", 13 * CREDIT, "all-but-held")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(spent.entry.unwrap().balance_after_micros, 2 * CREDIT);
     assert_audit_clean(&db, &["drift"]).await;
 }
@@ -858,16 +832,9 @@ async fn a_pre_namespace_ledger_keeps_its_keys_after_migration(backend: Backend)
     .await;
     assert_eq!(outcome(&again), Said::Duplicate);
     // …and the gateway's old deduction keyed `pi_…` is still its own.
-    let retry = c
-        .deduct(pb::DeductRequest {
-            user_id: "old".into(),
-            amount_micros: CREDIT,
-            idempotency_key: "pi_used_by_gateway".into(),
-            description: String::new(),
-        })
+    let retry = deduct(&mut c, "old", CREDIT, "pi_used_by_gateway")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(retry.duplicate);
     assert_eq!(balance(&mut c, "old").await, 16 * CREDIT);
     assert_audit_clean(&db, &["old"]).await;
@@ -893,15 +860,8 @@ async fn a_held_sqlite_file_answers_unavailable_once_and_loses_nothing() {
         .await
         .unwrap();
     let single = tokio::spawn(async move {
-        client(addr)
-            .await
-            .deduct(pb::DeductRequest {
-                user_id: "ola".into(),
-                amount_micros: CREDIT,
-                idempotency_key: "while-held".into(),
-                description: String::new(),
-            })
-            .await
+        let mut c = client(addr).await;
+        deduct(&mut c, "ola", CREDIT, "while-held").await
     });
     let batch = tokio::spawn(async move {
         client(addr)
@@ -936,14 +896,7 @@ async fn a_held_sqlite_file_answers_unavailable_once_and_loses_nothing() {
         .unwrap();
     assert_eq!(balance(&mut c, "ola").await, 10 * CREDIT, "nothing written");
     for _ in 0..2 {
-        c.deduct(pb::DeductRequest {
-            user_id: "ola".into(),
-            amount_micros: CREDIT,
-            idempotency_key: "while-held".into(),
-            description: String::new(),
-        })
-        .await
-        .unwrap();
+        deduct(&mut c, "ola", CREDIT, "while-held").await.unwrap();
     }
     assert_eq!(balance(&mut c, "ola").await, 9 * CREDIT, "applied once");
 }
@@ -1012,13 +965,7 @@ async fn a_holds_reservations_survive_their_move_into_its_row(backend: Backend) 
         (14 * CREDIT, 8 * CREDIT, 6 * CREDIT)
     );
     // What is not held can be spent, not a micro more.
-    let over = c
-        .deduct(pb::DeductRequest {
-            user_id: "mover".into(),
-            amount_micros: 6 * CREDIT + 1,
-            idempotency_key: "over".into(),
-            description: String::new(),
-        })
+    let over = deduct(&mut c, "mover", 6 * CREDIT + 1, "over")
         .await
         .unwrap_err();
     assert_eq!(over.code(), Code::FailedPrecondition);
@@ -1057,16 +1004,7 @@ async fn a_holds_reservations_survive_their_move_into_its_row(backend: Backend) 
         .map(|lot| (lot.id, lot.remaining.0, lot.held.0))
         .collect();
     assert_eq!(lots, [(1, 8 * CREDIT, 0), (2, 0, 0)]);
-    let all = c
-        .deduct(pb::DeductRequest {
-            user_id: "mover".into(),
-            amount_micros: 8 * CREDIT,
-            idempotency_key: "all".into(),
-            description: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let all = deduct(&mut c, "mover", 8 * CREDIT, "all").await.unwrap();
     assert_eq!(all.entry.unwrap().balance_after_micros, 0);
     assert_audit_clean(&db, &["mover"]).await;
 }

@@ -57,14 +57,7 @@ async fn grant(c: &mut Client, user: &str, micros: i64, key: &str) {
 }
 
 async fn deduct(c: &mut Client, user: &str, micros: i64, key: &str) {
-    c.deduct(pb::DeductRequest {
-        user_id: user.into(),
-        amount_micros: micros,
-        idempotency_key: key.into(),
-        description: String::new(),
-    })
-    .await
-    .unwrap();
+    common::deduct(c, user, micros, key).await.unwrap();
 }
 
 async fn one_balance_low_from_100_concurrent_deductions_crossing_the_threshold(backend: Backend) {

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, CREDIT, Client, TestDb, client};
+use common::{Backend, CREDIT, Client, TestDb, client, deduct};
 use futures::future::join_all;
 use proptest::prelude::*;
 use reeve_proto::credits::v1 as pb;
@@ -152,15 +152,7 @@ async fn a_thousand_concurrent_holds_reserve_exactly_what_is_there(backend: Back
         (100 * CREDIT, 100 * CREDIT, 0)
     );
     // A deduction cannot spend what holds reserve.
-    let refused = c
-        .deduct(pb::DeductRequest {
-            user_id: "many".into(),
-            amount_micros: 1,
-            idempotency_key: "d".into(),
-            description: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let refused = deduct(&mut c, "many", 1, "d").await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     let ids: Vec<String> = results
         .iter()
@@ -629,14 +621,7 @@ async fn replay(backend: Backend, steps: Vec<Step>) {
                 }
             }
             Step::Deduct { micros } => {
-                let outcome = c
-                    .deduct(pb::DeductRequest {
-                        user_id: u.into(),
-                        amount_micros: micros,
-                        idempotency_key: format!("d{i}"),
-                        description: String::new(),
-                    })
-                    .await;
+                let outcome = deduct(&mut c, u, micros, &format!("d{i}")).await;
                 assert_eq!(
                     outcome.is_ok(),
                     before.available_micros >= micros,
@@ -697,16 +682,7 @@ async fn another_users_hold_on_an_expired_hold_id_leaves_the_owner_whole(backend
     assert_eq!(refused.code(), Code::AlreadyExists);
     assert_eq!(balance(&mut c, "taker").await.held_micros, 0);
     assert_eq!(balance(&mut c, "owner").await.available_micros, 10 * CREDIT);
-    let spent = c
-        .deduct(pb::DeductRequest {
-            user_id: "owner".into(),
-            amount_micros: 10 * CREDIT,
-            idempotency_key: "all".into(),
-            description: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let spent = deduct(&mut c, "owner", 10 * CREDIT, "all").await.unwrap();
     assert_eq!(spent.entry.unwrap().balance_after_micros, 0);
     assert_eq!(
         status(&get_hold(&mut c, "shared").await),

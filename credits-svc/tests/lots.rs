@@ -74,14 +74,9 @@ async fn deduct(
     micros: i64,
     key: &str,
 ) -> Result<pb::LedgerEntry, tonic::Status> {
-    c.deduct(pb::DeductRequest {
-        user_id: user.into(),
-        amount_micros: micros,
-        idempotency_key: key.into(),
-        description: String::new(),
-    })
-    .await
-    .map(|r| r.into_inner().entry.unwrap())
+    common::deduct(c, user, micros, key)
+        .await
+        .map(|r| r.entry.unwrap())
 }
 
 async fn lots(c: &mut Client, user: &str, include_spent: bool) -> Vec<pb::Lot> {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Backend, CREDIT, Client, TestDb, client};
+use common::{Backend, CREDIT, Client, TestDb, client, deduct};
 use credits_svc::events::CREDITS_BALANCE_LOW;
 use credits_svc::ledger::{EntryKind, WriteRequest};
 use credits_svc::topup::{AttemptState, Card, ChargeResult, TOPUP_SUCCEEDED};
@@ -96,14 +96,9 @@ async fn one_attempt_and_one_balance_low_from_100_concurrent_deductions_crossing
     let calls = (0..100).map(|i| {
         let mut c = c.clone();
         async move {
-            c.deduct(pb::DeductRequest {
-                user_id: "alice".into(),
-                amount_micros: 900_000,
-                idempotency_key: format!("d{i}"),
-                description: String::new(),
-            })
-            .await
-            .unwrap();
+            deduct(&mut c, "alice", 900_000, &format!("d{i}"))
+                .await
+                .unwrap();
         }
     });
     join_all(calls).await;

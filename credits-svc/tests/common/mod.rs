@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 
 use credits_svc::{Config, RunningServer};
+use reeve_proto::credits::v1 as pb;
 use reeve_proto::credits::v1::credit_service_client::CreditServiceClient;
 use reeve_runtime::auth::{BearerToken, ServiceTokens};
 use tokio_util::sync::CancellationToken;
@@ -70,6 +71,23 @@ pub async fn client(addr: SocketAddr) -> Client {
 
 pub async fn client_with_token(addr: SocketAddr, token: &str) -> Client {
     CreditServiceClient::with_interceptor(channel(addr).await, BearerToken::new(token).unwrap())
+}
+
+/// One `Deduct` call with an empty description.
+pub async fn deduct(
+    c: &mut Client,
+    user: &str,
+    micros: i64,
+    key: &str,
+) -> Result<pb::DeductResponse, tonic::Status> {
+    c.deduct(pb::DeductRequest {
+        user_id: user.into(),
+        amount_micros: micros,
+        idempotency_key: key.into(),
+        description: String::new(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
 }
 
 /// The server on the time of `clock`, with expired lots and holds swept every `sweep`,
