@@ -562,11 +562,23 @@ const DUE_USERS_SQL: &str = "SELECT user_id FROM ( \
      SELECT user_id FROM credit_lots WHERE remaining_micros > 0 AND live AND expires_at_us <= $1 \
      UNION SELECT user_id FROM credit_holds WHERE status = 'held' AND expires_at_us <= $1 \
      ) AS due ORDER BY user_id LIMIT $2";
-/// A page of a user's holds, newest first (after `SELECT {HOLD_COLUMNS}`).
-const HOLDS_PAGE_SQL: &str = "FROM credit_holds WHERE user_id = $1 \
-     AND ($2 IS NULL OR status = $2) \
-     AND (created_at_us < $3 OR (created_at_us = $3 AND hold_id < $4)) \
-     ORDER BY created_at_us DESC, hold_id DESC LIMIT $5";
+/// A page of a user's holds, newest first, before a (created_at_us, hold_id) cursor:
+/// binds the user, the cursor's instant and id, and the page size. PostgreSQL runs it
+/// on a generic plan, so nothing may hang on a parameter's value: the status is a
+/// literal of the text (one of four fixed words, never input), which lets a page of
+/// held holds use the partial index of held holds, and the cursor's instant bounds the
+/// index scan on its own (`created_at_us < $2 OR ...` alone would read every newer
+/// hold of the user before the page).
+fn holds_page_sql(status: Option<HoldStatus>) -> String {
+    let status = status.map_or(String::new(), |status| {
+        format!(" AND status = '{}'", status.as_str())
+    });
+    format!(
+        "SELECT {HOLD_COLUMNS} FROM credit_holds WHERE user_id = $1{status} \
+         AND created_at_us <= $2 AND (created_at_us < $2 OR hold_id < $3) \
+         ORDER BY created_at_us DESC, hold_id DESC LIMIT $4"
+    )
+}
 
 /// What a payment event did.
 #[derive(Debug, Clone, PartialEq, Eq)]

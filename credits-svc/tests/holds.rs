@@ -29,6 +29,7 @@ on_both_stores!(
     a_restart_between_hold_and_settle_charges_nothing,
     hold_ids_are_idempotency_keys_and_batches_settle_each_item,
     another_users_hold_on_an_expired_hold_id_leaves_the_owner_whole,
+    list_holds_pages_through_every_hold_once_newest_first,
 );
 
 const T0: i64 = 2_000_000_000_000_000;
@@ -790,4 +791,61 @@ async fn postgres_a_settle_of_a_hold_made_while_it_waits_draws_from_the_owner() 
     assert_eq!(balance(&mut c, "blocker").await.held_micros, CREDIT);
     assert_audit_clean(&db, "owner").await;
     assert_audit_clean(&db, "blocker").await;
+}
+
+/// ListHolds pages through a user's holds newest first, ties of one instant by id
+/// (descending), each hold exactly once, with and without a status filter; another
+/// user's holds never show.
+async fn list_holds_pages_through_every_hold_once_newest_first(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let clock = ManualClock::at(T0);
+    let server = start_at(&db, &clock).await;
+    let mut c = client(server.local_addr).await;
+    grant(&mut c, "pager", 100 * CREDIT, "g-pager", None).await;
+    grant(&mut c, "neighbour", 10 * CREDIT, "g-neighbour", None).await;
+    // Five holds of one instant, then three of the next second, another user's between.
+    for id in ["p-c", "p-a", "p-e", "p-b", "p-d"] {
+        hold(&mut c, "pager", id, CREDIT, 600).await.unwrap();
+    }
+    hold(&mut c, "neighbour", "p-n", CREDIT, 600).await.unwrap();
+    clock.set(T0 + 1_000_000);
+    for id in ["p-g", "p-h", "p-f"] {
+        hold(&mut c, "pager", id, CREDIT, 600).await.unwrap();
+    }
+    settle(&mut c, "p-b", CREDIT).await.unwrap();
+    settle(&mut c, "p-g", CREDIT).await.unwrap();
+    let pages = |status: pb::HoldStatus| {
+        let mut c = c.clone();
+        async move {
+            let mut seen = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .list_holds(pb::ListHoldsRequest {
+                        user_id: "pager".into(),
+                        status: status.into(),
+                        page_size: 2,
+                        page_token: token,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(page.holds.len() <= 2);
+                seen.extend(page.holds.into_iter().map(|h| h.hold_id));
+                if page.next_page_token.is_empty() {
+                    return seen;
+                }
+                token = page.next_page_token;
+            }
+        }
+    };
+    assert_eq!(
+        pages(pb::HoldStatus::Unspecified).await,
+        ["p-h", "p-g", "p-f", "p-e", "p-d", "p-c", "p-b", "p-a"]
+    );
+    assert_eq!(
+        pages(pb::HoldStatus::Held).await,
+        ["p-h", "p-f", "p-e", "p-d", "p-c", "p-a"]
+    );
+    assert_eq!(pages(pb::HoldStatus::Settled).await, ["p-g", "p-b"]);
 }

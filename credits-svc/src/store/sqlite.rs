@@ -204,9 +204,8 @@ impl LedgerStore for SqliteLedger {
         limit: u32,
     ) -> Result<Vec<Hold>, StoreError> {
         let (before_us, before_id) = before.unwrap_or((i64::MAX, String::new()));
-        let rows = sqlx::query_as::<_, HoldRow>(&format!("SELECT {HOLD_COLUMNS} {HOLDS_PAGE_SQL}"))
+        let rows = sqlx::query_as::<_, HoldRow>(&holds_page_sql(status))
             .bind(user_id)
-            .bind(status.map(HoldStatus::as_str))
             .bind(before_us)
             .bind(before_id)
             .bind(i64::from(limit))
