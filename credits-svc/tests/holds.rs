@@ -714,10 +714,12 @@ async fn postgres_a_settle_of_a_hold_made_while_it_waits_draws_from_the_owner() 
     let store = credits_svc::store::open(&db.url).await.unwrap();
     let pool = reeve_runtime::db::postgres_pool(&db.url, 2).await.unwrap();
     let mut blocking = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM credit_accounts WHERE user_id = 'blocker' FOR UPDATE")
-        .execute(&mut *blocking)
-        .await
-        .unwrap();
+    let blocker_pid: i32 = sqlx::query_scalar(
+        "SELECT pg_backend_pid() FROM credit_accounts WHERE user_id = 'blocker' FOR UPDATE",
+    )
+    .fetch_one(&mut *blocking)
+    .await
+    .unwrap();
     // One batch: settle a hold not made yet, and a hold of the blocked user.
     let batch = tokio::spawn({
         let store = std::sync::Arc::clone(&store);
@@ -739,13 +741,14 @@ async fn postgres_a_settle_of_a_hold_made_while_it_waits_draws_from_the_owner() 
             store.apply_holds(&ops, T0).await
         }
     });
-    // It waits on the blocker's row, its owner lookup done...
+    // It waits on the blocker's row (on this session, not on another test's lock),
+    // its owner lookup done...
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
         )
+        .bind(blocker_pid)
         .fetch_one(&pool)
         .await
         .unwrap();
