@@ -907,28 +907,35 @@ async fn a_held_sqlite_file_answers_unavailable_once_and_loses_nothing() {
 /// rest, and a hold resolved before keeps reserving nothing.
 async fn a_holds_reservations_survive_their_move_into_its_row(backend: Backend) {
     let db = TestDb::new(backend).await;
-    old_schema(
-        &db,
-        1008,
-        &[
-            "INSERT INTO credit_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, description, created_at_us) VALUES \
-                ('mover', 'grant', 10000000, 10000000, 'g1', 'caller', '', 1), \
-                ('mover', 'grant', 5000000, 15000000, 'g2', 'caller', '', 2), \
-                ('mover', 'deduction', -1000000, 14000000, 'settle:done', 'caller', '', 3)",
-            "INSERT INTO credit_accounts (user_id, balance_micros, updated_at_us) VALUES ('mover', 14000000, 3)",
-            // Lots 1 and 2 of a fresh database; 1 paid the settled hold's million.
-            "INSERT INTO credit_lots (user_id, category, priority, source, original_micros, remaining_micros, held_micros, created_at_us) VALUES \
-                ('mover', 'promotional', 10, 'g1', 10000000, 9000000, 3000000, 1), \
-                ('mover', 'paid', 50, 'g2', 5000000, 5000000, 5000000, 2)",
-            "INSERT INTO credit_holds (hold_id, user_id, amount_micros, status, settled_micros, created_at_us, expires_at_us, resolved_at_us) VALUES \
-                ('moving', 'mover', 8000000, 'held', NULL, 4, 9000000000000000, NULL), \
-                ('done', 'mover', 2000000, 'settled', 1000000, 3, 9000000000000000, 3)",
-            // Position order differs from lot order: lot 2 first.
+    let mut old = vec![
+        "INSERT INTO credit_ledger (user_id, kind, amount_micros, balance_after_micros, idempotency_key, key_source, description, created_at_us) VALUES \
+            ('mover', 'grant', 10000000, 10000000, 'g1', 'caller', '', 1), \
+            ('mover', 'grant', 5000000, 15000000, 'g2', 'caller', '', 2), \
+            ('mover', 'deduction', -1000000, 14000000, 'settle:done', 'caller', '', 3)",
+        "INSERT INTO credit_accounts (user_id, balance_micros, updated_at_us) VALUES ('mover', 14000000, 3)",
+        // Lots 1 and 2 of a fresh database; 1 paid the settled hold's million and holds
+        // 3 of `moving`'s millions and the one of `stale`, 2 the other 5 of `moving`.
+        "INSERT INTO credit_lots (user_id, category, priority, source, original_micros, remaining_micros, held_micros, created_at_us) VALUES \
+            ('mover', 'promotional', 10, 'g1', 10000000, 9000000, 4000000, 1), \
+            ('mover', 'paid', 50, 'g2', 5000000, 5000000, 5000000, 2)",
+        // `stale` is still marked held, past its instant (no sweep ran).
+        "INSERT INTO credit_holds (hold_id, user_id, amount_micros, status, settled_micros, created_at_us, expires_at_us, resolved_at_us) VALUES \
+            ('moving', 'mover', 8000000, 'held', NULL, 4, 9000000000000000, NULL), \
+            ('stale', 'mover', 1000000, 'held', NULL, 4, 5, NULL), \
+            ('done', 'mover', 2000000, 'settled', 1000000, 3, 9000000000000000, 3)",
+        // Position order differs from lot order: lot 2 first.
+        "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) VALUES \
+            ('moving', 1, 3000000, 1), ('moving', 2, 5000000, 0), ('stale', 1, 1000000, 0)",
+    ];
+    if backend == Backend::Postgres {
+        // A row a resolved hold should not have kept: the migration moves only the
+        // reservations of held holds (SQLite keeps its table, so it would be read).
+        old.push(
             "INSERT INTO credit_hold_reservations (hold_id, lot_id, amount_micros, position) VALUES \
-                ('moving', 1, 3000000, 1), ('moving', 2, 5000000, 0)",
-        ],
-    )
-    .await;
+                ('done', 1, 1000000, 0)",
+        );
+    }
+    old_schema(&db, 1008, &old).await;
     let server = db.start().await;
     let mut c = client(server.local_addr).await;
     let store = credits_svc::store::open(&db.url).await.unwrap();
@@ -1004,6 +1011,10 @@ async fn a_holds_reservations_survive_their_move_into_its_row(backend: Backend) 
         .map(|lot| (lot.id, lot.remaining.0, lot.held.0))
         .collect();
     assert_eq!(lots, [(1, 8 * CREDIT, 0), (2, 0, 0)]);
+    // The settle's plan expired `stale` on the way: it reserves nothing any more.
+    let stale = store.hold("stale").await.unwrap().unwrap();
+    assert_eq!(stale.status, credits_svc::holds::HoldStatus::Expired);
+    assert!(stale.reservations.is_empty());
     let all = deduct(&mut c, "mover", 8 * CREDIT, "all").await.unwrap();
     assert_eq!(all.entry.unwrap().balance_after_micros, 0);
     assert_audit_clean(&db, &["mover"]).await;
