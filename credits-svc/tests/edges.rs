@@ -55,14 +55,7 @@ async fn grant(client: &mut Client, user: &str, micros: i64, key: &str) {
 }
 
 async fn balance(client: &mut Client, user: &str) -> i64 {
-    client
-        .get_balance(pb::GetBalanceRequest {
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .balance_micros
+    common::balance(client, user).await.balance_micros
 }
 
 async fn assert_audit_clean(db: &TestDb, users: &[&str]) {
@@ -742,13 +735,7 @@ async fn a_lot_held_for_a_hold_gone_is_recounted_by_migration(backend: Backend) 
     .await;
     let server = db.start().await;
     let mut c = client(server.local_addr).await;
-    let answer = c
-        .get_balance(pb::GetBalanceRequest {
-            user_id: "drift".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = common::balance(&mut c, "drift").await;
     assert_eq!(
         (
             answer.balance_micros,
@@ -956,13 +943,7 @@ async fn a_holds_reservations_survive_their_move_into_its_row(backend: Backend) 
             .reservations
             .is_empty()
     );
-    let balance = c
-        .get_balance(pb::GetBalanceRequest {
-            user_id: "mover".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let balance = common::balance(&mut c, "mover").await;
     assert_eq!(
         (
             balance.balance_micros,

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, CREDIT, Client, TestDb, client, deduct};
+use common::{Backend, CREDIT, Client, TestDb, balance, client, deduct};
 use futures::future::join_all;
 use proptest::prelude::*;
 use reeve_proto::credits::v1 as pb;
@@ -91,15 +91,6 @@ async fn release(c: &mut Client, id: &str) -> Result<pb::ReleaseHoldResponse, to
     c.release_hold(pb::ReleaseHoldRequest { hold_id: id.into() })
         .await
         .map(|r| r.into_inner())
-}
-
-async fn balance(c: &mut Client, user: &str) -> pb::GetBalanceResponse {
-    c.get_balance(pb::GetBalanceRequest {
-        user_id: user.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
 }
 
 async fn get_hold(c: &mut Client, id: &str) -> pb::Hold {

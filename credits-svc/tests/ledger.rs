@@ -59,14 +59,7 @@ fn deduct_request(user: &str, micros: i64, key: &str) -> pb::DeductRequest {
 }
 
 async fn balance(client: &mut Client, user: &str) -> i64 {
-    client
-        .get_balance(pb::GetBalanceRequest {
-            user_id: user.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .balance_micros
+    common::balance(client, user).await.balance_micros
 }
 
 async fn assert_balance_matches_ledger(db: &TestDb, user: &str) -> i64 {
@@ -532,13 +525,7 @@ async fn unknown_user_has_zero_balance(backend: Backend) {
     let db = TestDb::new(backend).await;
     let server = db.start().await;
     let mut admin = client(server.local_addr).await;
-    let response = admin
-        .get_balance(pb::GetBalanceRequest {
-            user_id: "never-seen".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let response = common::balance(&mut admin, "never-seen").await;
     assert_eq!(response.balance_micros, 0);
     assert_eq!(response.user_id, "never-seen");
     let status = admin

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, CREDIT, Client, TestDb, client};
+use common::{Backend, CREDIT, Client, TestDb, balance, client};
 use futures::future::join_all;
 use proptest::prelude::*;
 use reeve_proto::credits::v1 as pb;
@@ -88,15 +88,6 @@ async fn lots(c: &mut Client, user: &str, include_spent: bool) -> Vec<pb::Lot> {
     .unwrap()
     .into_inner()
     .lots
-}
-
-async fn balance(c: &mut Client, user: &str) -> pb::GetBalanceResponse {
-    c.get_balance(pb::GetBalanceRequest {
-        user_id: user.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
 }
 
 async fn assert_audit_clean(db: &TestDb, user: &str) {

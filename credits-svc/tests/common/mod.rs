@@ -73,6 +73,16 @@ pub async fn client_with_token(addr: SocketAddr, token: &str) -> Client {
     CreditServiceClient::with_interceptor(channel(addr).await, BearerToken::new(token).unwrap())
 }
 
+/// A user's balance answer (balance, held, available, paid, promotional, next expiry).
+pub async fn balance(c: &mut Client, user: &str) -> pb::GetBalanceResponse {
+    c.get_balance(pb::GetBalanceRequest {
+        user_id: user.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// One `Deduct` call with an empty description.
 pub async fn deduct(
     c: &mut Client,
