@@ -855,3 +855,127 @@ async fn no_index_depends_on_what_a_deduction_changes() {
         );
     }
 }
+
+/// A batch on PostgreSQL first locks the users no other transaction holds and commits
+/// their writes; the writes of a user held elsewhere follow in a transaction of their
+/// own, which waits. Checked by holding one user's balance row from another session:
+/// the batch's other users are charged (committed, seen from a third connection) while
+/// it waits, the outcomes come back in request order, and a replay answers the same
+/// entries as duplicates.
+#[tokio::test]
+async fn postgres_a_batch_charges_its_free_users_while_one_is_held_elsewhere() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let server = db.start().await;
+    let mut admin = client(server.local_addr).await;
+    for user in ["ana", "bo", "cy"] {
+        grant(&mut admin, user, 10 * CREDIT, &format!("g-{user}")).await;
+    }
+    let pool = reeve_runtime::db::postgres_pool(&db.url, 2).await.unwrap();
+    let mut blocking = pool.begin().await.unwrap();
+    let blocker_pid: i32 = sqlx::query_scalar(
+        "SELECT pg_backend_pid() FROM credit_accounts WHERE user_id = 'bo' FOR UPDATE",
+    )
+    .fetch_one(&mut *blocking)
+    .await
+    .unwrap();
+    let items = vec![
+        deduct_request("ana", CREDIT, "held-1"),
+        deduct_request("bo", 2 * CREDIT, "held-2"),
+        deduct_request("cy", 3 * CREDIT, "held-3"),
+        deduct_request("bo", CREDIT, "held-4"),
+        deduct_request("ana", CREDIT, "held-5"),
+        deduct_request("nobody", CREDIT, "held-6"),
+    ];
+    let batch = tokio::spawn({
+        let addr = server.local_addr;
+        let items = items.clone();
+        async move {
+            client(addr)
+                .await
+                .deduct_batch(pb::DeductBatchRequest { items })
+                .await
+        }
+    });
+    // The batch waits on this session's lock (not on another test's) ...
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(blocker_pid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never waited on the held user"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // ... with its free users already charged and committed, the held one untouched.
+    let committed: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT user_id, balance_micros FROM credit_accounts \
+         WHERE user_id IN ('ana', 'bo', 'cy') ORDER BY user_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        committed,
+        [
+            ("ana".to_owned(), 8 * CREDIT),
+            ("bo".to_owned(), 10 * CREDIT),
+            ("cy".to_owned(), 7 * CREDIT)
+        ]
+    );
+    blocking.rollback().await.unwrap();
+    let outcomes = batch.await.unwrap().unwrap().into_inner().outcomes;
+    let applied: Vec<(String, i64)> = outcomes
+        .iter()
+        .take(5)
+        .map(|o| match o.result.as_ref().unwrap() {
+            Outcome::Applied(a) => (o.idempotency_key.clone(), a.balance_after_micros),
+            other => panic!("{}: {other:?}", o.idempotency_key),
+        })
+        .collect();
+    assert_eq!(
+        applied,
+        [
+            ("held-1".to_owned(), 9 * CREDIT),
+            ("held-2".to_owned(), 8 * CREDIT),
+            ("held-3".to_owned(), 7 * CREDIT),
+            ("held-4".to_owned(), 7 * CREDIT),
+            ("held-5".to_owned(), 8 * CREDIT),
+        ]
+    );
+    assert_eq!(
+        outcomes[5].result,
+        Some(Outcome::Insufficient(pb::InsufficientCredits {
+            balance_micros: 0,
+            required_micros: CREDIT,
+            held_micros: 0,
+        }))
+    );
+    // A replay (a gateway retrying after a lost answer) writes nothing new.
+    let replay = admin
+        .deduct_batch(pb::DeductBatchRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
+    for (first, again) in outcomes.iter().zip(&replay).take(5) {
+        let (Some(Outcome::Applied(first)), Some(Outcome::Duplicate(again))) =
+            (&first.result, &again.result)
+        else {
+            panic!("not a duplicate of the first answer: {first:?} / {again:?}");
+        };
+        assert_eq!(first, again);
+    }
+    for (user, left) in [("ana", 8), ("bo", 7), ("cy", 7)] {
+        assert_eq!(balance(&mut admin, user).await, left * CREDIT);
+        assert_balance_matches_ledger(&db, user).await;
+    }
+}

@@ -9,6 +9,10 @@
 //! transaction is then rolled back and replanned, never half applied. A deadlock or
 //! serialization failure (two batches of different users inserting the same keys in
 //! different orders) is replanned the same way: load never answers INTERNAL.
+//!
+//! A batch of plain writes locks with `SKIP LOCKED`: the users another transaction
+//! holds are left to a second transaction, which waits for them, so one shared user
+//! does not keep a whole batch (and the batches queued behind its locks) waiting.
 
 use std::collections::HashMap;
 
@@ -119,22 +123,80 @@ impl PgLedger {
         optimistic: bool,
     ) -> Result<Option<Vec<OpOutcome>>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some(outcomes) = apply_in(&mut tx, ops, sweep, now_us, optimistic).await? else {
+        let Some(applied) = apply_in(&mut tx, ops, sweep, now_us, optimistic, false).await? else {
             tx.rollback().await?;
             return Ok(None);
         };
         tx.commit().await?;
-        Ok(Some(outcomes))
+        Ok(Some(applied.outcomes))
     }
 
     /// Writes and hold operations alike: first without reading the keys they use (fresh
     /// keys, settles of holds still held), then, on any conflict or error, with them
     /// read and retried.
+    ///
+    /// A batch of plain writes first skips the users whose balances another transaction
+    /// holds ([`skips_busy_users`]): the rest commit at once, and the writes of the busy
+    /// users follow in a transaction of their own, which waits for them. A batch that
+    /// shares one user with a batch in flight then no longer waits for that whole
+    /// transaction with all its other users locked, holding up the batches behind it.
     async fn apply_ops(&self, ops: &[Op], now_us: i64) -> Result<Vec<OpOutcome>, StoreError> {
+        if skips_busy_users(ops)
+            && let Some(applied) = self.try_skipping_busy(ops, now_us).await
+        {
+            return self.finish_deferred(ops, applied, now_us).await;
+        }
+        self.apply_blocking(ops, now_us).await
+    }
+
+    /// The first transaction of a batch that skips busy users; `None` on any error or
+    /// conflict (rolled back: the caller applies the whole batch the blocking way).
+    async fn try_skipping_busy(&self, ops: &[Op], now_us: i64) -> Option<Applied> {
+        let mut tx = self.pool.begin().await.ok()?;
+        let applied = apply_in(&mut tx, ops, &[], now_us, true, true)
+            .await
+            .ok()
+            .flatten()?;
+        tx.commit().await.ok()?;
+        Some(applied)
+    }
+
+    async fn apply_blocking(&self, ops: &[Op], now_us: i64) -> Result<Vec<OpOutcome>, StoreError> {
         if let Some(outcomes) = self.try_apply(ops, &[], now_us, true).await.ok().flatten() {
             return Ok(outcomes);
         }
         with_retries(|| self.try_apply(ops, &[], now_us, false)).await
+    }
+
+    /// Applies the writes a first transaction left to wait for their users and merges
+    /// the outcomes in the order of `ops`.
+    async fn finish_deferred(
+        &self,
+        ops: &[Op],
+        applied: Applied,
+        now_us: i64,
+    ) -> Result<Vec<OpOutcome>, StoreError> {
+        if applied.deferred.is_empty() {
+            return Ok(applied.outcomes);
+        }
+        let rest: Vec<Op> = applied.deferred.iter().map(|&at| ops[at].clone()).collect();
+        let mut later = self.apply_blocking(&rest, now_us).await?.into_iter();
+        let mut now = applied.outcomes.into_iter();
+        let mut deferred = applied.deferred.iter().peekable();
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for at in 0..ops.len() {
+            let next = if deferred.next_if(|&&d| d == at).is_some() {
+                later.next()
+            } else {
+                now.next()
+            };
+            outcomes.push(
+                next.ok_or_else(|| {
+                    StoreError::Corrupt("an operation lost its outcome".to_owned())
+                })?,
+            );
+        }
+        Ok(outcomes)
     }
 
     async fn try_payment_event(
@@ -170,7 +232,8 @@ async fn apply_in(
     sweep: &[String],
     now_us: i64,
     optimistic: bool,
-) -> Result<Option<Vec<OpOutcome>>, StoreError> {
+    skip_busy: bool,
+) -> Result<Option<Applied>, StoreError> {
     let writes = writes_of(ops);
     let hold_ids = hold_ids_of(ops);
     let mut users = ledger::users_to_lock(&writes);
@@ -205,7 +268,10 @@ async fn apply_in(
     // statement of its own: rows joined to a locked row would come from the snapshot
     // taken before the lock wait, stale if a concurrent transaction moved them
     // meanwhile.
-    let lock_sql = if named.is_empty() {
+    let lock_sql = if skip_busy {
+        "SELECT user_id, balance_micros FROM credit_accounts \
+         WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE SKIP LOCKED"
+    } else if named.is_empty() {
         "SELECT user_id, balance_micros FROM credit_accounts \
          WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE"
     } else {
@@ -227,6 +293,33 @@ async fn apply_in(
         users.sort_unstable();
         users.dedup();
     }
+    // Skipping busy users: the writes of users not locked (held by another transaction,
+    // or without a balance row) wait for a transaction of their own.
+    let kept: Vec<Op>;
+    let mut deferred = Vec::new();
+    let ops = if skip_busy {
+        users.retain(|user| balances.contains_key(user));
+        let mut now = Vec::with_capacity(ops.len());
+        for (at, op) in ops.iter().enumerate() {
+            match op {
+                Op::Write(write) if !balances.contains_key(&write.user_id) => deferred.push(at),
+                op => now.push(op.clone()),
+            }
+        }
+        if deferred.is_empty() {
+            ops
+        } else if now.is_empty() {
+            return Ok(Some(Applied {
+                outcomes: Vec::new(),
+                deferred,
+            }));
+        } else {
+            kept = now;
+            &kept
+        }
+    } else {
+        ops
+    };
     let lots = lots_of(
         sqlx::query_as::<_, LotRow>(&format!(
             "SELECT {LOT_COLUMNS} FROM credit_lots \
@@ -314,7 +407,31 @@ async fn apply_in(
         return Ok(None);
     }
     super::outbox::emit_pg(conn, &plan, &balances, &lots, now_us).await?;
-    Ok(Some(plan.finish_ops(&ids, &lot_ids)))
+    Ok(Some(Applied {
+        outcomes: plan.finish_ops(&ids, &lot_ids),
+        deferred,
+    }))
+}
+
+/// What one transaction applied: the outcomes of the operations it ran, in order, and
+/// the positions (in the operations given) of those it left for their busy users.
+struct Applied {
+    outcomes: Vec<OpOutcome>,
+    deferred: Vec<usize>,
+}
+
+/// Whether a batch may skip its busy users: two or more plain writes with distinct
+/// keys. Hold operations find their owners while locking, and a key written twice must
+/// be planned in one transaction (its first use wins, in the order given).
+fn skips_busy_users(ops: &[Op]) -> bool {
+    if ops.len() < 2 {
+        return false;
+    }
+    let mut keys = std::collections::HashSet::with_capacity(ops.len());
+    ops.iter().all(|op| match op {
+        Op::Write(write) => keys.insert(write.idempotency_key.as_str()),
+        Op::Hold(_) => false,
+    })
 }
 
 /// Appends the plan's entries with their draws, moves balances and existing lots, in
@@ -747,9 +864,9 @@ impl PaymentTx for PgTx<'_> {
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
         let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
-        Ok(apply_in(self.0, &ops, &[], now_us, false)
+        Ok(apply_in(self.0, &ops, &[], now_us, false, false)
             .await?
-            .map(write_outcomes))
+            .map(|applied| write_outcomes(applied.outcomes)))
     }
 }
 
