@@ -113,90 +113,69 @@ impl PgLedger {
         &self.pool
     }
 
-    /// One attempt; `None` when a concurrent transaction took one of our keys first (or,
-    /// `optimistic`, when a key turned out to be taken already).
-    async fn try_apply(
-        &self,
-        ops: &[Op],
-        sweep: &[String],
-        now_us: i64,
-        optimistic: bool,
-    ) -> Result<Option<Vec<OpOutcome>>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let Some(applied) = apply_in(&mut tx, ops, sweep, now_us, optimistic, false).await? else {
-            tx.rollback().await?;
-            return Ok(None);
-        };
-        tx.commit().await?;
-        Ok(Some(applied.outcomes))
-    }
-
     /// Writes and hold operations alike: first without reading the keys they use (fresh
     /// keys, settles of holds still held), then, on any conflict or error, with them
     /// read and retried.
     ///
     /// A batch of plain writes first skips the users whose balances another transaction
-    /// holds ([`skips_busy_users`]): the rest commit at once, and the writes of the busy
-    /// users follow in a transaction of their own, which waits for them. A batch that
-    /// shares one user with a batch in flight then no longer waits for that whole
-    /// transaction with all its other users locked, holding up the batches behind it.
+    /// holds ([`skips_busy_users`]). Their writes go to a second transaction, started
+    /// as soon as the first one's lock finds them busy: it waits for those users while
+    /// the first one applies and commits the rest. A batch that shares one user with a
+    /// batch in flight then no longer waits for that whole transaction with all its
+    /// other users locked, holding up the batches behind it.
     async fn apply_ops(&self, ops: &[Op], now_us: i64) -> Result<Vec<OpOutcome>, StoreError> {
-        if skips_busy_users(ops)
-            && let Some(applied) = self.try_skipping_busy(ops, now_us).await
-        {
-            return self.finish_deferred(ops, applied, now_us).await;
+        if !skips_busy_users(ops) {
+            return apply_blocking(&self.pool, ops, now_us).await;
         }
-        self.apply_blocking(ops, now_us).await
+        let (hand_on, handed) = tokio::sync::oneshot::channel();
+        let first = self.try_skipping_busy(ops, now_us, SkipBusy { hand_on });
+        let second = async {
+            // Nothing handed on: the first transaction locked every user, or failed
+            // before its lock.
+            let (positions, later): (Vec<usize>, Vec<Op>) = handed.await.ok()?;
+            Some((positions, apply_blocking(&self.pool, &later, now_us).await))
+        };
+        let (first, second) = tokio::join!(first, second);
+        let Some((positions, later)) = second else {
+            return match first {
+                Some(outcomes) => Ok(outcomes),
+                None => apply_blocking(&self.pool, ops, now_us).await,
+            };
+        };
+        let later = later?;
+        let now = match first {
+            Some(outcomes) => outcomes,
+            // The first transaction failed after handing its busy users on: the rest
+            // go the blocking way, on their own.
+            None => {
+                let kept: Vec<Op> = ops
+                    .iter()
+                    .enumerate()
+                    .filter(|(at, _)| positions.binary_search(at).is_err())
+                    .map(|(_, op)| op.clone())
+                    .collect();
+                apply_blocking(&self.pool, &kept, now_us).await?
+            }
+        };
+        merge_outcomes(ops.len(), &positions, now, later)
     }
 
-    /// The first transaction of a batch that skips busy users; `None` on any error or
-    /// conflict (rolled back: the caller applies the whole batch the blocking way).
-    async fn try_skipping_busy(&self, ops: &[Op], now_us: i64) -> Option<Applied> {
+    /// The first transaction of a batch that skips busy users: the outcomes of the
+    /// operations it applied (all but those handed on), or `None` on any error or
+    /// conflict (rolled back).
+    async fn try_skipping_busy(
+        &self,
+        ops: &[Op],
+        now_us: i64,
+        skip: SkipBusy,
+    ) -> Option<Vec<OpOutcome>> {
         let mut tx = self.pool.begin().await.ok()?;
-        let applied = apply_in(&mut tx, ops, &[], now_us, true, true)
+        let outcomes = apply_in(&mut tx, ops, &[], now_us, true, Some(skip))
             .await
             .ok()
             .flatten()?;
         tx.commit().await.ok()?;
-        Some(applied)
-    }
-
-    async fn apply_blocking(&self, ops: &[Op], now_us: i64) -> Result<Vec<OpOutcome>, StoreError> {
-        if let Some(outcomes) = self.try_apply(ops, &[], now_us, true).await.ok().flatten() {
-            return Ok(outcomes);
-        }
-        with_retries(|| self.try_apply(ops, &[], now_us, false)).await
-    }
-
-    /// Applies the writes a first transaction left to wait for their users and merges
-    /// the outcomes in the order of `ops`.
-    async fn finish_deferred(
-        &self,
-        ops: &[Op],
-        applied: Applied,
-        now_us: i64,
-    ) -> Result<Vec<OpOutcome>, StoreError> {
-        if applied.deferred.is_empty() {
-            return Ok(applied.outcomes);
-        }
-        let rest: Vec<Op> = applied.deferred.iter().map(|&at| ops[at].clone()).collect();
-        let mut later = self.apply_blocking(&rest, now_us).await?.into_iter();
-        let mut now = applied.outcomes.into_iter();
-        let mut deferred = applied.deferred.iter().peekable();
-        let mut outcomes = Vec::with_capacity(ops.len());
-        for at in 0..ops.len() {
-            let next = if deferred.next_if(|&&d| d == at).is_some() {
-                later.next()
-            } else {
-                now.next()
-            };
-            outcomes.push(
-                next.ok_or_else(|| {
-                    StoreError::Corrupt("an operation lost its outcome".to_owned())
-                })?,
-            );
-        }
-        Ok(outcomes)
+        Some(outcomes)
     }
 
     async fn try_payment_event(
@@ -212,6 +191,74 @@ impl PgLedger {
         tx.commit().await?;
         Ok(Some(outcome))
     }
+}
+
+/// One attempt in a transaction of its own; `None` when a concurrent transaction took
+/// one of our keys first (or, `optimistic`, when a key turned out to be taken already).
+async fn try_apply(
+    pool: &PgPool,
+    ops: &[Op],
+    sweep: &[String],
+    now_us: i64,
+    optimistic: bool,
+) -> Result<Option<Vec<OpOutcome>>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let Some(outcomes) = apply_in(&mut tx, ops, sweep, now_us, optimistic, None).await? else {
+        tx.rollback().await?;
+        return Ok(None);
+    };
+    tx.commit().await?;
+    Ok(Some(outcomes))
+}
+
+/// `ops` in one transaction that waits for the locks it needs: optimistic first, then
+/// with the used keys read, retried on conflicts.
+async fn apply_blocking(
+    pool: &PgPool,
+    ops: &[Op],
+    now_us: i64,
+) -> Result<Vec<OpOutcome>, StoreError> {
+    if let Some(outcomes) = try_apply(pool, ops, &[], now_us, true).await.ok().flatten() {
+        return Ok(outcomes);
+    }
+    with_retries(|| try_apply(pool, ops, &[], now_us, false)).await
+}
+
+/// Locking with `SKIP LOCKED`: where to hand on the writes of the users found busy
+/// (their positions in the batch, ascending, and the writes), for a transaction of
+/// their own that runs beside the first one.
+struct SkipBusy {
+    hand_on: tokio::sync::oneshot::Sender<(Vec<usize>, Vec<Op>)>,
+}
+
+/// The outcomes of a batch in its order, from those of the operations applied first
+/// (`now`) and of those at `deferred` positions (`later`).
+fn merge_outcomes(
+    count: usize,
+    deferred: &[usize],
+    now: Vec<OpOutcome>,
+    later: Vec<OpOutcome>,
+) -> Result<Vec<OpOutcome>, StoreError> {
+    let mut now = now.into_iter();
+    let mut later = later.into_iter();
+    let mut deferred = deferred.iter().peekable();
+    let mut outcomes = Vec::with_capacity(count);
+    for at in 0..count {
+        let next = if deferred.next_if(|&&d| d == at).is_some() {
+            later.next()
+        } else {
+            now.next()
+        };
+        outcomes.push(
+            next.ok_or_else(|| StoreError::Corrupt("an operation lost its outcome".to_owned()))?,
+        );
+    }
+    if now.next().is_some() || later.next().is_some() {
+        return Err(StoreError::Corrupt(
+            "a batch got more outcomes than operations".to_owned(),
+        ));
+    }
+    Ok(outcomes)
 }
 
 /// Applies `ops` inside an open transaction: find the owners of the holds they name,
@@ -232,8 +279,8 @@ async fn apply_in(
     sweep: &[String],
     now_us: i64,
     optimistic: bool,
-    skip_busy: bool,
-) -> Result<Option<Applied>, StoreError> {
+    skip_busy: Option<SkipBusy>,
+) -> Result<Option<Vec<OpOutcome>>, StoreError> {
     let writes = writes_of(ops);
     let hold_ids = hold_ids_of(ops);
     let mut users = ledger::users_to_lock(&writes);
@@ -268,7 +315,7 @@ async fn apply_in(
     // statement of its own: rows joined to a locked row would come from the snapshot
     // taken before the lock wait, stale if a concurrent transaction moved them
     // meanwhile.
-    let lock_sql = if skip_busy {
+    let lock_sql = if skip_busy.is_some() {
         "SELECT user_id, balance_micros FROM credit_accounts \
          WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE SKIP LOCKED"
     } else if named.is_empty() {
@@ -294,31 +341,38 @@ async fn apply_in(
         users.dedup();
     }
     // Skipping busy users: the writes of users not locked (held by another transaction,
-    // or without a balance row) wait for a transaction of their own.
+    // or without a balance row) go to a transaction of their own, started now.
     let kept: Vec<Op>;
-    let mut deferred = Vec::new();
-    let ops = if skip_busy {
-        users.retain(|user| balances.contains_key(user));
-        let mut now = Vec::with_capacity(ops.len());
-        for (at, op) in ops.iter().enumerate() {
-            match op {
-                Op::Write(write) if !balances.contains_key(&write.user_id) => deferred.push(at),
-                op => now.push(op.clone()),
+    let ops = match skip_busy {
+        None => ops,
+        Some(SkipBusy { hand_on }) => {
+            users.retain(|user| balances.contains_key(user));
+            let mut now = Vec::with_capacity(ops.len());
+            let mut positions = Vec::new();
+            let mut later = Vec::new();
+            for (at, op) in ops.iter().enumerate() {
+                match op {
+                    Op::Write(write) if !balances.contains_key(&write.user_id) => {
+                        positions.push(at);
+                        later.push(op.clone());
+                    }
+                    op => now.push(op.clone()),
+                }
+            }
+            if later.is_empty() {
+                ops
+            } else {
+                // The receiver is gone only with the whole call.
+                hand_on
+                    .send((positions, later))
+                    .map_err(|_| StoreError::ShuttingDown)?;
+                if now.is_empty() {
+                    return Ok(Some(Vec::new()));
+                }
+                kept = now;
+                &kept
             }
         }
-        if deferred.is_empty() {
-            ops
-        } else if now.is_empty() {
-            return Ok(Some(Applied {
-                outcomes: Vec::new(),
-                deferred,
-            }));
-        } else {
-            kept = now;
-            &kept
-        }
-    } else {
-        ops
     };
     let lots = lots_of(
         sqlx::query_as::<_, LotRow>(&format!(
@@ -407,17 +461,7 @@ async fn apply_in(
         return Ok(None);
     }
     super::outbox::emit_pg(conn, &plan, &balances, &lots, now_us).await?;
-    Ok(Some(Applied {
-        outcomes: plan.finish_ops(&ids, &lot_ids),
-        deferred,
-    }))
-}
-
-/// What one transaction applied: the outcomes of the operations it ran, in order, and
-/// the positions (in the operations given) of those it left for their busy users.
-struct Applied {
-    outcomes: Vec<OpOutcome>,
-    deferred: Vec<usize>,
+    Ok(Some(plan.finish_ops(&ids, &lot_ids)))
 }
 
 /// Whether a batch may skip its busy users: two or more plain writes with distinct
@@ -864,9 +908,9 @@ impl PaymentTx for PgTx<'_> {
         now_us: i64,
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError> {
         let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
-        Ok(apply_in(self.0, &ops, &[], now_us, false, false)
+        Ok(apply_in(self.0, &ops, &[], now_us, false, None)
             .await?
-            .map(|applied| write_outcomes(applied.outcomes)))
+            .map(write_outcomes))
     }
 }
 
@@ -994,7 +1038,7 @@ impl LedgerStore for PgLedger {
         if users.is_empty() {
             return Ok(0);
         }
-        with_retries(|| self.try_apply(&[], &users, now_us, false)).await?;
+        with_retries(|| try_apply(&self.pool, &[], &users, now_us, false)).await?;
         Ok(users.len())
     }
 
