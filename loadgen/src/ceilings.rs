@@ -238,10 +238,8 @@ pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let stack = Arc::new(Stack::start(url, args.quota_batch_workers, rest_routes()).await?);
     let empty = serve_empty(&shutdown).await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(64)
-        .connect(url)
-        .await?;
+    // Raw statements on a pool set up as the services' are (no ping before each use).
+    let pool = reeve_runtime::db::postgres_pool(url, 64).await?;
     crate::seed(&pool, args.users).await?;
     crate::quota::seed(&pool, args.quota_users).await?;
     eprintln!(

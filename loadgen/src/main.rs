@@ -294,10 +294,9 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         checkout: None,
     };
     let server = credits_svc::start(config, shutdown.clone()).await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(64)
-        .connect(url)
-        .await?;
+    // The raw statements run on a pool set up as the services' are (no ping before
+    // each use): the comparison is of the work, not of the pool.
+    let pool = reeve_runtime::db::postgres_pool(url, 64).await?;
     seed(&pool, args.users).await?;
     eprintln!(
         "seeded {} users in the service's and the raw tables",

@@ -7,7 +7,6 @@ use std::time::Duration;
 use reeve_proto::quota::v1 as pb;
 use reeve_proto::quota::v1::quota_service_client::QuotaServiceClient;
 use reeve_runtime::auth::{BearerToken, ServiceTokens};
-use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Args, drive, pick};
@@ -34,10 +33,8 @@ pub(crate) async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         batch_workers: args.quota_batch_workers,
     };
     let server = quota_svc::start(config, shutdown.clone()).await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(64)
-        .connect(url)
-        .await?;
+    // Raw statements on a pool set up as the services' are (no ping before each use).
+    let pool = reeve_runtime::db::postgres_pool(url, 64).await?;
     seed(&pool, args.quota_users).await?;
     eprintln!(
         "seeded {} users × 23 features × {SEED_ROWS} usage rows in both designs",

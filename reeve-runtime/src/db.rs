@@ -17,6 +17,13 @@ use sqlx::sqlite::{
 /// A PostgreSQL pool of at most `max_connections`. A session left idle inside a
 /// transaction (a crashed or cut-off caller) is ended after a minute, so the row locks
 /// it holds cannot stall everyone else for hours.
+///
+/// A connection idle for [`PING_IF_IDLE_FOR`] or more is pinged before it is handed
+/// out (and replaced if the ping fails); one used more recently is not. sqlx's default
+/// pings on every acquire: a round trip before each transaction, a tenth of a batch's
+/// time on a loaded machine (BENCHMARKS.md). A connection that broke within the last
+/// second fails its first statement instead, as one that breaks right after a ping
+/// would; the stores answer that as the database being unavailable.
 pub async fn postgres_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     postgres_pool_with(url, max_connections, &[]).await
 }
@@ -33,9 +40,22 @@ pub async fn postgres_pool_with(
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await
 }
+
+/// How long a pooled PostgreSQL connection may sit idle before it is checked with a
+/// ping on its next acquire.
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// A SQLite pool on the file of `url`.
 pub async fn sqlite_pool(url: &str) -> Result<SqlitePool, sqlx::Error> {
