@@ -864,6 +864,18 @@ async fn no_index_depends_on_what_a_deduction_changes() {
 /// entries as duplicates.
 #[tokio::test]
 async fn postgres_a_batch_charges_its_free_users_while_one_is_held_elsewhere() {
+    batch_with_a_user_held_elsewhere(false).await;
+}
+
+/// The same, with one item reusing another user's key: the first transaction's append
+/// finds it taken and rolls back after handing the held user on, so its users go the
+/// blocking way, still beside the held user's transaction.
+#[tokio::test]
+async fn postgres_a_batch_whose_first_transaction_fails_still_charges_each_item_once() {
+    batch_with_a_user_held_elsewhere(true).await;
+}
+
+async fn batch_with_a_user_held_elsewhere(reuse_a_key: bool) {
     let db = TestDb::new(Backend::Postgres).await;
     let server = db.start().await;
     let mut admin = client(server.local_addr).await;
@@ -878,7 +890,7 @@ async fn postgres_a_batch_charges_its_free_users_while_one_is_held_elsewhere() {
     .fetch_one(&mut *blocking)
     .await
     .unwrap();
-    let items = vec![
+    let mut items = vec![
         deduct_request("ana", CREDIT, "held-1"),
         deduct_request("bo", 2 * CREDIT, "held-2"),
         deduct_request("cy", 3 * CREDIT, "held-3"),
@@ -886,6 +898,9 @@ async fn postgres_a_batch_charges_its_free_users_while_one_is_held_elsewhere() {
         deduct_request("ana", CREDIT, "held-5"),
         deduct_request("nobody", CREDIT, "held-6"),
     ];
+    if reuse_a_key {
+        items.push(deduct_request("ana", CREDIT, "g-cy"));
+    }
     let batch = tokio::spawn({
         let addr = server.local_addr;
         let items = items.clone();
@@ -915,22 +930,31 @@ async fn postgres_a_batch_charges_its_free_users_while_one_is_held_elsewhere() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // ... with its free users already charged and committed, the held one untouched.
-    let committed: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT user_id, balance_micros FROM credit_accounts \
-         WHERE user_id IN ('ana', 'bo', 'cy') ORDER BY user_id",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        committed,
-        [
-            ("ana".to_owned(), 8 * CREDIT),
-            ("bo".to_owned(), 10 * CREDIT),
-            ("cy".to_owned(), 7 * CREDIT)
-        ]
-    );
+    // ... and its free users are charged and committed while the held one is still
+    // held (the blocking way, the batch would keep their rows locked until it is let
+    // go, and this would time out).
+    let expected = [
+        ("ana".to_owned(), 8 * CREDIT),
+        ("bo".to_owned(), 10 * CREDIT),
+        ("cy".to_owned(), 7 * CREDIT),
+    ];
+    loop {
+        let committed: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT user_id, balance_micros FROM credit_accounts \
+             WHERE user_id IN ('ana', 'bo', 'cy') ORDER BY user_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        if committed == expected {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the free users were not charged while one was held: {committed:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     blocking.rollback().await.unwrap();
     let outcomes = batch.await.unwrap().unwrap().into_inner().outcomes;
     let applied: Vec<(String, i64)> = outcomes
@@ -959,6 +983,14 @@ async fn postgres_a_batch_charges_its_free_users_while_one_is_held_elsewhere() {
             held_micros: 0,
         }))
     );
+    if reuse_a_key {
+        assert!(
+            matches!(&outcomes[6].result, Some(Outcome::Invalid(i)) if i.code == "idempotency_key_reused"),
+            "{:?}",
+            outcomes[6]
+        );
+    }
+    assert_eq!(outcomes.len(), items.len());
     // A replay (a gateway retrying after a lost answer) writes nothing new.
     let replay = admin
         .deduct_batch(pb::DeductBatchRequest { items })

@@ -128,36 +128,34 @@ impl PgLedger {
             return apply_blocking(&self.pool, ops, now_us).await;
         }
         let (hand_on, handed) = tokio::sync::oneshot::channel();
-        let first = self.try_skipping_busy(ops, now_us, SkipBusy { hand_on });
+        let mut positions = Vec::new();
+        let first = async {
+            let skip = SkipBusy {
+                hand_on,
+                positions: &mut positions,
+            };
+            if let Some(outcomes) = self.try_skipping_busy(ops, now_us, skip).await {
+                return Ok(outcomes);
+            }
+            // Failed: everything not handed on goes the blocking way.
+            let kept: Vec<Op> = ops
+                .iter()
+                .enumerate()
+                .filter(|(at, _)| positions.binary_search(at).is_err())
+                .map(|(_, op)| op.clone())
+                .collect();
+            apply_blocking(&self.pool, &kept, now_us).await
+        };
         let second = async {
             // Nothing handed on: the first transaction locked every user, or failed
             // before its lock.
-            let (positions, later): (Vec<usize>, Vec<Op>) = handed.await.ok()?;
-            Some((positions, apply_blocking(&self.pool, &later, now_us).await))
-        };
-        let (first, second) = tokio::join!(first, second);
-        let Some((positions, later)) = second else {
-            return match first {
-                Some(outcomes) => Ok(outcomes),
-                None => apply_blocking(&self.pool, ops, now_us).await,
+            let Ok(later) = handed.await else {
+                return Ok(Vec::new());
             };
+            apply_blocking(&self.pool, &later, now_us).await
         };
-        let later = later?;
-        let now = match first {
-            Some(outcomes) => outcomes,
-            // The first transaction failed after handing its busy users on: the rest
-            // go the blocking way, on their own.
-            None => {
-                let kept: Vec<Op> = ops
-                    .iter()
-                    .enumerate()
-                    .filter(|(at, _)| positions.binary_search(at).is_err())
-                    .map(|(_, op)| op.clone())
-                    .collect();
-                apply_blocking(&self.pool, &kept, now_us).await?
-            }
-        };
-        merge_outcomes(ops.len(), &positions, now, later)
+        let (now, later) = tokio::join!(first, second);
+        merge_outcomes(ops.len(), &positions, now?, later?)
     }
 
     /// The first transaction of a batch that skips busy users: the outcomes of the
@@ -167,7 +165,7 @@ impl PgLedger {
         &self,
         ops: &[Op],
         now_us: i64,
-        skip: SkipBusy,
+        skip: SkipBusy<'_>,
     ) -> Option<Vec<OpOutcome>> {
         let mut tx = self.pool.begin().await.ok()?;
         let outcomes = apply_in(&mut tx, ops, &[], now_us, true, Some(skip))
@@ -224,11 +222,12 @@ async fn apply_blocking(
     with_retries(|| try_apply(pool, ops, &[], now_us, false)).await
 }
 
-/// Locking with `SKIP LOCKED`: where to hand on the writes of the users found busy
-/// (their positions in the batch, ascending, and the writes), for a transaction of
-/// their own that runs beside the first one.
-struct SkipBusy {
-    hand_on: tokio::sync::oneshot::Sender<(Vec<usize>, Vec<Op>)>,
+/// Locking with `SKIP LOCKED`: where to hand on the writes of the users found busy,
+/// for a transaction of their own that runs beside the first one, and where to note
+/// their positions in the batch (ascending).
+struct SkipBusy<'a> {
+    hand_on: tokio::sync::oneshot::Sender<Vec<Op>>,
+    positions: &'a mut Vec<usize>,
 }
 
 /// The outcomes of a batch in its order, from those of the operations applied first
@@ -279,7 +278,7 @@ async fn apply_in(
     sweep: &[String],
     now_us: i64,
     optimistic: bool,
-    skip_busy: Option<SkipBusy>,
+    skip_busy: Option<SkipBusy<'_>>,
 ) -> Result<Option<Vec<OpOutcome>>, StoreError> {
     let writes = writes_of(ops);
     let hold_ids = hold_ids_of(ops);
@@ -345,10 +344,9 @@ async fn apply_in(
     let kept: Vec<Op>;
     let ops = match skip_busy {
         None => ops,
-        Some(SkipBusy { hand_on }) => {
+        Some(SkipBusy { hand_on, positions }) => {
             users.retain(|user| balances.contains_key(user));
             let mut now = Vec::with_capacity(ops.len());
-            let mut positions = Vec::new();
             let mut later = Vec::new();
             for (at, op) in ops.iter().enumerate() {
                 match op {
@@ -363,9 +361,7 @@ async fn apply_in(
                 ops
             } else {
                 // The receiver is gone only with the whole call.
-                hand_on
-                    .send((positions, later))
-                    .map_err(|_| StoreError::ShuttingDown)?;
+                hand_on.send(later).map_err(|_| StoreError::ShuttingDown)?;
                 if now.is_empty() {
                     return Ok(Some(Vec::new()));
                 }
