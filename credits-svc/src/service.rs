@@ -746,7 +746,7 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         let writes: Vec<WriteRequest> = items.into_iter().map(deduction).collect();
         let outcomes = self
             .store
-            .apply(&writes, self.clock.now_us())
+            .apply_independent(&writes, self.clock.now_us())
             .await
             .map_err(CreditsError::from)?;
         let outcomes = writes

@@ -156,6 +156,19 @@ pub trait LedgerStore: Send + Sync + 'static {
         writes: &[WriteRequest],
         now_us: i64,
     ) -> Result<Vec<WriteOutcome>, StoreError>;
+    /// Applies a caller's batch of independent `writes` (`DeductBatch`): one outcome
+    /// per write, each user's writes in order, but not atomically. A store may commit
+    /// them in more than one transaction (PostgreSQL: the writes of users another
+    /// transaction holds, or without a balance row, in a second one beside the
+    /// first), so an error may follow some writes applied; a retry with the same keys
+    /// answers those as duplicates. By default, [`LedgerStore::apply`].
+    async fn apply_independent(
+        &self,
+        writes: &[WriteRequest],
+        now_us: i64,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        self.apply(writes, now_us).await
+    }
     /// Up to `limit` of the user's entries with an id below `before_id`, newest first.
     async fn history(
         &self,

@@ -957,6 +957,7 @@ async fn batch_with_a_user_held_elsewhere(reuse_a_key: bool) {
     }
     blocking.rollback().await.unwrap();
     let outcomes = batch.await.unwrap().unwrap().into_inner().outcomes;
+    assert_eq!(outcomes.len(), items.len());
     let applied: Vec<(String, i64)> = outcomes
         .iter()
         .take(5)
@@ -990,7 +991,6 @@ async fn batch_with_a_user_held_elsewhere(reuse_a_key: bool) {
             outcomes[6]
         );
     }
-    assert_eq!(outcomes.len(), items.len());
     // A replay (a gateway retrying after a lost answer) writes nothing new.
     let replay = admin
         .deduct_batch(pb::DeductBatchRequest { items })

@@ -20,10 +20,11 @@ use sqlx::sqlite::{
 ///
 /// A connection idle for [`PING_IF_IDLE_FOR`] or more is pinged before it is handed
 /// out (and replaced if the ping fails); one used more recently is not. sqlx's default
-/// pings on every acquire: a round trip before each transaction, a tenth of a batch's
-/// time on a loaded machine (BENCHMARKS.md). A connection that broke within the last
-/// second fails its first statement instead, as one that breaks right after a ping
-/// would; the stores answer that as the database being unavailable.
+/// pings on every acquire: a round trip on the caller's path before each transaction
+/// (BENCHMARKS.md). sqlx still pings each connection when it is given back, in a task
+/// of its own. A connection that broke within the last second fails its first
+/// statement instead, as one that breaks right after a ping would; the stores answer
+/// that as the database being unavailable.
 pub async fn postgres_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     postgres_pool_with(url, max_connections, &[]).await
 }

@@ -10,9 +10,11 @@
 //! serialization failure (two batches of different users inserting the same keys in
 //! different orders) is replanned the same way: load never answers INTERNAL.
 //!
-//! A batch of plain writes locks with `SKIP LOCKED`: the users another transaction
-//! holds are left to a second transaction, which waits for them, so one shared user
-//! does not keep a whole batch (and the batches queued behind its locks) waiting.
+//! A caller's batch of independent writes (`DeductBatch`, not the group commit of
+//! single calls) locks with `SKIP LOCKED`: the writes of users another transaction
+//! holds (or without a balance row) go to a second transaction beside the first, which
+//! waits for them, so one shared user does not keep a whole batch (and the batches
+//! queued behind its locks) waiting. Such a call can end half applied on an error.
 
 use std::collections::HashMap;
 
@@ -113,17 +115,25 @@ impl PgLedger {
         &self.pool
     }
 
-    /// Writes and hold operations alike: first without reading the keys they use (fresh
-    /// keys, settles of holds still held), then, on any conflict or error, with them
-    /// read and retried.
-    ///
-    /// A batch of plain writes first skips the users whose balances another transaction
-    /// holds ([`skips_busy_users`]). Their writes go to a second transaction, started
-    /// as soon as the first one's lock finds them busy: it waits for those users while
+    /// Writes and hold operations alike, in one transaction: first without reading the
+    /// keys they use (fresh keys, settles of holds still held), then, on any conflict
+    /// or error, with them read and retried.
+    async fn apply_ops(&self, ops: &[Op], now_us: i64) -> Result<Vec<OpOutcome>, StoreError> {
+        apply_blocking(&self.pool, ops, now_us).await
+    }
+
+    /// A caller's batch of independent writes ([`LedgerStore::apply_independent`]).
+    /// When it may ([`skips_busy_users`]), it first skips the users whose balances
+    /// another transaction holds. Their writes go to a second transaction, started as
+    /// soon as the first one's lock finds them busy: it waits for those users while
     /// the first one applies and commits the rest. A batch that shares one user with a
     /// batch in flight then no longer waits for that whole transaction with all its
     /// other users locked, holding up the batches behind it.
-    async fn apply_ops(&self, ops: &[Op], now_us: i64) -> Result<Vec<OpOutcome>, StoreError> {
+    async fn apply_skipping_busy(
+        &self,
+        ops: &[Op],
+        now_us: i64,
+    ) -> Result<Vec<OpOutcome>, StoreError> {
         if !skips_busy_users(ops) {
             return apply_blocking(&self.pool, ops, now_us).await;
         }
@@ -134,10 +144,10 @@ impl PgLedger {
                 hand_on,
                 positions: &mut positions,
             };
-            if let Some(outcomes) = self.try_skipping_busy(ops, now_us, skip).await {
+            if let Some(outcomes) = self.try_skipping_busy(ops, now_us, skip).await? {
                 return Ok(outcomes);
             }
-            // Failed: everything not handed on goes the blocking way.
+            // Refused or failed: everything not handed on goes the blocking way.
             let kept: Vec<Op> = ops
                 .iter()
                 .enumerate()
@@ -159,21 +169,34 @@ impl PgLedger {
     }
 
     /// The first transaction of a batch that skips busy users: the outcomes of the
-    /// operations it applied (all but those handed on), or `None` on any error or
-    /// conflict (rolled back).
+    /// operations it applied (all but those handed on), or `None` when it was rolled
+    /// back for a key taken concurrently or an error worth a blocking attempt. The
+    /// database being unreachable, or the ledger shutting down, is an error.
     async fn try_skipping_busy(
         &self,
         ops: &[Op],
         now_us: i64,
         skip: SkipBusy<'_>,
-    ) -> Option<Vec<OpOutcome>> {
-        let mut tx = self.pool.begin().await.ok()?;
-        let outcomes = apply_in(&mut tx, ops, &[], now_us, true, Some(skip))
-            .await
-            .ok()
-            .flatten()?;
-        tx.commit().await.ok()?;
-        Some(outcomes)
+    ) -> Result<Option<Vec<OpOutcome>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let applied = apply_in(&mut tx, ops, &[], now_us, true, Some(skip)).await;
+        let outcomes = match applied {
+            Ok(Some(outcomes)) => outcomes,
+            Ok(None) => {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            Err(error @ (StoreError::Unavailable(_) | StoreError::ShuttingDown)) => {
+                return Err(error);
+            }
+            Err(_) => {
+                // Rolled back now, so the blocking attempt does not wait on our locks.
+                let _ = tx.rollback().await;
+                return Ok(None);
+            }
+        };
+        tx.commit().await?;
+        Ok(Some(outcomes))
     }
 
     async fn try_payment_event(
@@ -350,7 +373,10 @@ async fn apply_in(
             let mut later = Vec::new();
             for (at, op) in ops.iter().enumerate() {
                 match op {
-                    Op::Write(write) if !balances.contains_key(&write.user_id) => {
+                    // An invalid write is refused without a lock: it stays.
+                    Op::Write(write)
+                        if write.validate().is_ok() && !balances.contains_key(&write.user_id) =>
+                    {
                         positions.push(at);
                         later.push(op.clone());
                     }
@@ -1048,6 +1074,20 @@ impl LedgerStore for PgLedger {
         }
         let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
         Ok(write_outcomes(self.apply_ops(&ops, now_us).await?))
+    }
+
+    async fn apply_independent(
+        &self,
+        writes: &[WriteRequest],
+        now_us: i64,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
+        Ok(write_outcomes(
+            self.apply_skipping_busy(&ops, now_us).await?,
+        ))
     }
 
     async fn apply_holds(
