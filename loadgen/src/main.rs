@@ -318,33 +318,42 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     let users = args.users;
     let mut results = Vec::new();
 
-    for batch_size in [100u64, 1_000] {
+    // DeductBatch over the users holding one lot each, or five.
+    let batches = |batch_size: u64, five_lots: bool| {
         let c = client.clone();
-        results.push(
-            drive(
-                format!(
-                    "DeductBatch ×{batch_size}, gRPC, {} clients, 1 lot per user",
-                    args.batch_clients
-                ),
-                args.batch_clients,
-                duration,
-                move |w, s| {
-                    let mut client = c(w);
-                    async move {
-                        let items = (0..batch_size)
-                            .map(|i| pb::DeductRequest {
-                                user_id: user(pick(w, s, i), users),
-                                amount_micros: 1_000 + (i as i64 % 500),
-                                idempotency_key: format!("b{batch_size}-{w}-{s}-{i}"),
-                                description: String::new(),
-                            })
-                            .collect();
-                        deduct_all(&mut client, items).await
-                    }
-                },
-            )
-            .await?,
-        );
+        let (label, prefix, population): (&str, &str, fn(u64, usize) -> String) = if five_lots {
+            ("5 lots per user", "b5", user_with_five_lots)
+        } else {
+            ("1 lot per user", "b", user)
+        };
+        drive(
+            format!(
+                "DeductBatch ×{batch_size}, gRPC, {} clients, {label}",
+                args.batch_clients
+            ),
+            args.batch_clients,
+            duration,
+            move |w, s| {
+                let mut client = c(w);
+                async move {
+                    let items = (0..batch_size)
+                        .map(|i| pb::DeductRequest {
+                            user_id: population(pick(w, s, i), users),
+                            // With five lots, more than one lot's 1/5 share is never
+                            // reached; a deduction draws one or two lots as they run down.
+                            amount_micros: 1_000 + (i as i64 % 500),
+                            idempotency_key: format!("{prefix}{batch_size}-{w}-{s}-{i}"),
+                            description: String::new(),
+                        })
+                        .collect();
+                    deduct_all(&mut client, items).await
+                }
+            },
+        )
+    };
+
+    for batch_size in [100u64, 1_000] {
+        results.push(batches(batch_size, false).await?);
         let p = pool.clone();
         results.push(
             drive(
@@ -381,34 +390,7 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     }
 
     for batch_size in [100u64, 1_000] {
-        let c = client.clone();
-        results.push(
-            drive(
-                format!(
-                    "DeductBatch ×{batch_size}, gRPC, {} clients, 5 lots per user",
-                    args.batch_clients
-                ),
-                args.batch_clients,
-                duration,
-                move |w, s| {
-                    let mut client = c(w);
-                    async move {
-                        let items = (0..batch_size)
-                            .map(|i| pb::DeductRequest {
-                                user_id: user_with_five_lots(pick(w, s, i), users),
-                                // Bigger than one lot's 1/5 share is never reached; each
-                                // deduction draws one or two lots as lots run down.
-                                amount_micros: 1_000 + (i as i64 % 500),
-                                idempotency_key: format!("b5-{batch_size}-{w}-{s}-{i}"),
-                                description: String::new(),
-                            })
-                            .collect();
-                        deduct_all(&mut client, items).await
-                    }
-                },
-            )
-            .await?,
-        );
+        results.push(batches(batch_size, true).await?);
     }
 
     let c = client.clone();

@@ -122,6 +122,26 @@ impl PgLedger {
         apply_blocking(&self.pool, ops, now_us).await
     }
 
+    /// `writes` in one transaction, or (`independent`) as a caller's batch of
+    /// independent writes that may skip busy users.
+    async fn apply_writes(
+        &self,
+        writes: &[WriteRequest],
+        now_us: i64,
+        independent: bool,
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
+        let outcomes = if independent {
+            self.apply_skipping_busy(&ops, now_us).await?
+        } else {
+            self.apply_ops(&ops, now_us).await?
+        };
+        Ok(write_outcomes(outcomes))
+    }
+
     /// A caller's batch of independent writes ([`LedgerStore::apply_independent`]).
     /// When it may ([`skips_busy_users`]), it first skips the users whose balances
     /// another transaction holds. Their writes go to a second transaction, started as
@@ -1069,11 +1089,7 @@ impl LedgerStore for PgLedger {
         writes: &[WriteRequest],
         now_us: i64,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
-        if writes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
-        Ok(write_outcomes(self.apply_ops(&ops, now_us).await?))
+        self.apply_writes(writes, now_us, false).await
     }
 
     async fn apply_independent(
@@ -1081,13 +1097,7 @@ impl LedgerStore for PgLedger {
         writes: &[WriteRequest],
         now_us: i64,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
-        if writes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ops: Vec<Op> = writes.iter().cloned().map(Op::Write).collect();
-        Ok(write_outcomes(
-            self.apply_skipping_busy(&ops, now_us).await?,
-        ))
+        self.apply_writes(writes, now_us, true).await
     }
 
     async fn apply_holds(
