@@ -115,13 +115,6 @@ impl PgLedger {
         &self.pool
     }
 
-    /// Writes and hold operations alike, in one transaction: first without reading the
-    /// keys they use (fresh keys, settles of holds still held), then, on any conflict
-    /// or error, with them read and retried.
-    async fn apply_ops(&self, ops: &[Op], now_us: i64) -> Result<Vec<OpOutcome>, StoreError> {
-        apply_blocking(&self.pool, ops, now_us).await
-    }
-
     /// `writes` in one transaction, or (`independent`) as a caller's batch of
     /// independent writes that may skip busy users.
     async fn apply_writes(
@@ -137,7 +130,7 @@ impl PgLedger {
         let outcomes = if independent {
             self.apply_skipping_busy(&ops, now_us).await?
         } else {
-            self.apply_ops(&ops, now_us).await?
+            apply_blocking(&self.pool, &ops, now_us).await?
         };
         Ok(write_outcomes(outcomes))
     }
@@ -252,8 +245,9 @@ async fn try_apply(
     Ok(Some(outcomes))
 }
 
-/// `ops` in one transaction that waits for the locks it needs: optimistic first, then
-/// with the used keys read, retried on conflicts.
+/// Writes and hold operations alike, in one transaction that waits for the locks it
+/// needs: first without reading the keys they use (fresh keys, settles of holds still
+/// held), then, on any conflict or error, with them read and retried.
 async fn apply_blocking(
     pool: &PgPool,
     ops: &[Op],
@@ -1109,7 +1103,9 @@ impl LedgerStore for PgLedger {
             return Ok(Vec::new());
         }
         let ops: Vec<Op> = ops.iter().cloned().map(Op::Hold).collect();
-        Ok(hold_outcomes(self.apply_ops(&ops, now_us).await?))
+        Ok(hold_outcomes(
+            apply_blocking(&self.pool, &ops, now_us).await?,
+        ))
     }
 
     async fn hold(&self, hold_id: &str) -> Result<Option<Hold>, StoreError> {
