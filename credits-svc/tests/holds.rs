@@ -704,13 +704,7 @@ async fn postgres_a_settle_of_a_hold_made_while_it_waits_draws_from_the_owner() 
     grant(&mut c, "blocker", 10 * CREDIT, "g-blocker", None).await;
     let store = credits_svc::store::open(&db.url).await.unwrap();
     let pool = reeve_runtime::db::postgres_pool(&db.url, 2).await.unwrap();
-    let mut blocking = pool.begin().await.unwrap();
-    let blocker_pid: i32 = sqlx::query_scalar(
-        "SELECT pg_backend_pid() FROM credit_accounts WHERE user_id = 'blocker' FOR UPDATE",
-    )
-    .fetch_one(&mut *blocking)
-    .await
-    .unwrap();
+    let (blocking, blocker_pid) = common::lock_balance_row(&pool, "blocker").await;
     // One batch: settle a hold not made yet, and a hold of the blocked user.
     let batch = tokio::spawn({
         let store = std::sync::Arc::clone(&store);
@@ -734,24 +728,7 @@ async fn postgres_a_settle_of_a_hold_made_while_it_waits_draws_from_the_owner() 
     });
     // It waits on the blocker's row (on this session, not on another test's lock),
     // its owner lookup done...
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-        )
-        .bind(blocker_pid)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the batch never waited on the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_until_blocked_by(&pool, blocker_pid, "the batch").await;
     // ... when the hold it settles is made; then the blocker lets go.
     hold(&mut c, "owner", "made-meanwhile", 4 * CREDIT, 600)
         .await

@@ -883,13 +883,7 @@ async fn batch_with_a_user_held_elsewhere(reuse_a_key: bool) {
         grant(&mut admin, user, 10 * CREDIT, &format!("g-{user}")).await;
     }
     let pool = reeve_runtime::db::postgres_pool(&db.url, 2).await.unwrap();
-    let mut blocking = pool.begin().await.unwrap();
-    let blocker_pid: i32 = sqlx::query_scalar(
-        "SELECT pg_backend_pid() FROM credit_accounts WHERE user_id = 'bo' FOR UPDATE",
-    )
-    .fetch_one(&mut *blocking)
-    .await
-    .unwrap();
+    let (blocking, blocker_pid) = common::lock_balance_row(&pool, "bo").await;
     let mut items = vec![
         deduct_request("ana", CREDIT, "held-1"),
         deduct_request("bo", 2 * CREDIT, "held-2"),
@@ -912,27 +906,11 @@ async fn batch_with_a_user_held_elsewhere(reuse_a_key: bool) {
         }
     });
     // The batch waits on this session's lock (not on another test's) ...
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-        )
-        .bind(blocker_pid)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the batch never waited on the held user"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    common::wait_until_blocked_by(&pool, blocker_pid, "the batch").await;
     // ... and its free users are charged and committed while the held one is still
     // held (the blocking way, the batch would keep their rows locked until it is let
     // go, and this would time out).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let expected = [
         ("ana".to_owned(), 8 * CREDIT),
         ("bo".to_owned(), 10 * CREDIT),

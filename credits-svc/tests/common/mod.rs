@@ -146,3 +146,41 @@ where
         })
         .unwrap();
 }
+
+/// A balance row of `user` locked by a session of `pool` (PostgreSQL), until the
+/// returned transaction ends; with that session's backend pid, for
+/// [`wait_until_blocked_by`].
+pub async fn lock_balance_row(
+    pool: &sqlx::PgPool,
+    user: &str,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, i32) {
+    let mut blocking = pool.begin().await.unwrap();
+    let pid: i32 = sqlx::query_scalar(
+        "SELECT pg_backend_pid() FROM credit_accounts WHERE user_id = $1 FOR UPDATE",
+    )
+    .bind(user)
+    .fetch_one(&mut *blocking)
+    .await
+    .unwrap();
+    (blocking, pid)
+}
+
+/// Returns once some backend waits on a lock of the session `pid` (not on another
+/// test's lock in the shared database); fails after 20 s, saying `what` never waited.
+pub async fn wait_until_blocked_by(pool: &sqlx::PgPool, pid: i32, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(pid)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} never waited");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
