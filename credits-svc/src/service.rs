@@ -951,6 +951,9 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         request: Request<pb::PaymentEventRequest>,
     ) -> Result<Response<pb::PaymentEventResponse>, Status> {
         let request = request.into_inner();
+        if request.kind == i32::from(pb::PaymentEventKind::TopupFailed) {
+            return Ok(Response::new(self.topup_failed(request).await?));
+        }
         let topup = TopUpFacts::of(&request);
         let event = payment_event(request)?;
         let outcome = self.record_payment(&event).await?;
@@ -1144,6 +1147,62 @@ impl CreditsApi {
         Ok(match self.store.topups().card(user_id).await? {
             Some(card) => CardSaving::Customer(card.customer_id),
             None => CardSaving::NewCustomer,
+        })
+    }
+
+    /// `TOPUP_FAILED`: the attempt waiting for its user's action on this payment intent
+    /// fails and counts as a decline (nothing moves in the ledger).
+    async fn topup_failed(
+        &self,
+        request: pb::PaymentEventRequest,
+    ) -> Result<pb::PaymentEventResponse, CreditsError> {
+        let invalid =
+            |invalid: reeve_runtime::ids::InvalidId| CreditsError::Invalid(invalid.into());
+        check_user_id(&request.user_id)?;
+        reeve_runtime::ids::check_key(&request.payment_id, "payment_id").map_err(invalid)?;
+        reeve_runtime::ids::check_key(&request.topup_attempt_id, "topup_attempt_id")
+            .map_err(invalid)?;
+        reeve_runtime::ids::check_key(&request.failure_code, "failure_code").map_err(invalid)?;
+        reeve_runtime::ids::check_description(&request.description).map_err(invalid)?;
+        let failed = self
+            .store
+            .topups()
+            .fail_waiting(
+                &request.topup_attempt_id,
+                &request.user_id,
+                &crate::topup::ChargeResult::Declined {
+                    code: request.failure_code.clone(),
+                    message: request.description.clone(),
+                    payment_intent_id: Some(request.payment_id.clone()),
+                },
+                self.clock.now_us(),
+            )
+            .await?;
+        let attempt = &request.topup_attempt_id;
+        let (outcome, detail) = if failed {
+            tracing::info!(user_id = %request.user_id, %attempt, code = %request.failure_code, "auto top-up failed after waiting for the user");
+            (
+                pb::PaymentEventOutcome::Applied,
+                format!(
+                    "auto top-up attempt {attempt} failed: {}",
+                    request.failure_code
+                ),
+            )
+        } else {
+            (
+                pb::PaymentEventOutcome::NothingToApply,
+                format!(
+                    "auto top-up attempt {attempt} was not waiting on payment {}",
+                    request.payment_id
+                ),
+            )
+        };
+        Ok(pb::PaymentEventResponse {
+            outcome: outcome.into(),
+            entry: None,
+            user_id: request.user_id,
+            capped_micros: 0,
+            detail,
         })
     }
 

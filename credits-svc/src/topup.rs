@@ -10,8 +10,9 @@
 //!   auto top-up until a new card is saved. A success or a new card resets the count.
 //! - `requires_action` waits: the attempt stays in flight (counting toward the cap and
 //!   blocking a second one) until the user completes it and Stripe's
-//!   `payment_intent.succeeded` arrives, or turns auto top-up off (which withdraws it;
-//!   paid later anyway, it is completed then).
+//!   `payment_intent.succeeded` arrives, its payment fails or is canceled (the
+//!   webhook's `TOPUP_FAILED`: a decline), or the user turns auto top-up off (which
+//!   withdraws it). Paid later anyway, a withdrawn or failed attempt is completed then.
 //!
 //! This module must never read a clock, call Stripe or touch storage, and never
 //! credit anything: credits arrive only through the payment webhook (a purchase keyed

@@ -26,6 +26,7 @@ on_both_stores!(
     an_attempt_without_an_answer_is_resent_only_while_its_key_holds,
     refunds_and_disputes_never_charge_the_card_again,
     disabling_withdraws_an_attempt_no_worker_has_sent,
+    a_payment_webhook_answers_only_the_attempt_it_belongs_to,
 );
 
 fn card() -> Card {
@@ -598,4 +599,234 @@ async fn disabling_during_a_write_that_creates_an_attempt_withdraws_it() {
         attempt.failure_code.as_deref(),
         Some(credits_svc::store::topup::DISABLED_CODE)
     );
+}
+
+/// `payment_intent.payment_failed` / `.canceled` (`fail_waiting`) and
+/// `payment_intent.succeeded` (`complete`) against every state an attempt can be in,
+/// as a table: a failure ends only an attempt of this user and payment that is in
+/// flight at Stripe (sent, or waiting for the user's action), once, as a decline; a
+/// success completes its attempt even after a failure on the same payment.
+async fn a_payment_webhook_answers_only_the_attempt_it_belongs_to(backend: Backend) {
+    #[derive(Clone, Copy, Debug)]
+    enum Start {
+        Pending,
+        Processing,
+        WaitingOn(&'static str),
+        Succeeded,
+        FailedOn(&'static str),
+    }
+    #[derive(Clone, Copy, Debug)]
+    enum Answer {
+        Fail {
+            user: &'static str,
+            pi: &'static str,
+        },
+        Pay {
+            pi: &'static str,
+        },
+    }
+    use Answer::{Fail, Pay};
+    use Start::{FailedOn, Pending, Processing, Succeeded, WaitingOn};
+    // (starting state, webhook, whether it answers, state after, declines after)
+    let cases: [(Start, Answer, bool, AttemptState, i32); 11] = [
+        (
+            WaitingOn("pi_a"),
+            Fail {
+                user: "",
+                pi: "pi_a",
+            },
+            true,
+            AttemptState::Failed,
+            1,
+        ),
+        (
+            WaitingOn(""),
+            Fail {
+                user: "",
+                pi: "pi_a",
+            },
+            true,
+            AttemptState::Failed,
+            1,
+        ),
+        (
+            WaitingOn("pi_a"),
+            Fail {
+                user: "",
+                pi: "pi_b",
+            },
+            false,
+            AttemptState::RequiresAction,
+            0,
+        ),
+        (
+            WaitingOn("pi_a"),
+            Fail {
+                user: "mallory",
+                pi: "pi_a",
+            },
+            false,
+            AttemptState::RequiresAction,
+            0,
+        ),
+        (
+            Processing,
+            Fail {
+                user: "",
+                pi: "pi_a",
+            },
+            true,
+            AttemptState::Failed,
+            1,
+        ),
+        (
+            Succeeded,
+            Fail {
+                user: "",
+                pi: "pi_a",
+            },
+            false,
+            AttemptState::Succeeded,
+            0,
+        ),
+        (
+            FailedOn("pi_a"),
+            Fail {
+                user: "",
+                pi: "pi_a",
+            },
+            false,
+            AttemptState::Failed,
+            1,
+        ),
+        (
+            FailedOn("pi_a"),
+            Pay { pi: "pi_a" },
+            true,
+            AttemptState::Succeeded,
+            0,
+        ),
+        (
+            FailedOn("pi_a"),
+            Pay { pi: "pi_b" },
+            false,
+            AttemptState::Failed,
+            1,
+        ),
+        (
+            WaitingOn("pi_a"),
+            Pay { pi: "pi_a" },
+            true,
+            AttemptState::Succeeded,
+            0,
+        ),
+        // Last: an attempt left pending would be claimed by the next case.
+        (
+            Pending,
+            Fail {
+                user: "",
+                pi: "pi_a",
+            },
+            false,
+            AttemptState::Pending,
+            0,
+        ),
+    ];
+    let db = TestDb::new(backend).await;
+    let server = db.start().await;
+    let store = credits_svc::store::open(&db.url).await.unwrap();
+    let mut c = client(server.local_addr).await;
+    let topups = store.topups();
+    let t0: i64 = 2_000_000_000_000_000;
+    let declined = |pi: &str| ChargeResult::Declined {
+        code: "payment_intent_authentication_failure".into(),
+        message: "failed authentication".into(),
+        payment_intent_id: Some(pi.into()),
+    };
+    for (case, (start, answer, answers, after, declines)) in cases.into_iter().enumerate() {
+        let user = format!("user{case}");
+        switch(&mut c, &user, true).await;
+        topups
+            .save_card(&user, &format!("pi_card{case}"), &card(), t0)
+            .await
+            .unwrap();
+        store
+            .apply(&[grant(&user, 20, &format!("g{case}"))], t0)
+            .await
+            .unwrap();
+        store
+            .apply(&[deduction(&user, 15 * CREDIT, &format!("d{case}"))], t0)
+            .await
+            .unwrap();
+        let made = topups.attempts(&user).await.unwrap();
+        assert_eq!(made.len(), 1, "case {case}");
+        let attempt_id = made[0].attempt_id.clone();
+        if !matches!(start, Pending) {
+            let claimed = topups.claim(t0, 60_000_000, 10).await.unwrap();
+            assert_eq!(claimed.len(), 1, "case {case}");
+            let stripe = match start {
+                WaitingOn(pi) => Some(ChargeResult::RequiresAction {
+                    payment_intent_id: pi.into(),
+                    action_url: None,
+                }),
+                Succeeded => Some(ChargeResult::Succeeded {
+                    payment_intent_id: "pi_a".into(),
+                }),
+                FailedOn(pi) => Some(declined(pi)),
+                Pending | Processing => None,
+            };
+            if let Some(result) = stripe {
+                assert!(
+                    topups.record(&claimed[0], &result, t0).await.unwrap(),
+                    "case {case}"
+                );
+            }
+        }
+        let failures_before = topups.view(&user, t0).await.unwrap().consecutive_failures;
+        let at = t0 + 1;
+        let answered = match answer {
+            Fail { user: other, pi } => {
+                let owner = if other.is_empty() {
+                    user.as_str()
+                } else {
+                    other
+                };
+                topups
+                    .fail_waiting(&attempt_id, owner, &declined(pi), at)
+                    .await
+                    .unwrap()
+            }
+            Pay { pi } => topups.complete(&attempt_id, &user, pi, at).await.unwrap(),
+        };
+        assert_eq!(answered, answers, "case {case}: {start:?} {answer:?}");
+        let attempt = topups.attempt(&attempt_id).await.unwrap().unwrap();
+        assert_eq!(attempt.state, after, "case {case}: {start:?} {answer:?}");
+        let view = topups.view(&user, at).await.unwrap();
+        assert_eq!(
+            view.consecutive_failures, declines,
+            "case {case}: {start:?} {answer:?}"
+        );
+        if answers && after == AttemptState::Failed {
+            assert_eq!(
+                failures_before + 1,
+                declines,
+                "case {case}: one decline more"
+            );
+            assert_eq!(
+                attempt.failure_code.as_deref(),
+                Some("payment_intent_authentication_failure")
+            );
+            assert!(view.retry_after_us > at, "case {case}: backs off");
+            // The worker's own answer to an attempt failed here records nothing.
+            if matches!(start, Processing) {
+                let paid = ChargeResult::Succeeded {
+                    payment_intent_id: "pi_a".into(),
+                };
+                assert!(
+                    !topups.record(&attempt, &paid, at).await.unwrap(),
+                    "case {case}"
+                );
+            }
+        }
+    }
 }

@@ -244,6 +244,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         )
         .route("/v1/test_helpers/customers", post(create_test_customer))
         .route("/authenticate/{id}", get(authenticate).post(authenticate))
+        .route(
+            "/authenticate/{id}/fail",
+            get(fail_authentication).post(fail_authentication),
+        )
         .route("/v1/payment_intents/{id}", get(retrieve_payment_intent))
         .route("/v1/charges/{id}", get(retrieve_charge))
         .route("/v1/disputes", get(list_disputes))
@@ -1303,6 +1307,37 @@ async fn create_payment_intent(
     }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(body)).into_response()
+}
+
+/// The customer fails the authentication of a payment intent that required it: as
+/// Stripe does, the intent goes back to `requires_payment_method` with a
+/// `payment_intent_authentication_failure` error, and `payment_intent.payment_failed`
+/// is sent. The intent can no longer be authenticated.
+async fn fail_authentication(
+    State(state): State<Arc<FakeState>>,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(mut intent) = lock(&state.cards).awaiting_action.remove(&id) else {
+        return no_such_payment();
+    };
+    intent["status"] = json!("requires_payment_method");
+    intent["next_action"] = Value::Null;
+    intent["last_payment_error"] = json!({
+        "type": "card_error",
+        "code": "payment_intent_authentication_failure",
+        "message": "The provided PaymentMethod has failed authentication. You can provide payment_method_data or a new PaymentMethod to attempt to fulfill this PaymentIntent again.",
+        "doc_url": "https://stripe.com/docs/error-codes/payment-intent-authentication-failure",
+        "payment_method": {"id": intent.get("payment_method").cloned().unwrap_or(Value::Null), "object": "payment_method"},
+    });
+    let event = objects::event(
+        &random_id("evt"),
+        "payment_intent.payment_failed",
+        intent.clone(),
+        None,
+        now_secs(),
+    );
+    let delivery = deliver(&state, event).await;
+    Json(json!({"payment_intent": intent, "delivery": delivery})).into_response()
 }
 
 /// The customer completes the authentication of a payment intent that required it:

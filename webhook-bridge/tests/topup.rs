@@ -4,7 +4,8 @@
 //! (a real server on loopback), and the credits arrive only through the
 //! payment_intent.succeeded webhook, once. Declines back off an hour (the services run
 //! on a manual clock) and three in a row suspend until a new card is saved;
-//! requires_action waits for the user; a worker killed between Stripe's answer and
+//! requires_action waits for the user, and a failed authentication fails it (a
+//! decline) instead of blocking auto top-up for good; a worker killed between Stripe's answer and
 //! recording it charges nothing twice; the REST routes refuse hostile bodies whole.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -30,6 +31,7 @@ on_both_stores!(
     a_top_up_charges_the_saved_card_and_credits_once_however_often_its_webhook_comes,
     a_declined_card_backs_off_an_hour_and_three_declines_suspend_until_a_new_card_is_saved,
     requires_action_waits_for_the_user_and_completes_with_the_payment,
+    a_failed_authentication_fails_the_waiting_attempt_and_unblocks_auto_top_up,
     a_worker_killed_between_stripe_and_recording_charges_nothing_twice,
     hostile_bodies_on_the_auto_topup_routes_are_refused_and_nothing_is_written,
 );
@@ -499,6 +501,87 @@ async fn requires_action_waits_for_the_user_and_completes_with_the_payment(backe
     assert_eq!(stack.count(credits_svc::topup::TOPUP_SUCCEEDED).await, 1);
 }
 
+async fn a_failed_authentication_fails_the_waiting_attempt_and_unblocks_auto_top_up(
+    backend: Backend,
+) {
+    let stack = TopUpStack::start(backend).await;
+    stack.set_topup("eve", 10, 20, 100).await;
+    stack
+        .save_card("eve", "pm_card_authenticationRequired")
+        .await;
+    stack.grant("eve", 10).await;
+    // 5 + 10 − 6 = 9 < 10: the attempt waits for the user.
+    stack.deduct("eve", 6 * CREDIT).await;
+    let waiting = stack.attempt_in("eve", "requires_action").await;
+    let first = waiting["last_attempt"]["attempt_id"].clone();
+    let url = waiting["last_attempt"]["action_url"].as_str().unwrap();
+    // The user fails the authentication: Stripe sends payment_intent.payment_failed.
+    let answer: Value = stack
+        .http
+        .get(format!("{url}/fail"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["delivery"]["status"], 200, "{answer}");
+    let failed = stack.attempt_in("eve", "failed").await;
+    assert_eq!(failed["last_attempt"]["attempt_id"], first);
+    assert_eq!(
+        failed["last_attempt"]["failure_code"],
+        "payment_intent_authentication_failure"
+    );
+    assert!(failed["last_attempt"]["action_url"].is_null(), "{failed}");
+    assert_eq!(failed["consecutive_failures"], 1, "{failed}");
+    assert!(failed["retry_after"].is_string(), "{failed}");
+    assert_eq!(stack.count(credits_svc::topup::TOPUP_FAILED).await, 1);
+    assert_eq!(stack.balance("eve").await, 9 * CREDIT);
+    // The same failure again, in an event of its own: nothing more.
+    let intent = answer["payment_intent"].clone();
+    let again = common::event(
+        "evt_failed_again",
+        "payment_intent.payment_failed",
+        intent.clone(),
+        None,
+    );
+    let (status, body) = stack.send_event(&again).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(stack.count(credits_svc::topup::TOPUP_FAILED).await, 1);
+    assert_eq!(stack.topup("eve").await["consecutive_failures"], 1);
+    // It counts as a decline: nothing within the hour, a new attempt after it (the
+    // failed one no longer blocks auto top-up).
+    stack.deduct("eve", CREDIT).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(stack.fake.off_session_payment_intents().len(), 1);
+    stack.clock.advance(HOUR_US);
+    stack.deduct("eve", CREDIT).await;
+    let second = stack.attempt_in("eve", "requires_action").await;
+    assert_ne!(second["last_attempt"]["attempt_id"], first);
+    assert_eq!(stack.fake.off_session_payment_intents().len(), 2);
+    // The user pays the first payment after all (confirmed again on-session): it is
+    // credited once and completes its attempt, so this month's use counts it.
+    let mut paid = intent;
+    paid["status"] = json!("succeeded");
+    paid["amount_received"] = paid["amount"].clone();
+    paid["last_payment_error"] = Value::Null;
+    let (status, body) = stack
+        .send_event(&common::event(
+            "evt_paid_late",
+            "payment_intent.succeeded",
+            paid,
+            None,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    stack.balance_becomes("eve", (7 + 20) * CREDIT).await;
+    let attempts = stack.attempts_via_store("eve").await;
+    assert_eq!(attempts, ["succeeded", "requires_action"]);
+    assert_eq!(stack.count(credits_svc::topup::TOPUP_SUCCEEDED).await, 1);
+    // The paid attempt and the one in flight.
+    assert_eq!(stack.topup("eve").await["month_used_micros"], 40 * CREDIT);
+}
+
 async fn a_worker_killed_between_stripe_and_recording_charges_nothing_twice(backend: Backend) {
     let mut stack = TopUpStack::start(backend).await;
     stack.set_topup("dan", 10, 30, 100).await;
@@ -541,6 +624,33 @@ async fn a_worker_killed_between_stripe_and_recording_charges_nothing_twice(back
 }
 
 impl TopUpStack {
+    /// Sends `event`, correctly signed now, to the bridge's webhook.
+    async fn send_event(&self, event: &Value) -> (StatusCode, Value) {
+        let payload = event.to_string();
+        let signature = fake_stripe::sign(&payload, WEBHOOK_SECRET, fake_stripe::now_secs());
+        let response = self
+            .http
+            .post(format!("{}/api/credits/webhook", self.base))
+            .header("content-type", "application/json")
+            .header("stripe-signature", signature)
+            .body(payload)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The states of the user's attempts, oldest first, read from the store.
+    async fn attempts_via_store(&self, user: &str) -> Vec<String> {
+        let store = credits_svc::store::open(&self.db.url).await.unwrap();
+        let attempts = store.topups().attempts(user).await.unwrap();
+        attempts
+            .iter()
+            .map(|a| a.state.as_str().to_owned())
+            .collect()
+    }
+
     /// The latest attempt's state, read from the store (while credits-svc is down).
     async fn topup_via_store(&self, user: &str) -> String {
         let store = credits_svc::store::open(&self.db.url).await.unwrap();

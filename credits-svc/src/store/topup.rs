@@ -344,14 +344,12 @@ const SAVE_FAILURES_SQL: &str = "UPDATE credit_topup_settings SET consecutive_fa
      retry_after_us = $3, suspended_reason = COALESCE($4, suspended_reason), updated_at_us = $5 \
      WHERE user_id = $1";
 
-/// The webhook's payment of an attempt completes it (from any in-flight state, or
-/// withdrawn by a disable while it waited for the user's action on this same payment:
-/// the user paid it).
-const COMPLETE_ATTEMPT_SQL: &str = "UPDATE credit_topup_attempts SET state = 'succeeded', \
-     payment_intent_id = $3, failure_code = NULL, updated_at_us = $4 \
-     WHERE attempt_id = $1 AND user_id = $2 \
-     AND (state IN ('pending', 'processing', 'requires_action') \
-          OR (state = 'failed' AND failure_code = $5 AND payment_intent_id = $3))";
+/// A payment's webhook answers its attempt (the caller checked, under the row lock,
+/// that the attempt is the user's and that this answer applies to its state): succeeded
+/// or failed, on this payment intent; a failed attempt's action URL is gone with it.
+const ANSWER_ATTEMPT_SQL: &str = "UPDATE credit_topup_attempts SET state = $3, \
+     payment_intent_id = $4, failure_code = $5, action_url = NULL, updated_at_us = $6 \
+     WHERE attempt_id = $1 AND user_id = $2";
 
 fn view_of(
     row: Option<SettingsRow>,
@@ -566,7 +564,10 @@ impl TopUpStore {
 
     /// Completes an attempt whose payment succeeded (its `payment_intent.succeeded`,
     /// which credited the user): `topup.succeeded`, declines reset, in one
-    /// transaction. Whether it was still in flight (a worker may have recorded it).
+    /// transaction. Whether it was still in flight (a worker may have recorded it), or
+    /// failed on this same payment (withdrawn by a disable, or failed after waiting for
+    /// the user's action): a payment that succeeded completes its attempt whatever
+    /// failure was recorded before, so this month's use counts it.
     pub async fn complete(
         &self,
         attempt_id: &str,
@@ -574,6 +575,48 @@ impl TopUpStore {
         payment_intent_id: &str,
         now_us: i64,
     ) -> Result<bool, StoreError> {
+        let result = ChargeResult::Succeeded {
+            payment_intent_id: payment_intent_id.to_owned(),
+        };
+        self.answer_from_webhook(attempt_id, user_id, &result, now_us)
+            .await
+    }
+
+    /// Fails an attempt whose payment failed after the worker's answer left it waiting
+    /// for the user's action (authentication failed, or the payment intent was
+    /// canceled), or before the worker recorded any answer: a decline (`result`, a
+    /// [`ChargeResult::Declined`] naming the payment intent) with its back-off,
+    /// suspension and events, in one transaction. Whether the attempt failed now: not
+    /// when it was resolved before, or belongs to another user or payment. The worker's
+    /// own answer to an attempt failed here then records nothing (its claim is gone).
+    pub async fn fail_waiting(
+        &self,
+        attempt_id: &str,
+        user_id: &str,
+        result: &ChargeResult,
+        now_us: i64,
+    ) -> Result<bool, StoreError> {
+        self.answer_from_webhook(attempt_id, user_id, result, now_us)
+            .await
+    }
+
+    /// The one body of [`TopUpStore::complete`] and [`TopUpStore::fail_waiting`]: a
+    /// payment's webhook answers its attempt.
+    async fn answer_from_webhook(
+        &self,
+        attempt_id: &str,
+        user_id: &str,
+        result: &ChargeResult,
+        now_us: i64,
+    ) -> Result<bool, StoreError> {
+        let (payment_intent_id, succeeded) = match result {
+            ChargeResult::Succeeded { payment_intent_id } => (payment_intent_id.as_str(), true),
+            ChargeResult::Declined {
+                payment_intent_id: Some(payment_intent_id),
+                ..
+            } => (payment_intent_id.as_str(), false),
+            _ => return Ok(false),
+        };
         on_store!(self, |pool, begin, insert, lock| {
             let mut tx = begin!().await?;
             // The settings row first, then the attempt: the order `record` takes them
@@ -595,34 +638,46 @@ impl TopUpStore {
             let Some(attempt) = row.map(Attempt::try_from).transpose()? else {
                 return Ok(false);
             };
-            let withdrawn = attempt.state == AttemptState::Failed
-                && attempt.failure_code.as_deref() == Some(DISABLED_CODE)
-                && attempt.payment_intent_id.as_deref() == Some(payment_intent_id);
-            if attempt.user_id != user_id || !(attempt.state.in_flight() || withdrawn) {
+            let recorded = attempt
+                .payment_intent_id
+                .as_deref()
+                .filter(|p| !p.is_empty());
+            let answers = attempt.user_id == user_id
+                && if succeeded {
+                    attempt.state.in_flight()
+                        || (attempt.state == AttemptState::Failed
+                            && recorded == Some(payment_intent_id))
+                } else {
+                    matches!(
+                        attempt.state,
+                        AttemptState::RequiresAction | AttemptState::Processing
+                    ) && recorded.is_none_or(|p| p == payment_intent_id)
+                };
+            if !answers {
                 return Ok(false);
             }
-            sqlx::query(COMPLETE_ATTEMPT_SQL)
+            let Some(resolution) = resolve(&attempt, failures, retry_after_us, result, now_us)
+            else {
+                return Ok(false);
+            };
+            sqlx::query(ANSWER_ATTEMPT_SQL)
                 .bind(attempt_id)
                 .bind(user_id)
+                .bind(resolution.state.as_str())
                 .bind(payment_intent_id)
+                .bind(resolution.failure_code.as_deref())
                 .bind(now_us)
-                .bind(DISABLED_CODE)
                 .execute(&mut *tx)
                 .await?;
-            let result = ChargeResult::Succeeded {
-                payment_intent_id: payment_intent_id.to_owned(),
-            };
-            if let Some(resolution) = resolve(&attempt, failures, retry_after_us, &result, now_us) {
-                sqlx::query(SAVE_FAILURES_SQL)
-                    .bind(user_id)
-                    .bind(resolution.consecutive_failures)
-                    .bind(resolution.retry_after_us)
-                    .bind(Option::<&str>::None)
-                    .bind(now_us)
-                    .execute(&mut *tx)
-                    .await?;
-                insert(&mut tx, &resolution.events, now_us).await?;
-            }
+            sqlx::query(SAVE_FAILURES_SQL)
+                .bind(user_id)
+                .bind(resolution.consecutive_failures)
+                .bind(resolution.retry_after_us)
+                .bind(resolution.suspend.map(SuspendReason::as_str))
+                .bind(now_us)
+                .execute(&mut *tx)
+                .await?;
+            insert(&mut tx, &resolution.events, now_us).await?;
             tx.commit().await?;
             Ok(true)
         })

@@ -196,6 +196,18 @@ async fn record(state: &AppState, action: &LedgerAction) -> Result<(Outcome, Str
         .into_inner();
     use credits::PaymentEventOutcome as Answer;
     let user = reply.user_id.as_str();
+    if action.kind == credits::PaymentEventKind::TopupFailed {
+        // No money moves: the attempt failed now, or was not waiting any more.
+        return match Answer::try_from(reply.outcome) {
+            Ok(Answer::Applied | Answer::NothingToApply) => {
+                Ok((Outcome::Unchanged, format!("{user}: {}", reply.detail)))
+            }
+            _ => Err(ApiError::unavailable(format!(
+                "credits-svc answered an unexpected outcome {} to a failed auto top-up",
+                reply.outcome
+            ))),
+        };
+    }
     match Answer::try_from(reply.outcome) {
         Ok(answer @ (Answer::Applied | Answer::Duplicate)) => {
             let moved = Micros(

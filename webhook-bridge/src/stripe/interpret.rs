@@ -19,6 +19,8 @@
 //! | `charge.dispute.funds_reinstated` | `DISPUTE_FUNDS_REINSTATED` | the disputed amount, the dispute |
 //! | `charge.dispute.created` with a `warning_*` status (an inquiry) | nothing: no funds were withdrawn | — |
 //! | `checkout.session.completed` | nothing: the payment intent credits | — |
+//! | `payment_intent.payment_failed`, `payment_intent.canceled` of an auto top-up (`metadata.reeve_topup_attempt_id`) | `TOPUP_FAILED`: the attempt fails (a decline), unless the code is `authentication_required` (the attempt already waits for the user) | nothing moves, the payment intent |
+//! | the same of another payment | nothing: nothing was credited | — |
 //!
 //! Anything in another currency than the configured one is ignored as
 //! `ignored_currency` (a person sees it); an object lacking what its action needs is
@@ -50,8 +52,11 @@ pub struct LedgerAction {
     /// `PAYMENT_SUCCEEDED` of a payment made to save its card (`setup_future_usage`
     /// `off_session`): the customer and payment method to save for auto top-up.
     pub saved_card: Option<(String, String)>,
-    /// `PAYMENT_SUCCEEDED` of an auto top-up (`metadata.reeve_topup_attempt_id`).
+    /// `PAYMENT_SUCCEEDED` or `TOPUP_FAILED` of an auto top-up
+    /// (`metadata.reeve_topup_attempt_id`).
     pub topup_attempt_id: Option<String>,
+    /// `TOPUP_FAILED` only: Stripe's code for the failure.
+    pub failure_code: Option<String>,
 }
 
 impl LedgerAction {
@@ -75,6 +80,7 @@ impl LedgerAction {
                 .map(|(_, method)| method.clone())
                 .unwrap_or_default(),
             topup_attempt_id: self.topup_attempt_id.clone().unwrap_or_default(),
+            failure_code: self.failure_code.clone().unwrap_or_default(),
         }
     }
 
@@ -89,8 +95,10 @@ impl LedgerAction {
     }
 }
 
-/// What one event asks.
+/// What one event asks. One lives for the handling of one event, so the size of its
+/// largest variant does not matter.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Interpretation {
     /// One ledger action through credits-svc.
     Record(LedgerAction),
@@ -185,6 +193,7 @@ pub fn interpret(event_type: &str, object: &Value, currency: &str) -> Interpreta
             description,
             saved_card: None,
             topup_attempt_id: None,
+            failure_code: None,
         })
     };
     match event_type {
@@ -217,7 +226,11 @@ pub fn interpret(event_type: &str, object: &Value, currency: &str) -> Interpreta
                 topup_attempt_id: object
                     .get("metadata")
                     .and_then(|m| owned(m, "reeve_topup_attempt_id")),
+                failure_code: None,
             })
+        }
+        "payment_intent.payment_failed" | "payment_intent.canceled" => {
+            topup_failed(event_type, object)
         }
         "checkout.session.completed" => {
             ignore("credited through payment_intent.succeeded".to_owned())
@@ -330,6 +343,92 @@ pub fn interpret(event_type: &str, object: &Value, currency: &str) -> Interpreta
     }
 }
 
+/// The code Stripe gives an off-session payment that needs the customer to
+/// authenticate: the auto top-up worker left its attempt waiting for the user, and
+/// the payment intent's `payment_intent.payment_failed` says only that again.
+const AUTHENTICATION_REQUIRED: &str = "authentication_required";
+
+/// The longest failure message passed on (a description holds 1,024 characters).
+const MAX_FAILURE_MESSAGE_CHARS: usize = 500;
+
+/// `payment_intent.payment_failed` or `payment_intent.canceled`: an auto top-up's
+/// payment that will not complete fails its attempt (which otherwise waits for the
+/// user, blocking every later top-up). Nothing was credited, so a payment that is not
+/// an auto top-up's asks nothing.
+fn topup_failed(event_type: &str, object: &Value) -> Interpretation {
+    let Some(id) = text(object, "id") else {
+        return Interpretation::NeedsAttention("payment intent without an id".to_owned());
+    };
+    let metadata = object.get("metadata");
+    let Some(attempt) = metadata.and_then(|m| text(m, "reeve_topup_attempt_id")) else {
+        return Interpretation::Ignore {
+            outcome: Outcome::Ignored,
+            detail: format!("payment intent {id} did not complete: nothing was credited"),
+        };
+    };
+    let Some(user_id) = metadata.and_then(|m| text(m, "user_id")) else {
+        return Interpretation::NeedsAttention(format!(
+            "payment intent {id} of auto top-up {attempt} has no metadata.user_id"
+        ));
+    };
+    let well_formed = reeve_runtime::ids::check_key(id, "payment_id")
+        .and_then(|()| reeve_runtime::ids::check_key(attempt, "topup_attempt_id"))
+        .and_then(|()| reeve_runtime::ids::check_user_id(user_id));
+    if let Err(invalid) = well_formed {
+        return Interpretation::NeedsAttention(format!(
+            "a failed auto top-up payment names no usable payment, attempt or user: {}",
+            invalid.message
+        ));
+    }
+    let (code, message) = if event_type == "payment_intent.canceled" {
+        let reason = text(object, "cancellation_reason").unwrap_or("unspecified");
+        (
+            "canceled",
+            format!("the payment intent was canceled ({reason})"),
+        )
+    } else {
+        let error = object.get("last_payment_error");
+        let code = error
+            .and_then(|e| text(e, "code"))
+            .unwrap_or("payment_failed");
+        let message = error
+            .and_then(|e| text(e, "message"))
+            .unwrap_or("the payment failed");
+        (code, message.to_owned())
+    };
+    if code == AUTHENTICATION_REQUIRED {
+        return Interpretation::Ignore {
+            outcome: Outcome::Ignored,
+            detail: format!(
+                "payment intent {id} of auto top-up {attempt} waits for the user's authentication"
+            ),
+        };
+    }
+    // Stripe's codes are short snake_case words; anything else is named generically.
+    let stripe_like = code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    let code = if stripe_like { code } else { "payment_failed" };
+    let message: String = message
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_FAILURE_MESSAGE_CHARS)
+        .collect();
+    Interpretation::Record(LedgerAction {
+        kind: credits::PaymentEventKind::TopupFailed,
+        payment_intent: Some(id.to_owned()),
+        charge: None,
+        user_id: Some(user_id.to_owned()),
+        amount: Micros::ZERO,
+        object_id: id.to_owned(),
+        description: message,
+        saved_card: None,
+        topup_attempt_id: Some(attempt.to_owned()),
+        failure_code: Some(code.to_owned()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,6 +485,92 @@ mod tests {
         assert_eq!(request.topup_attempt_id, "topup_1");
     }
 
+    /// `payment_intent.payment_failed` and `payment_intent.canceled`, as a table: only
+    /// an auto top-up's payment asks anything, and never for money.
+    #[test]
+    fn a_failed_or_canceled_top_up_payment_fails_its_attempt_and_nothing_else_does() {
+        let top_up = |error: Value| {
+            json!({"id": "pi_9", "object": "payment_intent", "status": "requires_payment_method",
+                   "amount": 2000, "amount_received": 0, "currency": "usd",
+                   "last_payment_error": error, "cancellation_reason": null,
+                   "metadata": {"user_id": "bob", "reeve_topup_attempt_id": "topup_7"}})
+        };
+        let failed_auth = top_up(json!({"type": "card_error",
+            "code": "payment_intent_authentication_failure",
+            "message": "The provided PaymentMethod has failed authentication.\u{0}\n"}));
+        let mut canceled = top_up(Value::Null);
+        canceled["status"] = json!("canceled");
+        canceled["cancellation_reason"] = json!("abandoned");
+        let mut checkout = top_up(json!({"code": "card_declined"}));
+        checkout["metadata"] = json!({"user_id": "bob"});
+        let mut odd_code = top_up(json!({"code": "drop table;", "message": "x"}));
+        odd_code["currency"] = json!("eur");
+        let mut no_user = top_up(json!({"code": "card_declined"}));
+        no_user["metadata"] = json!({"reeve_topup_attempt_id": "topup_7"});
+        let mut bad_attempt = top_up(json!({"code": "card_declined"}));
+        bad_attempt["metadata"]["reeve_topup_attempt_id"] = json!("a\u{0}b");
+        // (event, object, the failure code asked; None: nothing asked)
+        let cases: [(&str, &Value, Option<&str>); 7] = [
+            (
+                "payment_intent.payment_failed",
+                &failed_auth,
+                Some("payment_intent_authentication_failure"),
+            ),
+            ("payment_intent.canceled", &canceled, Some("canceled")),
+            (
+                "payment_intent.payment_failed",
+                &top_up(Value::Null),
+                Some("payment_failed"),
+            ),
+            // Another currency moves nothing either way: still failed.
+            (
+                "payment_intent.payment_failed",
+                &odd_code,
+                Some("payment_failed"),
+            ),
+            // The worker's own answer: the attempt already waits for the user.
+            (
+                "payment_intent.payment_failed",
+                &top_up(json!({"code": "authentication_required"})),
+                None,
+            ),
+            ("payment_intent.payment_failed", &checkout, None),
+            ("payment_intent.canceled", &checkout, None),
+        ];
+        for (event_type, object, expected) in cases {
+            match (interpret(event_type, object, "usd"), expected) {
+                (Interpretation::Record(action), Some(code)) => {
+                    assert_eq!(action.kind, Kind::TopupFailed, "{event_type} {object}");
+                    assert_eq!(action.amount, Micros::ZERO);
+                    assert!(!action.credits_user());
+                    let request = action.request("pi_9");
+                    assert_eq!(request.failure_code, code, "{object}");
+                    assert_eq!(request.topup_attempt_id, "topup_7");
+                    assert_eq!(request.user_id, "bob");
+                    assert_eq!(request.payment_id, "pi_9");
+                    assert!(
+                        reeve_runtime::ids::check_description(&request.description).is_ok(),
+                        "{:?}",
+                        request.description
+                    );
+                }
+                (Interpretation::Ignore { outcome, .. }, None) => {
+                    assert_eq!(outcome, Outcome::Ignored, "{event_type} {object}");
+                }
+                (other, _) => panic!("{event_type} {object}: {other:?}"),
+            }
+        }
+        for object in [&no_user, &bad_attempt] {
+            assert!(
+                matches!(
+                    interpret("payment_intent.payment_failed", object, "usd"),
+                    Interpretation::NeedsAttention(_)
+                ),
+                "{object}"
+            );
+        }
+    }
+
     #[test]
     fn payment_intent_credits_amount_received_to_its_metadata_user() {
         let pi = json!({"id": "pi_1", "amount_received": 2500, "currency": "usd",
@@ -403,6 +588,7 @@ mod tests {
                 description: "Stripe payment pi_1".to_owned(),
                 saved_card: None,
                 topup_attempt_id: None,
+                failure_code: None,
             }
         );
         let request = action.request("pi_1");
