@@ -829,4 +829,48 @@ async fn a_payment_webhook_answers_only_the_attempt_it_belongs_to(backend: Backe
             }
         }
     }
+
+    // Three declines suspend auto top-up; the last one's payment succeeding after all
+    // lifts the suspension with the declines.
+    let user = "sue";
+    switch(&mut c, user, true).await;
+    topups
+        .save_card(user, "pi_card_sue", &card(), t0)
+        .await
+        .unwrap();
+    store.apply(&[grant(user, 20, "g_sue")], t0).await.unwrap();
+    let mut at = t0;
+    let mut last = None;
+    for n in 0..credits_svc::topup::SUSPEND_AFTER_DECLINES {
+        let micros = if n == 0 { 15 * CREDIT } else { 1 };
+        store
+            .apply(&[deduction(user, micros, &format!("d_sue{n}"))], at)
+            .await
+            .unwrap();
+        // (The table's last attempt, left pending, is claimed here too.)
+        let claimed: Vec<_> = topups
+            .claim(at, 60_000_000, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|attempt| attempt.user_id == user)
+            .collect();
+        assert_eq!(claimed.len(), 1, "decline {n}");
+        let pi = format!("pi_sue{n}");
+        assert!(
+            topups
+                .record(&claimed[0], &declined(&pi), at)
+                .await
+                .unwrap()
+        );
+        last = Some((claimed[0].attempt_id.clone(), pi));
+        at += credits_svc::topup::BACKOFF_US + 1;
+    }
+    let view = topups.view(user, at).await.unwrap();
+    assert!(view.suspended.is_some(), "{view:?}");
+    let (attempt_id, pi) = last.unwrap();
+    assert!(topups.complete(&attempt_id, user, &pi, at).await.unwrap());
+    let view = topups.view(user, at).await.unwrap();
+    assert_eq!(view.suspended, None, "{view:?}");
+    assert_eq!(view.consecutive_failures, 0);
 }

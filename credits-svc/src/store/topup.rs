@@ -340,6 +340,9 @@ const RESOLVE_ATTEMPT_SQL: &str = "UPDATE credit_topup_attempts SET state = $3, 
      payment_intent_id = COALESCE($4, payment_intent_id), failure_code = $5, action_url = $6, \
      updated_at_us = $7 WHERE attempt_id = $1 AND state = 'processing' AND claims = $2";
 
+const LIFT_DECLINE_SUSPENSION_SQL: &str = "UPDATE credit_topup_settings \
+     SET suspended_reason = NULL, updated_at_us = $3 WHERE user_id = $1 AND suspended_reason = $2";
+
 const SAVE_FAILURES_SQL: &str = "UPDATE credit_topup_settings SET consecutive_failures = $2, \
      retry_after_us = $3, suspended_reason = COALESCE($4, suspended_reason), updated_at_us = $5 \
      WHERE user_id = $1";
@@ -677,6 +680,16 @@ impl TopUpStore {
                 .bind(now_us)
                 .execute(&mut *tx)
                 .await?;
+            if succeeded {
+                // The card took a payment: the declines that suspended it are reset
+                // above, and so is the suspension (a late payment of a failed attempt).
+                sqlx::query(LIFT_DECLINE_SUSPENSION_SQL)
+                    .bind(user_id)
+                    .bind(SuspendReason::CardDeclined.as_str())
+                    .bind(now_us)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             insert(&mut tx, &resolution.events, now_us).await?;
             tx.commit().await?;
             Ok(true)
