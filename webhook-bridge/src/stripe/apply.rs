@@ -189,11 +189,14 @@ async fn record(state: &AppState, action: &LedgerAction) -> Result<(Outcome, Str
             ));
         }
     };
-    let reply = state
+    let reply = match state
         .credits()
         .record_payment_event(action.request(&payment_id))
-        .await?
-        .into_inner();
+        .await
+    {
+        Ok(reply) => reply.into_inner(),
+        Err(status) => return Err(payment_event_error(status)),
+    };
     use credits::PaymentEventOutcome as Answer;
     let user = reply.user_id.as_str();
     if action.kind == credits::PaymentEventKind::TopupFailed {
@@ -260,6 +263,18 @@ async fn record(state: &AppState, action: &LedgerAction) -> Result<(Outcome, Str
             "credits-svc answered an unknown payment event outcome {}",
             reply.outcome
         ))),
+    }
+}
+
+/// What a refusal of `RecordPaymentEvent` makes of the event. A kind credits-svc does
+/// not know means a credits-svc older than this bridge (deployed in the wrong order):
+/// unavailable, so the event is retried until it does, never parked for a person.
+fn payment_event_error(status: tonic::Status) -> ApiError {
+    match ApiError::from(status) {
+        ApiError::BadRequest { code, message } if code == "invalid_kind" => ApiError::unavailable(
+            format!("credits-svc does not know this payment event yet: {message}"),
+        ),
+        error => error,
     }
 }
 
@@ -380,4 +395,31 @@ pub fn spawn_retry(state: Arc<AppState>, shutdown: CancellationToken) -> JoinHan
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// credits-svc's own refusal of a kind it does not know is retried; its other
+    /// refusals of an event stay what they are.
+    #[test]
+    fn an_unknown_kind_is_retried_and_other_refusals_are_not() {
+        let unknown = tonic::Status::from(credits_svc::error::CreditsError::invalid(
+            "invalid_kind",
+            "kind must be one of the PAYMENT_EVENT_KIND_* values",
+        ));
+        assert!(matches!(
+            payment_event_error(unknown),
+            ApiError::Unavailable { .. }
+        ));
+        let bad_user = tonic::Status::from(credits_svc::error::CreditsError::invalid(
+            "invalid_user_id",
+            "user_id must not be empty",
+        ));
+        assert!(matches!(
+            payment_event_error(bad_user),
+            ApiError::BadRequest { code, .. } if code == "invalid_user_id"
+        ));
+    }
 }

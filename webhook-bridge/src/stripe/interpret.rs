@@ -388,9 +388,13 @@ fn topup_failed(event_type: &str, object: &Value) -> Interpretation {
         )
     } else {
         let error = object.get("last_payment_error");
-        let code = error
-            .and_then(|e| text(e, "code"))
-            .unwrap_or("payment_failed");
+        // Without a code, whether the payment still waits for the user is unknown.
+        let Some(code) = error.and_then(|e| text(e, "code")) else {
+            return Interpretation::NeedsAttention(format!(
+                "payment intent {id} of auto top-up {attempt} failed without a code: \
+                 check whether it still waits for the user"
+            ));
+        };
         let message = error
             .and_then(|e| text(e, "message"))
             .unwrap_or("the payment failed");
@@ -510,18 +514,13 @@ mod tests {
         let mut bad_attempt = top_up(json!({"code": "card_declined"}));
         bad_attempt["metadata"]["reeve_topup_attempt_id"] = json!("a\u{0}b");
         // (event, object, the failure code asked; None: nothing asked)
-        let cases: [(&str, &Value, Option<&str>); 7] = [
+        let cases: [(&str, &Value, Option<&str>); 6] = [
             (
                 "payment_intent.payment_failed",
                 &failed_auth,
                 Some("payment_intent_authentication_failure"),
             ),
             ("payment_intent.canceled", &canceled, Some("canceled")),
-            (
-                "payment_intent.payment_failed",
-                &top_up(Value::Null),
-                Some("payment_failed"),
-            ),
             // Another currency moves nothing either way: still failed.
             (
                 "payment_intent.payment_failed",
@@ -560,7 +559,8 @@ mod tests {
                 (other, _) => panic!("{event_type} {object}: {other:?}"),
             }
         }
-        for object in [&no_user, &bad_attempt] {
+        let no_code = top_up(Value::Null);
+        for object in [&no_user, &bad_attempt, &no_code] {
             assert!(
                 matches!(
                     interpret("payment_intent.payment_failed", object, "usd"),
