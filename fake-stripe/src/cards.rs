@@ -10,7 +10,7 @@
 //! | test card | off-session `POST /v1/payment_intents` |
 //! |---|---|
 //! | `pm_card_visa` | 200, status `succeeded`, `payment_intent.succeeded` sent |
-//! | `pm_card_chargeDeclined`, `pm_card_chargeCustomerFail` | 402 `card_error`, code `card_declined` |
+//! | `pm_card_chargeDeclined`, `pm_card_chargeCustomerFail` | 402 `card_error`, code `card_declined`, `payment_intent.payment_failed` sent |
 //! | `pm_card_authenticationRequired` | 200, status `requires_action` (a `redirect_to_url` next action; visiting it completes the payment and sends `payment_intent.succeeded`; visiting it with `/fail` appended fails the authentication and sends `payment_intent.payment_failed`) |
 //!
 //! `Idempotency-Key` is honoured as Stripe does: the same key with the same parameters

@@ -1249,16 +1249,23 @@ async fn create_payment_intent(
                     },
                 );
                 record_payment(&state, intent.clone(), &charge_id, &payment_intent, now);
-                (200, intent.clone(), Some(intent.clone()))
+                (
+                    200,
+                    intent.clone(),
+                    Some(("payment_intent.succeeded", intent.clone())),
+                )
             }
             cards::CardBehaviour::Declines => {
+                let declined = cards::declined_body(&payment_intent, payment_method);
                 intent["status"] = json!("requires_payment_method");
                 intent["amount_received"] = json!(0);
                 intent["latest_charge"] = Value::Null;
+                intent["last_payment_error"] = declined["error"].clone();
+                // Stripe answers the request and sends payment_intent.payment_failed.
                 (
                     402,
-                    cards::declined_body(&payment_intent, payment_method),
-                    None,
+                    declined,
+                    Some(("payment_intent.payment_failed", intent.clone())),
                 )
             }
             cards::CardBehaviour::RequiresAction => {
@@ -1291,14 +1298,8 @@ async fn create_payment_intent(
         }
         (status, body, webhook)
     };
-    if let Some(intent) = webhook {
-        let event = objects::event(
-            &random_id("evt"),
-            "payment_intent.succeeded",
-            intent,
-            None,
-            now,
-        );
+    if let Some((event_type, intent)) = webhook {
+        let event = objects::event(&random_id("evt"), event_type, intent, None, now);
         deliver(&state, event).await;
     }
     let delay = *lock(&state.answer_delay);
