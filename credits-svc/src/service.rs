@@ -1167,7 +1167,7 @@ impl CreditsApi {
         let failed = self
             .store
             .topups()
-            .fail_waiting(
+            .answer_from_webhook(
                 &request.topup_attempt_id,
                 &request.user_id,
                 &crate::topup::ChargeResult::Declined {

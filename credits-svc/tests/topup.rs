@@ -601,7 +601,7 @@ async fn disabling_during_a_write_that_creates_an_attempt_withdraws_it() {
     );
 }
 
-/// `payment_intent.payment_failed` / `.canceled` (`fail_waiting`) and
+/// `payment_intent.payment_failed` / `.canceled` (`answer_from_webhook` with a decline) and
 /// `payment_intent.succeeded` (`complete`) against every state an attempt can be in,
 /// as a table: a failure ends only an attempt of this user and payment that is in
 /// flight at Stripe (sent, or waiting for the user's action), once, as a decline; a
@@ -792,7 +792,7 @@ async fn a_payment_webhook_answers_only_the_attempt_it_belongs_to(backend: Backe
                     other
                 };
                 topups
-                    .fail_waiting(&attempt_id, owner, &declined(pi), at)
+                    .answer_from_webhook(&attempt_id, owner, &declined(pi), at)
                     .await
                     .unwrap()
             }

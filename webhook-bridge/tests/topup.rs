@@ -220,15 +220,7 @@ impl TopUpStack {
             "{}/pay?payment_method={card}",
             purchase["checkout_url"].as_str().unwrap()
         );
-        let paid: Value = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let paid = self.visit(&url).await;
         for delivery in paid["deliveries"].as_array().unwrap() {
             assert_eq!(delivery["status"], 200, "{paid}");
         }
@@ -465,17 +457,7 @@ async fn a_declined_card_backs_off_an_hour_and_three_declines_suspend_until_a_ne
 
 async fn requires_action_waits_for_the_user_and_completes_with_the_payment(backend: Backend) {
     let stack = TopUpStack::start(backend).await;
-    stack.set_topup("cid", 10, 20, 100).await;
-    stack
-        .save_card("cid", "pm_card_authenticationRequired")
-        .await;
-    stack.grant("cid", 10).await;
-    stack.deduct("cid", 6 * CREDIT).await;
-    let waiting = stack.attempt_in("cid", "requires_action").await;
-    let url = waiting["last_attempt"]["action_url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, url) = stack.waiting_for_action("cid").await;
     assert_eq!(
         stack.count(credits_svc::topup::TOPUP_REQUIRES_ACTION).await,
         1
@@ -486,15 +468,7 @@ async fn requires_action_waits_for_the_user_and_completes_with_the_payment(backe
     assert_eq!(stack.fake.off_session_payment_intents().len(), 1);
     assert_eq!(stack.balance("cid").await, 8 * CREDIT);
     // The user authenticates: the payment succeeds and its webhook credits it.
-    let answer: Value = stack
-        .http
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = stack.visit(&url).await;
     assert_eq!(answer["delivery"]["status"], 200, "{answer}");
     stack.balance_becomes("cid", 28 * CREDIT).await;
     stack.attempt_in("cid", "succeeded").await;
@@ -505,26 +479,10 @@ async fn a_failed_authentication_fails_the_waiting_attempt_and_unblocks_auto_top
     backend: Backend,
 ) {
     let stack = TopUpStack::start(backend).await;
-    stack.set_topup("eve", 10, 20, 100).await;
-    stack
-        .save_card("eve", "pm_card_authenticationRequired")
-        .await;
-    stack.grant("eve", 10).await;
-    // 5 + 10 − 6 = 9 < 10: the attempt waits for the user.
-    stack.deduct("eve", 6 * CREDIT).await;
-    let waiting = stack.attempt_in("eve", "requires_action").await;
+    let (waiting, url) = stack.waiting_for_action("eve").await;
     let first = waiting["last_attempt"]["attempt_id"].clone();
-    let url = waiting["last_attempt"]["action_url"].as_str().unwrap();
     // The user fails the authentication: Stripe sends payment_intent.payment_failed.
-    let answer: Value = stack
-        .http
-        .get(format!("{url}/fail"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = stack.visit(&format!("{url}/fail")).await;
     assert_eq!(answer["delivery"]["status"], 200, "{answer}");
     let failed = stack.attempt_in("eve", "failed").await;
     assert_eq!(failed["last_attempt"]["attempt_id"], first);
@@ -624,6 +582,34 @@ async fn a_worker_killed_between_stripe_and_recording_charges_nothing_twice(back
 }
 
 impl TopUpStack {
+    /// A user whose auto top-up (below 10 credits, buy 20) charges a card that needs
+    /// their authentication, after the deduction that makes the attempt (5 + 10 − 6 =
+    /// 9 < 10): their auto top-up once the attempt waits, and the action URL.
+    async fn waiting_for_action(&self, user: &str) -> (Value, String) {
+        self.set_topup(user, 10, 20, 100).await;
+        self.save_card(user, "pm_card_authenticationRequired").await;
+        self.grant(user, 10).await;
+        self.deduct(user, 6 * CREDIT).await;
+        let waiting = self.attempt_in(user, "requires_action").await;
+        let url = waiting["last_attempt"]["action_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (waiting, url)
+    }
+
+    /// What the fake Stripe answers the customer visiting `url`.
+    async fn visit(&self, url: &str) -> Value {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Sends `event`, correctly signed now, to the bridge's webhook.
     async fn send_event(&self, event: &Value) -> (StatusCode, Value) {
         let payload = event.to_string();

@@ -347,6 +347,21 @@ const SAVE_FAILURES_SQL: &str = "UPDATE credit_topup_settings SET consecutive_fa
      retry_after_us = $3, suspended_reason = COALESCE($4, suspended_reason), updated_at_us = $5 \
      WHERE user_id = $1";
 
+/// Saves what a resolution makes of the user's declines (count, back-off, suspension)
+/// in the open transaction `$tx`, on either store.
+macro_rules! save_failures {
+    ($tx:ident, $user_id:expr, $resolution:expr, $now_us:expr) => {
+        sqlx::query(SAVE_FAILURES_SQL)
+            .bind($user_id)
+            .bind($resolution.consecutive_failures)
+            .bind($resolution.retry_after_us)
+            .bind($resolution.suspend.map(SuspendReason::as_str))
+            .bind($now_us)
+            .execute(&mut *$tx)
+            .await?;
+    };
+}
+
 /// A payment's webhook answers its attempt (the caller checked, under the row lock,
 /// that the attempt is the user's and that this answer applies to its state): succeeded
 /// or failed, on this payment intent; a failed attempt's action URL is gone with it.
@@ -585,27 +600,18 @@ impl TopUpStore {
             .await
     }
 
-    /// Fails an attempt whose payment failed after the worker's answer left it waiting
-    /// for the user's action (authentication failed, or the payment intent was
-    /// canceled), or before the worker recorded any answer: a decline (`result`, a
-    /// [`ChargeResult::Declined`] naming the payment intent) with its back-off,
-    /// suspension and events, in one transaction. Whether the attempt failed now: not
-    /// when it was resolved before, or belongs to another user or payment. The worker's
-    /// own answer to an attempt failed here then records nothing (its claim is gone).
-    pub async fn fail_waiting(
-        &self,
-        attempt_id: &str,
-        user_id: &str,
-        result: &ChargeResult,
-        now_us: i64,
-    ) -> Result<bool, StoreError> {
-        self.answer_from_webhook(attempt_id, user_id, result, now_us)
-            .await
-    }
-
-    /// The one body of [`TopUpStore::complete`] and [`TopUpStore::fail_waiting`]: a
-    /// payment's webhook answers its attempt.
-    async fn answer_from_webhook(
+    /// A payment's webhook answers its attempt, in one transaction; whether the
+    /// attempt was answered now.
+    ///
+    /// - [`ChargeResult::Succeeded`] ([`TopUpStore::complete`]): see there.
+    /// - [`ChargeResult::Declined`] naming the payment intent: its payment failed after
+    ///   the worker's answer left the attempt waiting for the user's action
+    ///   (authentication failed, or the payment intent was canceled), or before the
+    ///   worker recorded any answer. A decline, with its back-off, suspension and
+    ///   events; not when the attempt was resolved before, or belongs to another user
+    ///   or payment. The worker's own answer to an attempt failed here then records
+    ///   nothing (its claim is gone).
+    pub async fn answer_from_webhook(
         &self,
         attempt_id: &str,
         user_id: &str,
@@ -672,14 +678,7 @@ impl TopUpStore {
                 .bind(now_us)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(SAVE_FAILURES_SQL)
-                .bind(user_id)
-                .bind(resolution.consecutive_failures)
-                .bind(resolution.retry_after_us)
-                .bind(resolution.suspend.map(SuspendReason::as_str))
-                .bind(now_us)
-                .execute(&mut *tx)
-                .await?;
+            save_failures!(tx, user_id, resolution, now_us);
             if succeeded {
                 // The card took a payment: the declines that suspended it are reset
                 // above, and so is the suspension (a late payment of a failed attempt).
@@ -767,14 +766,7 @@ impl TopUpStore {
             if moved != 1 {
                 return Ok(false);
             }
-            sqlx::query(SAVE_FAILURES_SQL)
-                .bind(&attempt.user_id)
-                .bind(resolution.consecutive_failures)
-                .bind(resolution.retry_after_us)
-                .bind(resolution.suspend.map(SuspendReason::as_str))
-                .bind(now_us)
-                .execute(&mut *tx)
-                .await?;
+            save_failures!(tx, &attempt.user_id, resolution, now_us);
             insert(&mut tx, &resolution.events, now_us).await?;
             tx.commit().await?;
             Ok(true)
