@@ -72,6 +72,10 @@ struct Args {
     /// Scale suite: the dedicated database it creates and keeps (never `test`).
     #[arg(long, default_value = "reeve_scale")]
     scale_database: String,
+    /// Scale suite: the timed calls' idempotency keys, `random` (as UUIDv4s land in the
+    /// index) or `sequential` (time-ordered, as UUIDv7s do: each after all the seed's).
+    #[arg(long, default_value = "random", value_parser = ["random", "sequential"])]
+    key_order: String,
     /// Soak suite: minutes of mixed load.
     #[arg(long, default_value_t = 30)]
     minutes: u64,

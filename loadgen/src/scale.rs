@@ -17,7 +17,10 @@
 //!   for each.
 //!
 //! Seeding is timed and printed; `VACUUM ANALYZE` follows each level (what autovacuum
-//! would do, done before the timing rather than during it).
+//! would do, done before the timing rather than during it), then a `CHECKPOINT`. The
+//! PostgreSQL settings that decide the cost of a large ledger are printed first, and
+//! what PostgreSQL wrote (WAL, full-page images, pages evicted by backends) per
+//! deduction after the ledger figures.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,13 +40,27 @@ const HEAVY: &str = "h000000";
 const HEAVY_BALANCE_MICROS: i64 = 1_000_000_000_000_000;
 const SEED_CHUNK_ROWS: u64 = 2_500_000;
 
-/// A random-looking idempotency key (what a UUID looks like to the index): a hash
+/// A random-looking idempotency key (what a UUIDv4 looks like to the index): a hash
 /// first, so keys land all over the index, then what makes it unique.
 fn random_key(w: usize, s: u64, i: u64, salt: u64) -> String {
     format!(
         "{:016x}-{w}-{s}-{i}-{salt}",
         pick(w, s, i) ^ salt.rotate_left(17)
     )
+}
+
+/// The timed calls' keys: random, or (`--key-order sequential`) time-ordered like a
+/// UUIDv7, after every seeded key ('z' sorts after hex digits), so each lands at the
+/// index's right edge.
+fn call_key(sequential: bool, w: usize, s: u64, i: u64, salt: u64) -> String {
+    if sequential {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_micros());
+        format!("z{micros:020}-{w}-{s}-{i}-{salt}")
+    } else {
+        random_key(w, s, i, salt)
+    }
 }
 
 pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
@@ -139,6 +156,24 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
     let callers = args.single_callers;
     let mut tables: Vec<String> = Vec::new();
 
+    // The settings that decide what a growing ledger costs, with the figures.
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, current_setting(name) FROM pg_settings \
+         WHERE name IN ('shared_buffers', 'max_wal_size', 'checkpoint_timeout', 'wal_compression') \
+         ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let settings: Vec<String> = settings
+        .into_iter()
+        .map(|(name, value)| format!("{name} = {value}"))
+        .collect();
+    println!(
+        "PostgreSQL: {}; the timed calls' keys: {}",
+        settings.join(", "),
+        args.key_order
+    );
+
     // Quota.
     let started = Instant::now();
     crate::quota::seed(&pool, args.quota_users).await?;
@@ -179,6 +214,7 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
     let mut seeded = 0u64;
     let mut heavy = 0u64;
     let mut ledger_rows: Vec<Figures> = Vec::new();
+    let mut wal_rows: Vec<String> = Vec::new();
     let mut history_rows: Vec<Figures> = Vec::new();
     let mut plans = Vec::new();
     for (level_index, &level) in levels.iter().enumerate() {
@@ -214,51 +250,66 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
                 vacuum_started.elapsed().as_secs_f64()
             );
         }
+        // Each level is measured from a fresh checkpoint: a page's first change after one
+        // writes the whole page to the WAL, so a level measured while the seed's
+        // checkpoint was still under way would pay for writes the others did not.
+        if let Err(error) = sqlx::query("CHECKPOINT").execute(&pool).await {
+            eprintln!("CHECKPOINT refused ({error}); the level is measured without one");
+        }
         let label = format!("ledger at {seeded} entries");
+        let sequential = args.key_order == "sequential";
         let c = Arc::clone(&credits_client);
         let users = args.users;
         ledger_rows.push(
-            drive(
-                format!("DeductBatch ×100, {} clients, {label}", args.batch_clients),
-                args.batch_clients,
-                duration,
-                move |w, s| {
-                    let mut client = c(w);
-                    async move {
-                        let items = (0..100u64)
-                            .map(|i| pb::DeductRequest {
-                                user_id: user(pick(w, s, i), users),
-                                amount_micros: 1_000 + (i as i64 % 500),
-                                idempotency_key: random_key(w, s, i, level),
-                                description: String::new(),
-                            })
-                            .collect();
-                        crate::deduct_all(&mut client, items).await
-                    }
-                },
+            Wal::during(
+                &pool,
+                &mut wal_rows,
+                drive(
+                    format!("DeductBatch ×100, {} clients, {label}", args.batch_clients),
+                    args.batch_clients,
+                    duration,
+                    move |w, s| {
+                        let mut client = c(w);
+                        async move {
+                            let items = (0..100u64)
+                                .map(|i| pb::DeductRequest {
+                                    user_id: user(pick(w, s, i), users),
+                                    amount_micros: 1_000 + (i as i64 % 500),
+                                    idempotency_key: call_key(sequential, w, s, i, level),
+                                    description: String::new(),
+                                })
+                                .collect();
+                            crate::deduct_all(&mut client, items).await
+                        }
+                    },
+                ),
             )
             .await?,
         );
         let c = Arc::clone(&credits_client);
         ledger_rows.push(
-            drive(
-                format!("Deduct (single), {callers} callers, {label}"),
-                callers,
-                duration,
-                move |w, s| {
-                    let mut client = c(w);
-                    async move {
-                        client
-                            .deduct(pb::DeductRequest {
-                                user_id: user(pick(w, s, 0), users),
-                                amount_micros: 1_000,
-                                idempotency_key: random_key(w, s, 1_000_000, level),
-                                description: String::new(),
-                            })
-                            .await?;
-                        Ok(1)
-                    }
-                },
+            Wal::during(
+                &pool,
+                &mut wal_rows,
+                drive(
+                    format!("Deduct (single), {callers} callers, {label}"),
+                    callers,
+                    duration,
+                    move |w, s| {
+                        let mut client = c(w);
+                        async move {
+                            client
+                                .deduct(pb::DeductRequest {
+                                    user_id: user(pick(w, s, 0), users),
+                                    amount_micros: 1_000,
+                                    idempotency_key: call_key(sequential, w, s, 1_000_000, level),
+                                    description: String::new(),
+                                })
+                                .await?;
+                            Ok(1)
+                        }
+                    },
+                ),
             )
             .await?,
         );
@@ -279,6 +330,11 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
     let pairs: Vec<(usize, usize, &str)> =
         pairs.iter().map(|(a, b, n)| (*a, *b, n.as_str())).collect();
     tables.push(table("ledger growth", "deductions/s", &ledger_rows, &pairs));
+    tables.push(format!(
+        "What PostgreSQL wrote during each ledger scenario, per deduction (checkpoints: in all):\n\n\
+         | scenario | WAL bytes | full-page images | pages written by backends | checkpoints |\n|---|---:|---:|---:|---:|\n{}",
+        wal_rows.join("\n")
+    ));
     let history_pairs: Vec<(usize, usize, &str)> = (0..history_rows.len() / 3)
         .flat_map(|l| {
             [
@@ -648,4 +704,67 @@ async fn history(
         }
     }
     Ok((rows, plan))
+}
+
+/// PostgreSQL's WAL counters (`pg_stat_wal`, all databases), with its checkpoints and
+/// the pages backends had to write out themselves to make room in `shared_buffers`
+/// (`pg_stat_bgwriter` up to PostgreSQL 16; not shown on later versions). A
+/// deduction's random idempotency key dirties an index page that, on a large ledger,
+/// is rarely in the buffers and is written to the WAL whole the first time it changes
+/// after a checkpoint.
+struct Wal {
+    bytes: f64,
+    full_pages: i64,
+    /// Checkpoints and backend writes, where `pg_stat_bgwriter` still has them.
+    bgwriter: Option<(i64, i64)>,
+}
+
+impl Wal {
+    async fn now(pool: &sqlx::PgPool) -> anyhow::Result<Wal> {
+        let (bytes, full_pages): (f64, i64) =
+            sqlx::query_as("SELECT wal_bytes::float8, wal_fpi FROM pg_stat_wal")
+                .fetch_one(pool)
+                .await?;
+        let bgwriter = sqlx::query_as(
+            "SELECT checkpoints_timed + checkpoints_req, buffers_backend FROM pg_stat_bgwriter",
+        )
+        .fetch_one(pool)
+        .await
+        .ok();
+        Ok(Wal {
+            bytes,
+            full_pages,
+            bgwriter,
+        })
+    }
+
+    /// Runs one scenario and notes what PostgreSQL wrote during it in `rows`.
+    async fn during(
+        pool: &sqlx::PgPool,
+        rows: &mut Vec<String>,
+        scenario: impl Future<Output = anyhow::Result<Figures>>,
+    ) -> anyhow::Result<Figures> {
+        let before = Wal::now(pool).await?;
+        let figures = scenario.await?;
+        rows.push(Wal::now(pool).await?.since(&before, &figures));
+        Ok(figures)
+    }
+
+    /// A table row: what was written since `before`, per deduction of `figures`.
+    fn since(&self, before: &Wal, figures: &Figures) -> String {
+        let deductions = figures.deductions.max(1) as f64;
+        let (checkpoints, evictions) = match (self.bgwriter, before.bgwriter) {
+            (Some((c1, b1)), Some((c0, b0))) => (
+                (c1 - c0).to_string(),
+                format!("{:.2}", (b1 - b0) as f64 / deductions),
+            ),
+            _ => ("—".to_owned(), "—".to_owned()),
+        };
+        format!(
+            "| {} | {:.0} | {:.2} | {evictions} | {checkpoints} |",
+            figures.name,
+            (self.bytes - before.bytes) / deductions,
+            (self.full_pages - before.full_pages) as f64 / deductions,
+        )
+    }
 }
