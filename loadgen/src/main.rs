@@ -209,6 +209,25 @@ pub(crate) async fn connect_channels(addr: std::net::SocketAddr) -> anyhow::Resu
     Ok(channels)
 }
 
+/// One `DeductBatch`'s items: `count` deductions of 1,000–1,499 micros, for the users
+/// `population` makes of the worker's spread, keyed by `key` (of the item's position).
+pub(crate) fn batch_items(
+    worker: usize,
+    sequence: u64,
+    count: u64,
+    population: impl Fn(u64) -> String,
+    key: impl Fn(u64) -> String,
+) -> Vec<pb::DeductRequest> {
+    (0..count)
+        .map(|i| pb::DeductRequest {
+            user_id: population(pick(worker, sequence, i)),
+            amount_micros: 1_000 + (i as i64 % 500),
+            idempotency_key: key(i),
+            description: String::new(),
+        })
+        .collect()
+}
+
 /// A cheap deterministic spread of users (no RNG state shared between workers).
 pub(crate) fn pick(worker: usize, sequence: u64, item: u64) -> u64 {
     let mut x = (worker as u64) << 40 ^ sequence << 16 ^ item;
@@ -340,16 +359,15 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
             move |w, s| {
                 let mut client = c(w);
                 async move {
-                    let items = (0..batch_size)
-                        .map(|i| pb::DeductRequest {
-                            user_id: population(pick(w, s, i), users),
-                            // With five lots, more than one lot's 1/5 share is never
-                            // reached; a deduction draws one or two lots as they run down.
-                            amount_micros: 1_000 + (i as i64 % 500),
-                            idempotency_key: format!("{prefix}{batch_size}-{w}-{s}-{i}"),
-                            description: String::new(),
-                        })
-                        .collect();
+                    // With five lots, more than one lot's 1/5 share is never reached; a
+                    // deduction draws one or two lots as they run down.
+                    let items = batch_items(
+                        w,
+                        s,
+                        batch_size,
+                        |spread| population(spread, users),
+                        |i| format!("{prefix}{batch_size}-{w}-{s}-{i}"),
+                    );
                     deduct_all(&mut client, items).await
                 }
             },

@@ -271,14 +271,13 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
                     move |w, s| {
                         let mut client = c(w);
                         async move {
-                            let items = (0..100u64)
-                                .map(|i| pb::DeductRequest {
-                                    user_id: user(pick(w, s, i), users),
-                                    amount_micros: 1_000 + (i as i64 % 500),
-                                    idempotency_key: call_key(sequential, w, s, i, level),
-                                    description: String::new(),
-                                })
-                                .collect();
+                            let items = crate::batch_items(
+                                w,
+                                s,
+                                100,
+                                |spread| user(spread, users),
+                                |i| call_key(sequential, w, s, i, level),
+                            );
                             crate::deduct_all(&mut client, items).await
                         }
                     },
