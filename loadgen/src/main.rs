@@ -228,6 +228,16 @@ pub(crate) fn batch_items(
         .collect()
 }
 
+/// A single `Deduct` of 1,000 micros.
+pub(crate) fn single_deduction(user_id: String, idempotency_key: String) -> pb::DeductRequest {
+    pb::DeductRequest {
+        user_id,
+        amount_micros: 1_000,
+        idempotency_key,
+        description: String::new(),
+    }
+}
+
 /// A cheap deterministic spread of users (no RNG state shared between workers).
 pub(crate) fn pick(worker: usize, sequence: u64, item: u64) -> u64 {
     let mut x = (worker as u64) << 40 ^ sequence << 16 ^ item;
@@ -425,12 +435,10 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
                 let mut client = c(w);
                 async move {
                     client
-                        .deduct(pb::DeductRequest {
-                            user_id: user(pick(w, s, 0), users),
-                            amount_micros: 1_000,
-                            idempotency_key: format!("s-{w}-{s}"),
-                            description: String::new(),
-                        })
+                        .deduct(single_deduction(
+                            user(pick(w, s, 0), users),
+                            format!("s-{w}-{s}"),
+                        ))
                         .await?;
                     Ok(1)
                 }

@@ -298,12 +298,10 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
                         let mut client = c(w);
                         async move {
                             client
-                                .deduct(pb::DeductRequest {
-                                    user_id: user(pick(w, s, 0), users),
-                                    amount_micros: 1_000,
-                                    idempotency_key: call_key(sequential, w, s, 1_000_000, level),
-                                    description: String::new(),
-                                })
+                                .deduct(crate::single_deduction(
+                                    user(pick(w, s, 0), users),
+                                    call_key(sequential, w, s, 1_000_000, level),
+                                ))
                                 .await?;
                             Ok(1)
                         }
