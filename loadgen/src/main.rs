@@ -72,6 +72,12 @@ struct Args {
     /// Scale suite: the dedicated database it creates and keeps (never `test`).
     #[arg(long, default_value = "reeve_scale")]
     scale_database: String,
+    /// Scale suite: seconds each ledger scenario (DeductBatch ×100, single Deduct) runs
+    /// at each level, when not `--seconds`: a whole checkpoint cycle (PostgreSQL's
+    /// `checkpoint_timeout`, 300 by default) measures sustained throughput, not only
+    /// the seconds right after a checkpoint.
+    #[arg(long)]
+    ledger_seconds: Option<u64>,
     /// Scale suite: the timed calls' idempotency keys, `random` (as UUIDv4s land in the
     /// index) or `sequential` (time-ordered, as UUIDv7s do: each after all the seed's).
     #[arg(long, default_value = "random", value_parser = ["random", "sequential"])]

@@ -153,6 +153,7 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
         )
     });
     let duration = Duration::from_secs(args.seconds);
+    let ledger_duration = Duration::from_secs(args.ledger_seconds.unwrap_or(args.seconds));
     let callers = args.single_callers;
     let mut tables: Vec<String> = Vec::new();
 
@@ -267,7 +268,7 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
                 drive(
                     format!("DeductBatch ×100, {} clients, {label}", args.batch_clients),
                     args.batch_clients,
-                    duration,
+                    ledger_duration,
                     move |w, s| {
                         let mut client = c(w);
                         async move {
@@ -293,7 +294,7 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
                 drive(
                     format!("Deduct (single), {callers} callers, {label}"),
                     callers,
-                    duration,
+                    ledger_duration,
                     move |w, s| {
                         let mut client = c(w);
                         async move {
@@ -328,8 +329,8 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
         pairs.iter().map(|(a, b, n)| (*a, *b, n.as_str())).collect();
     tables.push(table("ledger growth", "deductions/s", &ledger_rows, &pairs));
     tables.push(format!(
-        "What PostgreSQL wrote during each ledger scenario, per deduction (checkpoints: in all):\n\n\
-         | scenario | WAL bytes | full-page images | pages written by backends | checkpoints |\n|---|---:|---:|---:|---:|\n{}",
+        "What PostgreSQL read and wrote during each ledger scenario, per deduction (checkpoints: in all):\n\n\
+         | scenario | WAL bytes | full-page images | pages read into the buffers | pages written by backends | checkpoints |\n|---|---:|---:|---:|---:|---:|\n{}",
         wal_rows.join("\n")
     ));
     let history_pairs: Vec<(usize, usize, &str)> = (0..history_rows.len() / 3)
@@ -703,15 +704,18 @@ async fn history(
     Ok((rows, plan))
 }
 
-/// PostgreSQL's WAL counters (`pg_stat_wal`, all databases), with its checkpoints and
-/// the pages backends had to write out themselves to make room in `shared_buffers`
-/// (`pg_stat_bgwriter` up to PostgreSQL 16; not shown on later versions). A
-/// deduction's random idempotency key dirties an index page that, on a large ledger,
-/// is rarely in the buffers and is written to the WAL whole the first time it changes
-/// after a checkpoint.
+/// PostgreSQL's WAL counters (`pg_stat_wal`, all databases), the pages this database
+/// read into `shared_buffers` because they were not there (`pg_stat_database`), its
+/// checkpoints and the pages backends had to write out themselves to make room in
+/// `shared_buffers` (`pg_stat_bgwriter` up to PostgreSQL 16; not shown on later
+/// versions). A deduction's random idempotency key dirties an index page that, on a
+/// large ledger, is rarely in the buffers and is written to the WAL whole the first
+/// time it changes after a checkpoint.
 struct Wal {
     bytes: f64,
     full_pages: i64,
+    /// Pages read into the buffers (from the operating system's cache or the disk).
+    reads: i64,
     /// Checkpoints and backend writes, where `pg_stat_bgwriter` still has them.
     bgwriter: Option<(i64, i64)>,
 }
@@ -722,6 +726,11 @@ impl Wal {
             sqlx::query_as("SELECT wal_bytes::float8, wal_fpi FROM pg_stat_wal")
                 .fetch_one(pool)
                 .await?;
+        let reads: i64 = sqlx::query_scalar(
+            "SELECT blks_read FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await?;
         let bgwriter = sqlx::query_as(
             "SELECT checkpoints_timed + checkpoints_req, buffers_backend FROM pg_stat_bgwriter",
         )
@@ -731,6 +740,7 @@ impl Wal {
         Ok(Wal {
             bytes,
             full_pages,
+            reads,
             bgwriter,
         })
     }
@@ -758,10 +768,11 @@ impl Wal {
             _ => ("—".to_owned(), "—".to_owned()),
         };
         format!(
-            "| {} | {:.0} | {:.2} | {evictions} | {checkpoints} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {evictions} | {checkpoints} |",
             figures.name,
             (self.bytes - before.bytes) / deductions,
             (self.full_pages - before.full_pages) as f64 / deductions,
+            (self.reads - before.reads) as f64 / deductions,
         )
     }
 }
