@@ -5,7 +5,8 @@
 //!   with `--usage-rows` rows in `quota_consumptions` (in the window, spread over the
 //!   same users and features, counters moved to match);
 //! - **ledger**: `DeductBatch` ×100 and single `Deduct` with the ledger at each of
-//!   `--entries` existing entries. The entries are seeded by SQL straight into
+//!   `--entries` existing entries, for `--ledger-seconds` each (by default
+//!   `--seconds`). The entries are seeded by SQL straight into
 //!   credits-svc's tables, consistent with the rest: each is a deduction drawn from the
 //!   user's lot, with its `balance_after` in id order, the cached balance and the lot
 //!   moved by the same amount. The first `--heavy-entries` belong to one heavy user
@@ -19,8 +20,8 @@
 //! Seeding is timed and printed; `VACUUM ANALYZE` follows each level (what autovacuum
 //! would do, done before the timing rather than during it), then a `CHECKPOINT`. The
 //! PostgreSQL settings that decide the cost of a large ledger are printed first, and
-//! what PostgreSQL wrote (WAL, full-page images, pages evicted by backends) per
-//! deduction after the ledger figures.
+//! what PostgreSQL read and wrote (pages read into the buffers, WAL, full-page images,
+//! pages evicted by backends) per deduction after the ledger figures.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
