@@ -4,6 +4,9 @@
 //!
 //! It creates a schema of its own, seeds it, and drops it at the end. It only ever
 //! talks to loopback addresses and stops after the configured duration.
+//!
+//! `REEVE_LOADGEN_PROFILE=<database url>` adds, below each scenario, the CPU it cost
+//! per operation here and in PostgreSQL and its busiest statements ([`profile`]).
 
 /// The services' binaries use mimalloc; the load generator runs them in its process,
 /// so it does too (glibc's malloc was 28% of a REST deduction's CPU, BENCHMARKS.md).
@@ -13,6 +16,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod ceilings;
 mod holds;
 mod outbox;
+mod profile;
 mod quota;
 mod recorder;
 mod scale;
@@ -153,6 +157,7 @@ where
     F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<u64>> + Send,
 {
+    let profile = profile::Profile::start().await?;
     let started = Instant::now();
     let deadline = started + duration;
     let workers = (0..concurrency).map(|worker| {
@@ -190,6 +195,9 @@ where
         latency_us,
     };
     eprintln!("{}", figures.row());
+    if let Some(profile) = profile {
+        profile.finish(figures.deductions).await?;
+    }
     Ok(figures)
 }
 
