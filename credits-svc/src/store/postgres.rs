@@ -424,21 +424,26 @@ async fn apply_in(
     } else {
         // The holds named and the users' held holds past their instant (to expire), with
         // their reservations (in the row). What other held holds reserve is in their
-        // lots' `held`.
+        // lots' `held`. The second part leaves the named ones out, so the two parts need
+        // no deduplication (`UNION` hashed every column of every row); the index on
+        // (user, instant) of held holds (migration 1011) finds only the due ones.
         let rows = sqlx::query_as::<_, PgHoldRow>(&format!(
             "SELECT {PG_HOLD_COLUMNS} FROM credit_holds WHERE hold_id = ANY($2::text[]) \
-             UNION SELECT {PG_HOLD_COLUMNS} FROM credit_holds \
+             UNION ALL SELECT {PG_HOLD_COLUMNS} FROM credit_holds \
              WHERE user_id = ANY($1::text[]) AND status = 'held' AND expires_at_us <= $3 \
-             ORDER BY 1"
+                 AND hold_id <> ALL($2::text[])"
         ))
         .bind(&users)
         .bind(&hold_ids)
         .bind(now_us)
         .fetch_all(&mut *conn)
         .await?;
-        rows.into_iter()
+        let mut holds = rows
+            .into_iter()
             .map(Hold::try_from)
-            .collect::<Result<Vec<Hold>, StoreError>>()?
+            .collect::<Result<Vec<Hold>, StoreError>>()?;
+        holds.sort_unstable_by(|a, b| a.hold_id.cmp(&b.hold_id));
+        holds
     };
     // A hold named by a settle, release or extension whose owner is not locked was
     // made after the lock statement looked for it (its `Hold` committed in between):
