@@ -426,17 +426,12 @@ async fn apply_in(
         // their reservations (in the row). What other held holds reserve is in their
         // lots' `held`. The second part leaves the named ones out, so the two parts need
         // no deduplication (`UNION` hashed every column of every row); the index on
-        // (user, instant) of held holds (migration 1011) finds only the due ones, and
-        // only when some held hold anywhere is due: the earliest instant is one look at
-        // the first entry of `credit_holds_due`, and without a due hold the users'
-        // probes are skipped. (An `EXISTS` there got a sequential scan in the generic
-        // plan.)
+        // (user, instant) of held holds (migration 1011) finds only the due ones.
         let rows = sqlx::query_as::<_, PgHoldRow>(&format!(
             "SELECT {PG_HOLD_COLUMNS} FROM credit_holds WHERE hold_id = ANY($2::text[]) \
              UNION ALL SELECT {PG_HOLD_COLUMNS} FROM credit_holds \
              WHERE user_id = ANY($1::text[]) AND status = 'held' AND expires_at_us <= $3 \
-                 AND hold_id <> ALL($2::text[]) \
-                 AND (SELECT min(expires_at_us) FROM credit_holds WHERE status = 'held') <= $3"
+                 AND hold_id <> ALL($2::text[])"
         ))
         .bind(&users)
         .bind(&hold_ids)
