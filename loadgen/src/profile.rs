@@ -56,8 +56,8 @@ impl Profile {
             idle.saturating_sub(self.machine.1),
             total.saturating_sub(self.machine.0),
         );
-        let per_op =
-            |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / (operations.max(1) as f64);
+        let operations = operations.max(1) as f64;
+        let per_op = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / operations;
         eprintln!(
             "  profile over {elapsed:.1} s: CPU per operation {:.1} µs here, {:.1} µs in PostgreSQL; machine idle {:.0}%",
             per_op(own),
@@ -76,8 +76,8 @@ impl Profile {
         for (calls, total_ms, returned, query) in rows {
             eprintln!(
                 "    {:>8.3} calls/op {:>8.1} µs/op {:>7.3} ms/call {:>7.1} rows/call  {query}",
-                calls as f64 / operations.max(1) as f64,
-                total_ms * 1e3 / operations.max(1) as f64,
+                calls as f64 / operations,
+                total_ms * 1e3 / operations,
                 total_ms / calls.max(1) as f64,
                 returned as f64 / calls.max(1) as f64,
             );
