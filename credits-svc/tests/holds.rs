@@ -30,6 +30,7 @@ on_both_stores!(
     hold_ids_are_idempotency_keys_and_batches_settle_each_item,
     another_users_hold_on_an_expired_hold_id_leaves_the_owner_whole,
     list_holds_pages_through_every_hold_once_newest_first,
+    concurrent_balance_questions_each_get_their_own_users_answer,
 );
 
 const T0: i64 = 2_000_000_000_000_000;
@@ -819,4 +820,89 @@ async fn list_holds_pages_through_every_hold_once_newest_first(backend: Backend)
         ["p-h", "p-f", "p-e", "p-d", "p-c", "p-a"]
     );
     assert_eq!(pages(pb::HoldStatus::Settled).await, ["p-g", "p-b"]);
+}
+
+/// Many balance questions at once (PostgreSQL answers them in one statement per batch):
+/// every answer is its own user's, with that user's lots, holds and instant, whichever
+/// users share its batch; an unknown user is all zeros.
+async fn concurrent_balance_questions_each_get_their_own_users_answer(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let clock = ManualClock::at(T0);
+    let server = start_at(&db, &clock).await;
+    let mut c = client(server.local_addr).await;
+    const USERS: i64 = 24;
+    let expiry_us = T0 + 7_200_000_000;
+    for i in 0..USERS {
+        let user = format!("bq-{i:02}");
+        grant(&mut c, &user, (i + 1) * CREDIT, &format!("g-{i}"), None).await;
+        if i % 3 == 0 {
+            grant(
+                &mut c,
+                &user,
+                CREDIT / 2,
+                &format!("e-{i}"),
+                Some(expiry_us),
+            )
+            .await;
+        }
+        if i % 3 == 1 {
+            // Half of them stop reserving before the questions are asked.
+            let ttl = if i % 2 == 0 { 60 } else { 3_600 };
+            hold(&mut c, &user, &format!("h-{i}"), (i + 1) * 1_000, ttl)
+                .await
+                .unwrap();
+        }
+    }
+    clock.advance(120_000_000);
+    let expected = |i: i64| {
+        let balance = (i + 1) * CREDIT + if i % 3 == 0 { CREDIT / 2 } else { 0 };
+        let held = if i % 3 == 1 && i % 2 == 1 {
+            (i + 1) * 1_000
+        } else {
+            0
+        };
+        let next = if i % 3 == 0 { CREDIT / 2 } else { 0 };
+        (balance, held, balance - held, next)
+    };
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(client(server.local_addr).await);
+    }
+    let questions = (0..400_i64).map(|n| {
+        let mut c = clients[usize::try_from(n % 8).unwrap()].clone();
+        // Every 7th question is about a user nobody credited.
+        let i = (n * 7) % (USERS + 1);
+        async move {
+            let user = if i == USERS {
+                "bq-nobody".to_owned()
+            } else {
+                format!("bq-{i:02}")
+            };
+            (i, user.clone(), balance(&mut c, &user).await)
+        }
+    });
+    for (i, user, answer) in join_all(questions).await {
+        assert_eq!(answer.user_id, user);
+        let got = (
+            answer.balance_micros,
+            answer.held_micros,
+            answer.available_micros,
+            answer.next_expiry_micros,
+        );
+        if i == USERS {
+            assert_eq!(got, (0, 0, 0, 0), "{user}");
+            assert_eq!(answer.paid_micros + answer.promotional_micros, 0, "{user}");
+            continue;
+        }
+        assert_eq!(got, expected(i), "{user}");
+        assert_eq!(
+            answer.promotional_micros, answer.balance_micros,
+            "{user}: grants are promotional"
+        );
+        assert_eq!(
+            answer.next_expiry_at.map(|t| t.seconds),
+            (i % 3 == 0).then_some(expiry_us / 1_000_000),
+            "{user}"
+        );
+    }
 }

@@ -71,25 +71,84 @@ impl TryFrom<PgHoldRow> for Hold {
     }
 }
 
-/// The cached balance and the lots with a remainder, with what the user's held holds
-/// reserve from each, in one statement (a sweep committing in between cannot be half
-/// seen); a lot appears once per reservation on it.
-const PG_BALANCE_SQL: &str = "SELECT a.balance_micros, l.id, l.user_id, l.category, l.priority, \
-     l.expires_at_us, l.source, l.original_micros, l.remaining_micros, l.created_at_us, \
-     l.held_micros, l.expired_micros, r.amount_micros AS reserved_micros, \
+/// The cached balances and the lots with a remainder of many users, with what their
+/// held holds reserve from each, in one statement (a sweep committing in between cannot
+/// be half seen); each row starts with the 1-based position of the user it belongs to,
+/// and a lot appears once per reservation on it. The holds are read only for lots
+/// that carry reservations.
+const PG_BALANCE_BATCH_SQL: &str = "SELECT u.ord, a.balance_micros, l.id, l.user_id, l.category, \
+     l.priority, l.expires_at_us, l.source, l.original_micros, l.remaining_micros, \
+     l.created_at_us, l.held_micros, l.expired_micros, r.amount_micros AS reserved_micros, \
      r.hold_expires_at_us \
-     FROM (SELECT $1::text AS user_id) AS u \
+     FROM UNNEST($1::text[]) WITH ORDINALITY AS u(user_id, ord) \
      LEFT JOIN credit_accounts AS a ON a.user_id = u.user_id \
      LEFT JOIN credit_lots AS l ON l.user_id = u.user_id AND l.remaining_micros > 0 AND l.live \
-     LEFT JOIN ( \
+     LEFT JOIN LATERAL ( \
          SELECT r.lot_id, r.amount_micros, h.expires_at_us AS hold_expires_at_us \
          FROM credit_holds AS h, UNNEST(h.reserved_lot_ids, h.reserved_micros) AS r(lot_id, amount_micros) \
-         WHERE h.user_id = $1::text AND h.status = 'held' \
-     ) AS r ON r.lot_id = l.id AND l.held_micros > 0";
+         WHERE h.user_id = l.user_id AND h.status = 'held' AND l.held_micros > 0 \
+     ) AS r ON r.lot_id = l.id";
 
+/// One balance question waiting for its batch: the user and the instant it was asked.
 #[derive(Debug, Clone)]
+struct BalanceRead {
+    user_id: String,
+    now_us: i64,
+}
+
+/// Concurrent balance questions coalesced into one statement (a question sees data at
+/// least as fresh as when it arrived: its batch starts after it).
+type BalanceReads =
+    reeve_runtime::group_commit::GroupCommit<BalanceRead, BalanceDetails, StoreError>;
+
+/// Concurrent balance batches, and the most questions one carries.
+const BALANCE_READ_WORKERS: usize = 2;
+const BALANCE_READ_MAX_BATCH: usize = 256;
+
+#[derive(Clone)]
 pub struct PgLedger {
     pool: PgPool,
+    balances: BalanceReads,
+}
+
+impl std::fmt::Debug for PgLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLedger")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The balances of a batch of questions, in one statement, each planned with its own
+/// instant.
+async fn read_balances(
+    pool: &PgPool,
+    reads: Vec<BalanceRead>,
+) -> Result<Vec<BalanceDetails>, StoreError> {
+    let users: Vec<&str> = reads.iter().map(|r| r.user_id.as_str()).collect();
+    let rows: Vec<(i64, BalanceRow)> = sqlx::query(PG_BALANCE_BATCH_SQL)
+        .bind(&users)
+        .try_map(|row: sqlx::postgres::PgRow| {
+            let ord: i64 = sqlx::Row::try_get(&row, 0)?;
+            Ok((ord, <BalanceRow as sqlx::FromRow<_>>::from_row(&row)?))
+        })
+        .fetch_all(pool)
+        .await?;
+    let mut per_read: Vec<Vec<BalanceRow>> = Vec::new();
+    per_read.resize_with(reads.len(), Vec::new);
+    for (ord, row) in rows {
+        let slot = usize::try_from(ord)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| per_read.get_mut(i))
+            .ok_or_else(|| StoreError::Corrupt(format!("a balance row for position {ord}")))?;
+        slot.push(row);
+    }
+    reads
+        .iter()
+        .zip(per_read)
+        .map(|(read, rows)| balance_of(rows, read.now_us))
+        .collect()
 }
 
 impl PgLedger {
@@ -108,7 +167,16 @@ impl PgLedger {
         migrator.set_ignore_missing(true);
         migrator.run(&pool).await?;
         super::outbox::migrate_pg(&pool).await?;
-        Ok(PgLedger { pool })
+        let read_pool = pool.clone();
+        let balances = BalanceReads::start(
+            BALANCE_READ_WORKERS,
+            BALANCE_READ_MAX_BATCH,
+            std::sync::Arc::new(move |reads| {
+                let pool = read_pool.clone();
+                Box::pin(async move { read_balances(&pool, reads).await })
+            }),
+        );
+        Ok(PgLedger { pool, balances })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -1037,11 +1105,14 @@ impl LedgerStore for PgLedger {
     }
 
     async fn balance(&self, user_id: &str, now_us: i64) -> Result<BalanceDetails, StoreError> {
-        let rows = sqlx::query_as::<_, BalanceRow>(PG_BALANCE_SQL)
-            .bind(user_id)
-            .fetch_all(&self.pool)
-            .await?;
-        balance_of(rows, now_us)
+        let read = BalanceRead {
+            user_id: user_id.to_owned(),
+            now_us,
+        };
+        self.balances
+            .submit(read)
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?
     }
 
     async fn lots(
