@@ -40,6 +40,7 @@ const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 /// called).
 pub const METHOD_SCOPES: ScopeTable = &[
     ("GetBalance", Scope::Deduct),
+    ("GetBalances", Scope::Deduct),
     ("Deduct", Scope::Deduct),
     ("DeductBatch", Scope::Deduct),
     ("History", Scope::Deduct),

@@ -15,7 +15,7 @@ use crate::holds::{Hold, HoldOp, HoldOutcome, HoldRequest, HoldStatus};
 use crate::ledger::{EntryKind, LedgerEntry, WriteOutcome, WriteRequest};
 use crate::lots::{Category, Lot, LotTerms};
 use crate::payments::{PaymentEvent, PaymentEventKind};
-use crate::store::{LedgerStore, PaymentOutcome};
+use crate::store::{BalanceDetails, LedgerStore, PaymentOutcome};
 
 /// Most items one `DeductBatch` may carry.
 pub const MAX_BATCH_ITEMS: usize = 10_000;
@@ -267,6 +267,23 @@ fn outcome_to_proto(key: String, outcome: WriteOutcome) -> pb::DeductOutcome {
     pb::DeductOutcome {
         idempotency_key: key,
         result: Some(result),
+    }
+}
+
+/// Most users one `GetBalances` call may ask about.
+pub const MAX_BALANCES_PER_CALL: usize = 1_000;
+
+/// A balance answer as `GetBalance` and `GetBalances` give it.
+fn balance_response(user_id: String, details: &BalanceDetails) -> pb::GetBalanceResponse {
+    pb::GetBalanceResponse {
+        user_id,
+        balance_micros: details.balance.0,
+        paid_micros: details.paid.0,
+        promotional_micros: details.promotional.0,
+        next_expiry_at: details.next_expiry.map(|(at, _)| timestamp(at)),
+        next_expiry_micros: details.next_expiry.map_or(0, |(_, amount)| amount.0),
+        held_micros: details.held.0,
+        available_micros: details.available().0,
     }
 }
 
@@ -695,15 +712,46 @@ impl pb::credit_service_server::CreditService for CreditsApi {
             .balance(&user_id, self.clock.now_us())
             .await
             .map_err(CreditsError::from)?;
-        Ok(Response::new(pb::GetBalanceResponse {
-            user_id,
-            balance_micros: details.balance.0,
-            paid_micros: details.paid.0,
-            promotional_micros: details.promotional.0,
-            next_expiry_at: details.next_expiry.map(|(at, _)| timestamp(at)),
-            next_expiry_micros: details.next_expiry.map_or(0, |(_, amount)| amount.0),
-            held_micros: details.held.0,
-            available_micros: details.available().0,
+        Ok(Response::new(balance_response(user_id, &details)))
+    }
+
+    #[tracing::instrument(skip_all, fields(users = request.get_ref().user_ids.len()))]
+    async fn get_balances(
+        &self,
+        request: Request<pb::GetBalancesRequest>,
+    ) -> Result<Response<pb::GetBalancesResponse>, Status> {
+        let user_ids = request.into_inner().user_ids;
+        if user_ids.len() > MAX_BALANCES_PER_CALL {
+            return Err(CreditsError::invalid(
+                "too_many_user_ids",
+                format!(
+                    "at most {MAX_BALANCES_PER_CALL} user_ids per call, got {}",
+                    user_ids.len()
+                ),
+            )
+            .into());
+        }
+        for (at, user_id) in user_ids.iter().enumerate() {
+            reeve_runtime::ids::check_user_id(user_id).map_err(|invalid| {
+                CreditsError::invalid(invalid.code, format!("user_ids[{at}]: {}", invalid.message))
+            })?;
+        }
+        // One instant for the call; on PostgreSQL the questions are coalesced into as
+        // few statements as the store's batches allow.
+        let now_us = self.clock.now_us();
+        let details = futures::future::try_join_all(
+            user_ids
+                .iter()
+                .map(|user_id| self.store.balance(user_id, now_us)),
+        )
+        .await
+        .map_err(CreditsError::from)?;
+        Ok(Response::new(pb::GetBalancesResponse {
+            balances: user_ids
+                .into_iter()
+                .zip(details)
+                .map(|(user_id, details)| balance_response(user_id, &details))
+                .collect(),
         }))
     }
 

@@ -905,4 +905,54 @@ async fn concurrent_balance_questions_each_get_their_own_users_answer(backend: B
             "{user}"
         );
     }
+
+    // GetBalances: the same answers, one per id in order, repeats and unknown users
+    // included.
+    let mut asked: Vec<String> = (0..USERS).rev().map(|i| format!("bq-{i:02}")).collect();
+    asked.push("bq-nobody".to_owned());
+    asked.push("bq-05".to_owned());
+    let answers = c
+        .get_balances(pb::GetBalancesRequest {
+            user_ids: asked.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .balances;
+    assert_eq!(answers.len(), asked.len());
+    for (user, answer) in asked.iter().zip(&answers) {
+        assert_eq!(&answer.user_id, user);
+        let single = balance(&mut c, user).await;
+        assert_eq!(answer, &single, "{user}");
+    }
+    assert_eq!(
+        (answers[0].balance_micros, answers[0].held_micros),
+        (expected(USERS - 1).0, expected(USERS - 1).1)
+    );
+    let empty = c
+        .get_balances(pb::GetBalancesRequest { user_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(empty.balances.is_empty());
+    // One invalid id refuses the call, naming its position; so do too many ids.
+    let refused = c
+        .get_balances(pb::GetBalancesRequest {
+            user_ids: vec!["bq-00".into(), "bq-01".into(), "bq\u{7f}02".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("user_ids[2]"), "{refused:?}");
+    let too_many = c
+        .get_balances(pb::GetBalancesRequest {
+            user_ids: vec!["bq-00".into(); 1_001],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    assert_eq!(
+        too_many.get_details_error_info().map(|info| info.reason),
+        Some("TOO_MANY_USER_IDS".to_owned())
+    );
 }

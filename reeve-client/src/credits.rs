@@ -65,6 +65,14 @@ impl CreditsClient {
         pb::GetBalanceResponse
     );
     retried!(
+        /// Up to 1,000 users' balances, one answer per id in order (for many concurrent
+        /// questions, prefer the coalescing [`crate::BalanceReader`]).
+        get_balances,
+        "GetBalances",
+        pb::GetBalancesRequest,
+        pb::GetBalancesResponse
+    );
+    retried!(
         /// One deduction, keyed: retried with the same key.
         deduct, "Deduct", pb::DeductRequest, pb::DeductResponse
     );

@@ -7,12 +7,15 @@
 //! - [`CreditsClient`], [`QuotaClient`]: the generated clients behind one retry rule
 //!   ([`retry`]): jittered backoff, only on UNAVAILABLE, DEADLINE_EXCEEDED and
 //!   RESOURCE_EXHAUSTED, always the same request (the same idempotency key).
+//! - [`BalanceReader`]: balance questions asked together, one `GetBalances` call per
+//!   batch of waiting questions.
 //! - [`QuotaGuard`]: consume a feature's quota before metered work.
 //! - [`Recorder`]: buffered, batched deductions and hold settles that are never lost
 //!   or doubled, optionally kept in a write-ahead file ([`wal`]) across crashes.
 //! - [`Meter`]: the metered call: hold → the caller's work → settle the reported cost
 //!   through the recorder, or release on error or drop.
 
+pub mod balances;
 pub mod connect;
 pub mod credits;
 pub mod metered;
@@ -22,6 +25,7 @@ pub mod recorder;
 pub mod retry;
 pub mod wal;
 
+pub use balances::BalanceReader;
 pub use connect::{ClientBuilder, ConnectError, Connection};
 pub use credits::{CreditsClient, Refusal};
 pub use metered::{HeldCredits, Meter, MeteredError, Reservation};

@@ -99,3 +99,48 @@ async fn the_quota_guard_from_the_builder_consumes_once_per_key_and_releases() {
     assert_eq!(unknown.http_status(), 403);
     server.stop().await.unwrap();
 }
+
+/// Many concurrent balance questions through the reader: each gets its own user's
+/// answer (coalesced into `GetBalances` calls), and an invalid id among them fails
+/// alone with the refusal `GetBalance` gives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balance_reader_answers_each_question_with_its_own_users_balance() {
+    let credits = Credits::start().await;
+    for i in 0..20_i64 {
+        credits
+            .grant(&format!("reader-{i}"), (i + 1) * CREDIT)
+            .await;
+    }
+    let reader = reeve_client::BalanceReader::new(credits.connection().credits());
+    let mut questions = tokio::task::JoinSet::new();
+    for n in 0..300_i64 {
+        let reader = reader.clone();
+        questions.spawn(async move {
+            // Every 50th question names a user with a NUL byte in its id.
+            let user = if n % 50 == 7 {
+                "bad\0user".to_owned()
+            } else {
+                format!("reader-{}", n % 21)
+            };
+            (user.clone(), reader.get(user).await)
+        });
+    }
+    let mut refused = 0;
+    for (user, answer) in questions.join_all().await {
+        if user.contains('\0') {
+            let status = answer.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains("user_id"), "{status:?}");
+            refused += 1;
+            continue;
+        }
+        let answer = answer.unwrap();
+        assert_eq!(answer.user_id, user);
+        let i: i64 = user.trim_start_matches("reader-").parse().unwrap();
+        // reader-20 was never credited.
+        let expected = if i == 20 { 0 } else { (i + 1) * CREDIT };
+        assert_eq!(answer.balance_micros, expected, "{user}");
+        assert_eq!(answer.available_micros, expected, "{user}");
+    }
+    assert_eq!(refused, 6);
+}

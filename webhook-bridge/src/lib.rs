@@ -215,6 +215,8 @@ pub struct AppState {
     /// `STRIPE_WEBHOOK_SECRET`, exposed only to verify a signature.
     pub webhook_secret: SecretString,
     credits: CreditsClient,
+    /// The signed-in users' balance questions, asked of credits-svc together.
+    balances: reeve_client::BalanceReader,
     quota: QuotaClient,
     credits_channel: Channel,
     quota_channel: Channel,
@@ -251,6 +253,12 @@ impl AppState {
 
     pub fn credits(&self) -> CreditsClient {
         self.credits.clone()
+    }
+
+    /// Balance questions, coalesced into `GetBalances` calls (no retries, as every
+    /// other call of the bridge: a caller sees 503 at once when credits-svc is down).
+    pub fn balances(&self) -> &reeve_client::BalanceReader {
+        &self.balances
     }
 
     pub fn quota(&self) -> QuotaClient {
@@ -424,6 +432,11 @@ pub async fn start_with_extra_routes(
         currency: config.currency.clone(),
         webhook_secret: config.webhook_secret.clone(),
         credits: credits.raw_credits(),
+        balances: reeve_client::BalanceReader::new(
+            credits
+                .credits()
+                .with_retry(reeve_client::RetryPolicy::none()),
+        ),
         quota: quota.raw_quota(),
         credits_channel: credits.channel(),
         quota_channel: quota.channel(),

@@ -61,11 +61,7 @@ pub async fn balance(
     State(state): State<Arc<AppState>>,
     User(user_id): User,
 ) -> Result<Json<Balance>, ApiError> {
-    let reply = state
-        .credits()
-        .get_balance(pb::GetBalanceRequest { user_id })
-        .await?
-        .into_inner();
+    let reply = state.balances().get(user_id).await?;
     let next_expiry = reply.next_expiry_at.map(|at| NextExpiry {
         at: timestamp(at),
         amount: Micros(reply.next_expiry_micros).to_string(),
