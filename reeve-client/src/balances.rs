@@ -5,9 +5,9 @@
 //! question. No question waits for a timer: a lone one is sent at once.
 //!
 //! Each answer is the one `GetBalance` would give (a lone question is a `GetBalance`
-//! call). A batch refused as a whole for an
-//! invalid id is asked again one question at a time, so only that question fails; any
-//! other failure (after the client's retries) answers every question of the batch.
+//! call). A batch refused as a whole for an invalid id is asked again one question at
+//! a time, so only that question fails; any other failure (after the client's
+//! retries) answers every question of the batch.
 
 use reeve_proto::credits::v1 as pb;
 use reeve_runtime::group_commit::{BatchFn, GroupCommit};
