@@ -517,7 +517,9 @@ fn keys_of_ops(ops: &[Op]) -> Vec<String> {
         .iter()
         .filter_map(|op| match op {
             Op::Write(write) if write.validate().is_ok() => Some(write.idempotency_key.clone()),
-            Op::Hold(HoldOp::Settle { hold_id, .. }) => Some(crate::holds::settle_key(hold_id)),
+            Op::Hold(op @ HoldOp::Settle { hold_id, .. }) if op.validate().is_ok() => {
+                Some(crate::holds::settle_key(hold_id))
+            }
             _ => None,
         })
         .collect();

@@ -513,6 +513,23 @@ async fn hold_ids_are_idempotency_keys_and_batches_settle_each_item(backend: Bac
             amount_micros: CREDIT,
             description: String::new(),
         },
+        // Hostile items fail alone: an id PostgreSQL cannot store, a description with
+        // a control character, an amount past the cap.
+        pb::SettleHoldRequest {
+            hold_id: "batch-\0".into(),
+            amount_micros: CREDIT,
+            description: String::new(),
+        },
+        pb::SettleHoldRequest {
+            hold_id: "batch-1".into(),
+            amount_micros: CREDIT,
+            description: "\u{7}".into(),
+        },
+        pb::SettleHoldRequest {
+            hold_id: "batch-1".into(),
+            amount_micros: i64::MAX,
+            description: String::new(),
+        },
     ];
     let outcomes = c
         .settle_hold_batch(pb::SettleHoldBatchRequest { items })
@@ -530,6 +547,21 @@ async fn hold_ids_are_idempotency_keys_and_batches_settle_each_item(backend: Bac
     );
     assert!(matches!(&outcomes[3].result, Some(R::Invalid(i)) if i.code == "hold_not_found"));
     assert!(matches!(&outcomes[4].result, Some(R::Settled(s)) if s.duplicate));
+    let codes: Vec<&str> = outcomes[5..]
+        .iter()
+        .map(|outcome| match &outcome.result {
+            Some(R::Invalid(invalid)) => invalid.code.as_str(),
+            other => panic!("a hostile item was not refused alone: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "invalid_idempotency_key",
+            "invalid_description",
+            "invalid_amount"
+        ]
+    );
     let b = balance(&mut c, "b").await;
     assert_eq!((b.balance_micros, b.held_micros), (26 * CREDIT, 2 * CREDIT));
     let listed = c

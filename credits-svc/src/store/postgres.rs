@@ -392,12 +392,15 @@ async fn apply_in(
     users.extend(hold_users_of(ops));
     // Settles, releases and extensions name holds whose owners must be locked too; a
     // `Hold` names its user (a hold id already taken by another user is only answered).
+    // Only valid ones: an id PostgreSQL cannot take (a NUL) would fail the lock
+    // statement, and with it every other operation of the batch; its own operation is
+    // refused by the plan.
     let named: Vec<&str> = ops
         .iter()
         .filter_map(|op| match op {
             Op::Hold(HoldOp::Hold(_)) => None,
-            Op::Hold(op) => Some(op.hold_id()),
-            Op::Write(_) => None,
+            Op::Hold(op) if op.validate().is_ok() => Some(op.hold_id()),
+            Op::Hold(_) | Op::Write(_) => None,
         })
         .collect();
     users.sort_unstable();
