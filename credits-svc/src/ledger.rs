@@ -672,7 +672,13 @@ impl<'a> Planner<'a> {
         for (user, balance) in balances {
             wallets.entry(user.clone()).or_default().balance = *balance;
         }
-        let mut sorted: Vec<&Lot> = lots.iter().filter(|l| l.remaining.0 > 0).collect();
+        // Only the lots of locked users (those in `balances`): a user without a balance
+        // row was not locked, and lots of theirs made meanwhile must not be expired or
+        // drawn here.
+        let mut sorted: Vec<&Lot> = lots
+            .iter()
+            .filter(|l| l.remaining.0 > 0 && balances.contains_key(&l.user_id))
+            .collect();
         sorted.sort_by(|a, b| crate::lots::spending_order(a, b));
         for lot in sorted {
             let wallet = wallets.entry(lot.user_id.clone()).or_default();
@@ -945,6 +951,13 @@ impl<'a> Planner<'a> {
         let new_lot_index = self.new_lots.len();
         let wallet = self.wallets.entry(write.user_id.clone()).or_default();
         let balance = wallet.balance;
+        // A balance past what it can hold is refused before anything in the wallet
+        // moves (a revocation takes at most a lot's remainder, so it never overflows).
+        if !matches!(write.kind, EntryKind::Revocation | EntryKind::Expiration)
+            && balance.checked_add(write.amount).is_none()
+        {
+            return done(WriteOutcome::Invalid(balance_overflow()));
+        }
         let mut amount = write.amount;
         let mut draws = Vec::new();
         let mut made = None;
@@ -1038,10 +1051,7 @@ impl<'a> Planner<'a> {
             }
         }
         let Some(balance_after) = balance.checked_add(amount) else {
-            return done(WriteOutcome::Invalid(InvalidWrite::new(
-                "balance_overflow",
-                "the balance would overflow",
-            )));
+            return done(WriteOutcome::Invalid(balance_overflow()));
         };
         wallet.balance = balance_after;
         if let Some(lot) = made {
@@ -1245,6 +1255,11 @@ impl<'a> Planner<'a> {
         }
         let wallet = self.wallets.entry(hold.user_id.clone()).or_default();
         let balance = wallet.balance;
+        // A debt past what a balance can hold (thousands of settles far above their
+        // holds) is refused before anything moves, as a credit past it is.
+        let Some(balance_after) = balance.0.checked_sub(amount.0).map(Micros) else {
+            return done(HoldOutcome::Invalid(balance_overflow()));
+        };
         // The hold's reservations first, even from a lot that expired since: the hold
         // was promised while it was live. What is not drawn of them is freed.
         let mut need = amount.0;
@@ -1273,7 +1288,6 @@ impl<'a> Planner<'a> {
             }
         }
         wallet.debt += short;
-        let balance_after = Micros(balance.0 - amount.0);
         wallet.balance = balance_after;
         let insert = self.inserts.len();
         self.inserts.push(NewEntry {
@@ -1313,6 +1327,10 @@ impl<'a> Planner<'a> {
 
 /// The code of a revocation of a lot with nothing left.
 pub const NOTHING_TO_REVOKE: &str = "nothing_to_revoke";
+
+fn balance_overflow() -> InvalidWrite {
+    InvalidWrite::new("balance_overflow", "the balance would overflow")
+}
 
 fn key_reused(key: &str) -> InvalidWrite {
     InvalidWrite::new(
@@ -1687,17 +1705,84 @@ mod tests {
     }
 
     #[test]
-    fn credits_that_would_overflow_are_refused() {
+    fn money_past_what_a_balance_holds_is_refused_and_moves_nothing() {
+        let none = HashMap::new();
+        let top = i64::MAX - 1;
+        // A credit past the top: refused, and the lot it would have made is not there
+        // for the deduction after it, which draws the existing lot.
         let grant = WriteRequest::caller("a", EntryKind::Grant, Micros(MAX_WRITE_MICROS), "g", "");
         let outcomes = plan(
-            &[grant],
-            &balances(&[("a", i64::MAX - 1)]),
-            &[],
-            &HashMap::new(),
+            &[grant, deduct("a", MAX_WRITE_MICROS, "d")],
+            &balances(&[("a", top)]),
+            &[lot(1, "a", Category::Paid, 50, None, top)],
+            &none,
             0,
         )
-        .finish(&[], &[]);
+        .finish(&[7], &[]);
         assert!(matches!(&outcomes[0], WriteOutcome::Invalid(i) if i.code == "balance_overflow"));
+        assert_eq!(drawn(&outcomes[1]), [(1, MAX_WRITE_MICROS)]);
+        // A debit past the bottom (a debt that deep), the same.
+        let bottom = i64::MIN + 1;
+        let debit = WriteRequest::caller(
+            "b",
+            EntryKind::Adjustment,
+            Micros(-MAX_WRITE_MICROS),
+            "a",
+            "chargeback",
+        );
+        let outcomes = plan(&[debit], &balances(&[("b", bottom)]), &[], &none, 0).finish(&[], &[]);
+        assert!(matches!(&outcomes[0], WriteOutcome::Invalid(i) if i.code == "balance_overflow"));
+        // A settle far above its hold, past the bottom: refused, the hold still held.
+        let hold = Hold {
+            hold_id: "h".to_owned(),
+            user_id: "c".to_owned(),
+            amount: Micros(1),
+            status: HoldStatus::Held,
+            settled: None,
+            entry_id: None,
+            shortfall: Micros::ZERO,
+            late: false,
+            description: String::new(),
+            created_at_us: 0,
+            expires_at_us: 60_000_000,
+            resolved_at_us: None,
+            reservations: Vec::new(),
+        };
+        let settle = Op::Hold(HoldOp::Settle {
+            hold_id: "h".to_owned(),
+            amount: Micros(MAX_WRITE_MICROS),
+            description: String::new(),
+        });
+        let planned = plan_ops(
+            &[settle],
+            &balances(&[("c", bottom)]),
+            &[],
+            &[hold],
+            &none,
+            1,
+        );
+        assert!(planned.inserts.is_empty() && planned.saved_holds(&[]).is_empty());
+        let outcomes = planned.finish_ops(&[], &[]);
+        assert!(
+            matches!(&outcomes[0], OpOutcome::Hold(HoldOutcome::Invalid(i)) if i.code == "balance_overflow")
+        );
+    }
+
+    #[test]
+    fn lots_of_a_user_not_locked_are_neither_expired_nor_drawn() {
+        // Read after the lock statement found no balance row for "x" (their first
+        // credit committed in between): planned as a user without anything.
+        let due = lot(1, "x", Category::Promotional, 10, Some(5), 4_000);
+        let planned = plan(
+            &[deduct("x", 1_000, "d")],
+            &HashMap::new(),
+            &[due],
+            &HashMap::new(),
+            10,
+        );
+        assert!(planned.inserts.is_empty() && planned.lot_moves.is_empty());
+        let outcomes = planned.finish(&[], &[]);
+        assert!(matches!(&outcomes[0], WriteOutcome::Insufficient { .. }));
     }
 
     #[test]
