@@ -134,7 +134,12 @@ pub fn timestamp(micros: i64) -> prost_types::Timestamp {
     }
 }
 
-/// A protobuf timestamp as microseconds, refusing what micros cannot hold exactly.
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, the range of `google.protobuf.Timestamp`.
+const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// A protobuf timestamp as microseconds, refusing what micros cannot hold exactly and
+/// what lies outside the timestamp's range.
 fn micros_of(timestamp: &prost_types::Timestamp, field: &str) -> Result<i64, CreditsError> {
     let invalid = || {
         CreditsError::invalid(
@@ -145,11 +150,12 @@ fn micros_of(timestamp: &prost_types::Timestamp, field: &str) -> Result<i64, Cre
     if !(0..1_000_000_000).contains(&timestamp.nanos) || timestamp.nanos % 1_000 != 0 {
         return Err(invalid());
     }
-    timestamp
-        .seconds
-        .checked_mul(1_000_000)
-        .and_then(|us| us.checked_add(i64::from(timestamp.nanos / 1_000)))
-        .ok_or_else(invalid)
+    // A protobuf timestamp's own range: an instant past it (year 10000) would be
+    // answered back as one no client library nor RFC 3339 can read.
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&timestamp.seconds) {
+        return Err(invalid());
+    }
+    Ok(timestamp.seconds * 1_000_000 + i64::from(timestamp.nanos / 1_000))
 }
 
 fn category_to_proto(category: Category) -> pb::CreditCategory {

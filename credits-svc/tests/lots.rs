@@ -410,6 +410,13 @@ async fn grants_refuse_terms_they_cannot_honour(backend: Backend) {
         request(Some(-1), None, 0, pb::CreditKind::Grant),
         request(None, Some(T0), 0, pb::CreditKind::Grant),
         request(None, Some(T0 - 1), 0, pb::CreditKind::Grant),
+        // The first instant past a protobuf timestamp's range (year 10000).
+        request(
+            None,
+            Some(253_402_300_800_000_000),
+            0,
+            pb::CreditKind::Grant,
+        ),
         request(None, None, 7, pb::CreditKind::Grant),
         request(None, None, Promotional as i32, pb::CreditKind::Purchase),
     ] {
@@ -417,6 +424,15 @@ async fn grants_refuse_terms_they_cannot_honour(backend: Backend) {
         assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
     }
     assert_eq!(balance(&mut c, "terms").await.balance_micros, 0);
+    // The last instant a timestamp holds is a valid expiry, and is answered back as is.
+    let last = 253_402_300_799_999_999;
+    c.add_credits(request(None, Some(last), 0, pb::CreditKind::Grant))
+        .await
+        .unwrap();
+    assert_eq!(
+        balance(&mut c, "terms").await.next_expiry_at,
+        Some(ts(last))
+    );
 }
 
 async fn the_balance_tells_paid_promotional_and_the_next_expiry(backend: Backend) {
