@@ -130,12 +130,13 @@ impl HoldOp {
             HoldOp::Hold(request) => {
                 reeve_runtime::ids::check_user_id(&request.user_id)?;
                 reeve_runtime::ids::check_description(&request.description)?;
-                if request.amount.0 <= 0 || request.amount.0 > crate::ledger::MAX_WRITE_MICROS {
+                if request.amount.0 <= 0 {
                     return Err(InvalidWrite::new(
                         "invalid_amount",
-                        "amount_micros must be positive and at most one billion credits",
+                        "amount_micros must be greater than zero",
                     ));
                 }
+                crate::ledger::check_amount_cap(request.amount)?;
                 if !ttl_ok(request.ttl_secs) {
                     return Err(invalid_ttl());
                 }
@@ -146,12 +147,13 @@ impl HoldOp {
                 ..
             } => {
                 reeve_runtime::ids::check_description(description)?;
-                if amount.0 < 0 || amount.0 > crate::ledger::MAX_WRITE_MICROS {
+                if amount.0 < 0 {
                     return Err(InvalidWrite::new(
                         "invalid_amount",
-                        "amount_micros must be 0 to one billion credits",
+                        "amount_micros must not be negative",
                     ));
                 }
+                crate::ledger::check_amount_cap(*amount)?;
             }
             HoldOp::Release { .. } => {}
             HoldOp::Extend { ttl_secs, .. } => {
@@ -220,14 +222,37 @@ mod tests {
         assert!(hold(600, 1).validate().is_ok());
         assert_eq!(hold(0, 1).validate().unwrap_err().code, "invalid_ttl");
         assert_eq!(hold(86_401, 1).validate().unwrap_err().code, "invalid_ttl");
-        assert_eq!(hold(600, 0).validate().unwrap_err().code, "invalid_amount");
-        let settle = |micros: i64| HoldOp::Settle {
-            hold_id: "h\0".into(),
+        let cap = crate::ledger::MAX_WRITE_MICROS;
+        // Amounts: the same codes as a write's (a size past the cap is an overflow).
+        for (micros, code) in [
+            (0, Some("invalid_amount")),
+            (-1, Some("invalid_amount")),
+            (i64::MIN, Some("invalid_amount")),
+            (cap, None),
+            (cap + 1, Some("amount_overflow")),
+            (i64::MAX, Some("amount_overflow")),
+        ] {
+            let got = hold(600, micros).validate().err().map(|e| e.code);
+            assert_eq!(got, code, "hold of {micros}");
+        }
+        let settle = |hold_id: &str, micros: i64| HoldOp::Settle {
+            hold_id: hold_id.into(),
             amount: Micros(micros),
             description: String::new(),
         };
+        for (micros, code) in [
+            (0, None),
+            (-1, Some("invalid_amount")),
+            (i64::MIN, Some("invalid_amount")),
+            (cap, None),
+            (cap + 1, Some("amount_overflow")),
+            (i64::MAX, Some("amount_overflow")),
+        ] {
+            let got = settle("h", micros).validate().err().map(|e| e.code);
+            assert_eq!(got, code, "settle of {micros}");
+        }
         assert_eq!(
-            settle(0).validate().unwrap_err().code,
+            settle("h\0", 0).validate().unwrap_err().code,
             "invalid_idempotency_key"
         );
     }

@@ -261,12 +261,7 @@ impl WriteRequest {
                 },
             ));
         }
-        if amount.unsigned_abs() > MAX_WRITE_MICROS.unsigned_abs() {
-            return Err(InvalidWrite::new(
-                "amount_overflow",
-                format!("amount_micros must be at most {MAX_WRITE_MICROS} in size"),
-            ));
-        }
+        check_amount_cap(Micros(amount))?;
         if matches!(self.kind, EntryKind::Adjustment | EntryKind::Revocation)
             && self.description.trim().is_empty()
         {
@@ -1327,6 +1322,18 @@ impl<'a> Planner<'a> {
 
 /// The code of a revocation of a lot with nothing left.
 pub const NOTHING_TO_REVOKE: &str = "nothing_to_revoke";
+
+/// Refuses an amount larger in size than one write may move (`amount_overflow`), the
+/// same answer for writes, holds, settles and payment events.
+pub fn check_amount_cap(amount: Micros) -> Result<(), InvalidWrite> {
+    if amount.0.unsigned_abs() > MAX_WRITE_MICROS.unsigned_abs() {
+        return Err(InvalidWrite::new(
+            "amount_overflow",
+            format!("amount_micros must be at most {MAX_WRITE_MICROS} in size"),
+        ));
+    }
+    Ok(())
+}
 
 fn balance_overflow() -> InvalidWrite {
     InvalidWrite::new("balance_overflow", "the balance would overflow")

@@ -133,18 +133,18 @@ impl PaymentEvent {
         } else {
             reeve_runtime::ids::check_key(&self.object_id, "object_id")?;
         }
-        let amount_ok = match self.kind {
+        let (amount_ok, rule) = match self.kind {
             // A charge fully refunded and then its refund failed reports 0.
-            PaymentEventKind::Refunded => self.amount.0 >= 0,
-            _ => self.amount.0 > 0,
+            PaymentEventKind::Refunded => (self.amount.0 >= 0, "must not be negative"),
+            _ => (self.amount.0 > 0, "must be greater than zero"),
         };
-        if !amount_ok || self.amount.0 > crate::ledger::MAX_WRITE_MICROS {
+        if !amount_ok {
             return Err(InvalidWrite::new(
                 "invalid_amount",
-                "amount_micros must be positive and at most one billion credits",
+                format!("amount_micros {rule}"),
             ));
         }
-        Ok(())
+        crate::ledger::check_amount_cap(self.amount)
     }
 
     /// The purchase a `PaymentSucceeded` event appends.
@@ -611,6 +611,22 @@ mod tests {
         let mut payment = event(PaymentSucceeded, 0, "");
         payment.user_id = "alice".to_owned();
         assert_eq!(payment.validate().unwrap_err().code, "invalid_amount");
+        // Past what one write may move: the same code as a deduction's or a grant's.
+        let cap = crate::ledger::MAX_WRITE_MICROS;
+        for (micros, code) in [
+            (cap, None),
+            (cap + 1, Some("amount_overflow")),
+            (i64::MAX, Some("amount_overflow")),
+            (-1, Some("invalid_amount")),
+        ] {
+            payment.amount = Micros(micros);
+            assert_eq!(payment.validate().err().map(|e| e.code), code, "{micros}");
+        }
+        // A refund reports 0 after a failed refund of all of it; never less.
+        let mut refund = event(Refunded, 0, "ch_1");
+        assert!(refund.validate().is_ok());
+        refund.amount = Micros(-1);
+        assert_eq!(refund.validate().unwrap_err().code, "invalid_amount");
         payment.amount = Micros(CREDIT);
         payment.user_id = "a\u{1}".to_owned();
         assert_eq!(payment.validate().unwrap_err().code, "invalid_user_id");

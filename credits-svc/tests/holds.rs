@@ -559,7 +559,7 @@ async fn hold_ids_are_idempotency_keys_and_batches_settle_each_item(backend: Bac
         [
             "invalid_idempotency_key",
             "invalid_description",
-            "invalid_amount"
+            "amount_overflow"
         ]
     );
     let b = balance(&mut c, "b").await;
