@@ -138,24 +138,34 @@ pub fn timestamp(micros: i64) -> prost_types::Timestamp {
 const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
 const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 
-/// A protobuf timestamp as microseconds, refusing what micros cannot hold exactly and
-/// what lies outside the timestamp's range.
+/// A protobuf timestamp as microseconds, refusing what micros cannot hold exactly.
+/// Bounds of a query (`since`, `until`) may lie past the timestamp's range.
 fn micros_of(timestamp: &prost_types::Timestamp, field: &str) -> Result<i64, CreditsError> {
-    let invalid = || {
-        CreditsError::invalid(
-            "invalid_expires_at",
-            format!("{field} is not a valid timestamp to the microsecond"),
-        )
-    };
     if !(0..1_000_000_000).contains(&timestamp.nanos) || timestamp.nanos % 1_000 != 0 {
-        return Err(invalid());
+        return Err(not_a_timestamp(field));
     }
-    // A protobuf timestamp's own range: an instant past it (year 10000) would be
-    // answered back as one no client library nor RFC 3339 can read.
+    timestamp
+        .seconds
+        .checked_mul(1_000_000)
+        .and_then(|us| us.checked_add(i64::from(timestamp.nanos / 1_000)))
+        .ok_or_else(|| not_a_timestamp(field))
+}
+
+/// An instant that is stored and answered back (a lot's expiry): also within the
+/// timestamp's own range, since one past it (year 10000) no client library nor
+/// RFC 3339 can read.
+fn stored_micros_of(timestamp: &prost_types::Timestamp, field: &str) -> Result<i64, CreditsError> {
     if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&timestamp.seconds) {
-        return Err(invalid());
+        return Err(not_a_timestamp(field));
     }
-    Ok(timestamp.seconds * 1_000_000 + i64::from(timestamp.nanos / 1_000))
+    micros_of(timestamp, field)
+}
+
+fn not_a_timestamp(field: &str) -> CreditsError {
+    CreditsError::invalid(
+        "invalid_expires_at",
+        format!("{field} is not a valid timestamp to the microsecond"),
+    )
 }
 
 fn category_to_proto(category: Category) -> pb::CreditCategory {
@@ -233,7 +243,7 @@ fn lot_terms(
     let expires_at_us = request
         .expires_at
         .as_ref()
-        .map(|at| micros_of(at, "expires_at"))
+        .map(|at| stored_micros_of(at, "expires_at"))
         .transpose()?;
     if category.is_none() && request.priority.is_none() && expires_at_us.is_none() {
         return Ok(None);

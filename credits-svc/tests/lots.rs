@@ -433,6 +433,19 @@ async fn grants_refuse_terms_they_cannot_honour(backend: Backend) {
         balance(&mut c, "terms").await.next_expiry_at,
         Some(ts(last))
     );
+    // Only stored instants are held to that range: a query's bounds may lie past it (a
+    // reconcile window to 9999-12-31T23:59:59Z plus its second of slack).
+    let window = pb::ListPaymentEntriesRequest {
+        payment_ids: Vec::new(),
+        since: Some(prost_types::Timestamp {
+            seconds: -62_135_596_801,
+            nanos: 0,
+        }),
+        until: Some(ts(last + 1)),
+        page_size: 10,
+        page_token: String::new(),
+    };
+    c.list_payment_entries(window).await.unwrap();
 }
 
 async fn the_balance_tells_paid_promotional_and_the_next_expiry(backend: Backend) {
