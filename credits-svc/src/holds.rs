@@ -223,33 +223,25 @@ mod tests {
         assert_eq!(hold(0, 1).validate().unwrap_err().code, "invalid_ttl");
         assert_eq!(hold(86_401, 1).validate().unwrap_err().code, "invalid_ttl");
         let cap = crate::ledger::MAX_WRITE_MICROS;
-        // Amounts: the same codes as a write's (a size past the cap is an overflow).
-        for (micros, code) in [
-            (0, Some("invalid_amount")),
-            (-1, Some("invalid_amount")),
-            (i64::MIN, Some("invalid_amount")),
-            (cap, None),
-            (cap + 1, Some("amount_overflow")),
-            (i64::MAX, Some("amount_overflow")),
-        ] {
-            let got = hold(600, micros).validate().err().map(|e| e.code);
-            assert_eq!(got, code, "hold of {micros}");
-        }
         let settle = |hold_id: &str, micros: i64| HoldOp::Settle {
             hold_id: hold_id.into(),
             amount: Micros(micros),
             description: String::new(),
         };
-        for (micros, code) in [
-            (0, None),
-            (-1, Some("invalid_amount")),
-            (i64::MIN, Some("invalid_amount")),
-            (cap, None),
-            (cap + 1, Some("amount_overflow")),
-            (i64::MAX, Some("amount_overflow")),
+        // Amounts: the same codes as a write's (a size past the cap is an overflow); a
+        // settle may be 0, a hold may not.
+        for (micros, hold_code, settle_code) in [
+            (0, Some("invalid_amount"), None),
+            (-1, Some("invalid_amount"), Some("invalid_amount")),
+            (i64::MIN, Some("invalid_amount"), Some("invalid_amount")),
+            (cap, None, None),
+            (cap + 1, Some("amount_overflow"), Some("amount_overflow")),
+            (i64::MAX, Some("amount_overflow"), Some("amount_overflow")),
         ] {
+            let got = hold(600, micros).validate().err().map(|e| e.code);
+            assert_eq!(got, hold_code, "hold of {micros}");
             let got = settle("h", micros).validate().err().map(|e| e.code);
-            assert_eq!(got, code, "settle of {micros}");
+            assert_eq!(got, settle_code, "settle of {micros}");
         }
         assert_eq!(
             settle("h\0", 0).validate().unwrap_err().code,
