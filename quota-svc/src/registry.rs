@@ -12,7 +12,7 @@ use std::fmt;
 use serde::Deserialize;
 
 /// The tiers, in the order they are listed.
-/// PostgreSQL's `quota_consume_batch` (migration 2003) takes one limit array per tier
+/// PostgreSQL's `quota_consume_batch` (migrations 2003 and 2005) takes one limit array per tier
 /// in this order and knows these names: change them together (a test pins them).
 pub const TIERS: [&str; 3] = ["free", "pro", "enterprise"];
 pub const DEFAULT_TIER: &str = "free";
@@ -243,6 +243,15 @@ mod tests {
             assert!(
                 sql.contains(&format!("v_limit := p_{tier}[i]")),
                 "{tier} not mapped to its array"
+            );
+        }
+        // Its set-based successor (migration 2005) maps them the same way.
+        let set_based =
+            include_str!("../migrations/postgres/2005_quota_consume_batch_set_based.sql");
+        for tier in TIERS {
+            assert!(
+                set_based.contains(&format!("WHEN i.t_tier = '{tier}' THEN p_{tier}[i.ord]")),
+                "{tier} not mapped to its array in the set-based batch"
             );
         }
         let order: Vec<usize> = TIERS

@@ -1,9 +1,11 @@
 //! The PostgreSQL store (production). Reads and admin writes are the shared SQL of
 //! [`super::queries`]; a check-and-consume is the plpgsql `quota_consume` (migration
 //! 2004, the rules of [`crate::rules::plan_consume`] restated for one round trip),
-//! run for many callers at once by `quota_consume_batch` (migration 2003) under a
-//! group commit. Questions are coalesced the same way. Transactions opened here set a
-//! 2 s `lock_timeout`: a row held elsewhere answers UNAVAILABLE, never a wait for good.
+//! run for many callers at once by `quota_consume_batch` under a group commit: the
+//! same steps taken set-based, three statements for the whole batch (migration 2005;
+//! a batch naming one user and feature twice runs them item by item, migration 2003).
+//! Questions are coalesced the same way. Transactions opened here set a 2 s
+//! `lock_timeout`: a row held elsewhere answers UNAVAILABLE, never a wait for good.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -161,9 +163,9 @@ impl PgQuotaStore {
     }
 
     /// Group commit: this consume runs with whatever others are waiting, in one
-    /// round trip and one transaction (`quota_consume_batch`, migration 2003), each
-    /// item resolving its limit and then taking the steps of the SQLite version below
-    /// (`quota_consume`, migration 2002).
+    /// round trip and one transaction (`quota_consume_batch`, migration 2005), each
+    /// item resolving its limit and then taking the steps of the SQLite version
+    /// (`rules::plan_consume`), set-based for the whole batch.
     async fn consume_units(&self, request: &Consume<'_>) -> Result<Checked, StoreError> {
         let item = ConsumeItem {
             user_id: request.user_id.to_owned(),
