@@ -4,7 +4,8 @@
 //!   PostgreSQL's processes used per operation, and the machine's idle share;
 //! - the statements PostgreSQL spent the most time executing, per operation
 //!   (`pg_stat_statements`, which must be in `shared_preload_libraries` and created in
-//!   the database the URL names; its counters are reset at each scenario's start).
+//!   the database the URL names; its counters are reset at each scenario's start),
+//!   with the time spent planning them when `pg_stat_statements.track_planning` is on.
 //!
 //! CPU comes from `/proc` in clock ticks (10 ms), so short scenarios read coarsely.
 
@@ -64,20 +65,22 @@ impl Profile {
             per_op(postgres),
             idle_share * 100.0
         );
-        let rows: Vec<(i64, f64, i64, String)> = sqlx::query_as(
-            "SELECT calls, total_exec_time, rows, \
+        // Planning time is counted only with `pg_stat_statements.track_planning = on`.
+        let rows: Vec<(i64, f64, f64, i64, String)> = sqlx::query_as(
+            "SELECT calls, total_exec_time, total_plan_time, rows, \
                  left(regexp_replace(query, '\\s+', ' ', 'g'), 100) \
              FROM pg_stat_statements \
              WHERE query NOT LIKE '%pg_stat_statements%' \
-             ORDER BY total_exec_time DESC LIMIT 8",
+             ORDER BY total_exec_time + total_plan_time DESC LIMIT 8",
         )
         .fetch_all(&self.pool)
         .await?;
-        for (calls, total_ms, returned, query) in rows {
+        for (calls, total_ms, plan_ms, returned, query) in rows {
             eprintln!(
-                "    {:>8.3} calls/op {:>8.1} µs/op {:>7.3} ms/call {:>7.1} rows/call  {query}",
+                "    {:>8.3} calls/op {:>8.1} µs/op {:>6.1} planning {:>7.3} ms/call {:>7.1} rows/call  {query}",
                 calls as f64 / operations,
                 total_ms * 1e3 / operations,
+                plan_ms * 1e3 / operations,
                 total_ms / calls.max(1) as f64,
                 returned as f64 / calls.max(1) as f64,
             );
