@@ -3,7 +3,7 @@
 -- transaction of one session (no commit, no client): PostgreSQL's side alone. Seeds
 -- 20,000 users with two usage rows each in a scratch schema, dropped at the end.
 -- Prints µs per item; each size runs twice, the second run after plans are cached.
--- `batch` is quota_consume_batch itself: under four items it takes the loop too.
+-- `batch` is quota_consume_batch itself: under six items it takes the loop too.
 --
 --   cd quota-svc/migrations/postgres && \
 --     psql -h 127.0.0.1 -U postgres -d test -q -t -f ../../../loadgen/sql/quota_consume_batch.sql
@@ -38,6 +38,8 @@ SELECT 'each 2', bench('each', 1000, 2);
 SELECT 'batch 2', bench('batch', 1000, 2);
 SELECT 'each 4', bench('each', 500, 4);
 SELECT 'batch 4', bench('batch', 500, 4);
+SELECT 'each 6', bench('each', 400, 6);
+SELECT 'batch 6', bench('batch', 400, 6);
 SELECT 'each 8', bench('each', 300, 8);
 SELECT 'batch 8', bench('batch', 300, 8);
 SELECT 'each 16', bench('each', 200, 16);
@@ -50,6 +52,8 @@ SELECT 'each 2', bench('each', 1000, 2);
 SELECT 'batch 2', bench('batch', 1000, 2);
 SELECT 'each 4', bench('each', 500, 4);
 SELECT 'batch 4', bench('batch', 500, 4);
+SELECT 'each 6', bench('each', 400, 6);
+SELECT 'batch 6', bench('batch', 400, 6);
 SELECT 'each 8', bench('each', 300, 8);
 SELECT 'batch 8', bench('batch', 300, 8);
 SELECT 'each 16', bench('each', 200, 16);

@@ -6,8 +6,9 @@
 //! batches, releases, tier and override changes (an unknown tier too) and clock moves
 //! around the window's edges vary that state.
 //!
-//! Batches name 4 to 9 distinct (user, feature) pairs, so the set-based statements run
-//! (smaller batches and repeated pairs take the loop: see the migration).
+//! Batches name 6 to 10 distinct (user, feature) pairs, so the set-based statements run
+//! (under six pairs the whole batch takes the loop: see the migration), and some name
+//! a pair again, whose later items go through the loop after the set-based part.
 //! `PROPTEST_CASES` sets the number of histories (default 32).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -67,23 +68,34 @@ fn batch() -> impl Strategy<Value = Vec<Item>> {
     let pairs: Vec<(usize, usize)> = (0..USERS)
         .flat_map(|user| (0..FEATURES.len()).map(move |feature| (user, feature)))
         .collect();
-    proptest::sample::subsequence(pairs, 4..=9).prop_flat_map(|pairs| {
-        let items = pairs
-            .into_iter()
-            .map(|(user, feature)| {
-                (0..KEYS, 1..=3i64, [limit(), limit(), limit()]).prop_map(
-                    move |(key, units, limits)| Item {
-                        user,
-                        feature,
-                        key,
-                        units,
-                        limits,
-                    },
-                )
-            })
-            .collect::<Vec<_>>();
-        items.prop_shuffle()
-    })
+    // Six to ten distinct pairs, and up to four more items naming some of them again
+    // (they go through the loop after the set-based part).
+    (
+        proptest::sample::subsequence(pairs, 6..=10),
+        proptest::collection::vec(any::<proptest::sample::Index>(), 0..5),
+    )
+        .prop_flat_map(|(pairs, again)| {
+            let named: Vec<(usize, usize)> = pairs
+                .iter()
+                .copied()
+                .chain(again.iter().map(|index| *index.get(&pairs)))
+                .collect();
+            let items = named
+                .into_iter()
+                .map(|(user, feature)| {
+                    (0..KEYS, 1..=3i64, [limit(), limit(), limit()]).prop_map(
+                        move |(key, units, limits)| Item {
+                            user,
+                            feature,
+                            key,
+                            units,
+                            limits,
+                        },
+                    )
+                })
+                .collect::<Vec<_>>();
+            items.prop_shuffle()
+        })
 }
 
 fn step() -> impl Strategy<Value = Step> {

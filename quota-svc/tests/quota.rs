@@ -620,6 +620,49 @@ async fn mixed_concurrent_consumes_count_each_key_once_per_feature(backend: Back
     assert_eq!(duplicates, 8 * (3 + 6));
 }
 
+/// Two replicas, many users and features at once, each key sent once: the batches of
+/// both replicas lock crossing sets of counters (set-based, in one statement, when a
+/// batch names six pairs or more), so this is where a lock-order mistake would
+/// deadlock or a stale read would overshoot. Every pair allows exactly its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_consuming_crossing_users_allow_exactly_each_limit() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let first = db.start().await;
+    let second = db.start().await;
+    // One connection per replica, shared by every call, so calls arrive together and
+    // the group commits gather large batches.
+    let clients = [
+        client(first.local_addr).await,
+        client(second.local_addr).await,
+    ];
+    let mut calls = Vec::new();
+    for round in 0..20 {
+        for user in 0..12 {
+            for feature in ["agent_creations", "ad_generations"] {
+                let mut client = clients[(round + user) % 2].clone();
+                let (user, key) = (format!("cross-{user}"), format!("k-{round}"));
+                calls.push(async move {
+                    client
+                        .check_quota(consume(&user, feature, &key))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                });
+            }
+        }
+    }
+    let allowed = join_all(calls).await.iter().filter(|r| r.allowed).count();
+    let mut admin = client(second.local_addr).await;
+    for user in 0..12 {
+        let user = format!("cross-{user}");
+        // Free limits: agent_creations 3 and ad_generations 10, of 20 keys each.
+        let agents = feature_usage(&mut admin, &user, "agent_creations").await;
+        let ads = feature_usage(&mut admin, &user, "ad_generations").await;
+        assert_eq!((agents.used, ads.used), (3, 10), "{user}");
+    }
+    assert_eq!(allowed, 12 * (3 + 10));
+}
+
 /// A counter row held by a stuck transaction elsewhere (a crashed caller, an operator's
 /// open session): the consumes that need it fail as UNAVAILABLE after the lock timeout,
 /// the others in the same batches still go through, and once the row is free the

@@ -2,8 +2,9 @@
 //! [`super::queries`]; a check-and-consume is the plpgsql `quota_consume` (migration
 //! 2004, the rules of [`crate::rules::plan_consume`] restated for one round trip),
 //! run for many callers at once by `quota_consume_batch` under a group commit: the
-//! same steps taken set-based, three statements for the whole batch (migration 2005;
-//! a batch naming one user and feature twice runs them item by item, migration 2003).
+//! same steps taken set-based, three statements for the first item of every user and
+//! feature in the batch, then item by item for their later ones (migration 2005; under
+//! six pairs the whole batch goes item by item, the loop of migration 2003).
 //! Questions are coalesced the same way. Transactions opened here set a 2 s
 //! `lock_timeout`: a row held elsewhere answers UNAVAILABLE, never a wait for good.
 
