@@ -309,3 +309,107 @@ fn the_set_based_batch_answers_and_writes_what_the_item_loop_does() {
         "too few batches compared"
     );
 }
+
+/// Waits until `count` of this test's batches wait on a lock (its statement's text is
+/// its own: other tests share the database).
+async fn until_waiting(pool: &PgPool, count: i64) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                 AND query LIKE '%quota_consume_batch($1, $2, $3, $4, $5, $5, $5, $6, $7)%'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting >= count {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("never saw {count} sessions waiting on a lock");
+}
+
+/// A batch whose first part found a user's tier unknown (so locked none of that
+/// user's counters) must not lock that counter later for the pair's repeated items,
+/// even when the tier has become known meanwhile: it would be taken after counters that
+/// sort later, and deadlock with a batch taking them in order (found in review).
+#[test]
+fn a_tier_known_only_midway_locks_nothing_out_of_order() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = ScratchDb::new(Backend::Postgres, "quota_batch_order").await;
+        let _store = store::open(&db.url, 1).await.unwrap();
+        let pool = PgPool::connect(&db.url).await.unwrap();
+        sqlx::query(
+            "INSERT INTO quota_tiers (user_id, tier, updated_at_us) VALUES ('b', 'gold', 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO quota_counters (user_id, feature, used) \
+             SELECT u, 'x', 0 FROM unnest('{b,m,n1,n2,n3,z}'::text[]) AS u",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let batch = |users: &'static [&'static str]| {
+            let pool = pool.clone();
+            async move {
+                let n = users.len();
+                let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+                sqlx::query_as::<_, Answer>(
+                    "SELECT idx, outcome, recorded_units, used, oldest_us, tier, limit_units \
+                     FROM quota_consume_batch($1, $2, $3, $4, $5, $5, $5, $6, $7) ORDER BY idx",
+                )
+                .bind(users)
+                .bind(vec!["x"; n])
+                .bind(keys)
+                .bind(vec![1i64; n])
+                .bind(vec![Some(9i64); n])
+                .bind(vec![T0; n])
+                .bind(vec![cutoff_us(T0); n])
+                .fetch_all(&pool)
+                .await
+            }
+        };
+        // Another session holds the last counter in order.
+        let mut holder = pool.begin().await.unwrap();
+        sqlx::query("SELECT used FROM quota_counters WHERE user_id = 'z' FOR UPDATE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        // Set-based from six pairs: b (unknown tier, not locked), m … z (waits for z),
+        // then b again.
+        let first = tokio::spawn(batch(&["b", "m", "n1", "n2", "n3", "z", "b"]));
+        until_waiting(&pool, 1).await;
+        sqlx::query("UPDATE quota_tiers SET tier = 'pro' WHERE user_id = 'b'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        // In order: locks b, then waits for m, which the first batch holds.
+        let second = tokio::spawn(batch(&["b", "m"]));
+        until_waiting(&pool, 2).await;
+        holder.commit().await.unwrap();
+        let first = first.await.unwrap().expect("the first batch completes");
+        let second = second.await.unwrap().expect("the second batch completes");
+        assert_eq!((first.len(), second.len()), (7, 2));
+        // The first batch answered its repeated b as its first b: an unknown tier.
+        let outcome = |answers: &[Answer], idx: i32| {
+            let answer = answers.iter().find(|a| a.0 == idx).unwrap();
+            (answer.1.clone(), answer.5.clone())
+        };
+        let unknown = ("unknown_tier".to_owned(), "gold".to_owned());
+        assert_eq!(outcome(&first, 1), unknown);
+        assert_eq!(outcome(&first, 7), unknown);
+        assert_eq!(
+            outcome(&second, 1),
+            ("recorded".to_owned(), "pro".to_owned())
+        );
+    });
+}

@@ -7,7 +7,9 @@
 -- taken in two parts: the first item of each pair, set-based (quota_consume_set_based
 -- below), then the pairs' later items through the item loop of 2003, kept as
 -- quota_consume_each, in request order. The first part locks every counter the
--- second needs, in (user, feature) order, as 2003 does: no two batches deadlock. Under
+-- second needs, in (user, feature) order, as 2003 does: no two batches deadlock (a
+-- pair whose tier the first part found unknown, and so did not lock, keeps that
+-- answer for its later items rather than lock late). Under
 -- six distinct pairs the whole batch takes the loop, which is cheaper there.
 ALTER FUNCTION quota_consume_batch(TEXT[], TEXT[], TEXT[], BIGINT[], BIGINT[], BIGINT[], BIGINT[], BIGINT[], BIGINT[])
     RENAME TO quota_consume_each;
@@ -196,14 +198,22 @@ LANGUAGE plpgsql
 SET lock_timeout = '2s'
 AS $$
 DECLARE
-    v_first INT[];
-    v_rest  INT[];
+    v_first    INT[];
+    v_rest     INT[];
+    -- By position: the position of the first item of the same pair; for a first item
+    -- answered 'unknown_tier', the tier it saw.
+    v_first_of INT[];
+    v_unknown  TEXT[] := '{}';
+    v_row      RECORD;
 BEGIN
     SELECT array_agg(t.ord ORDER BY t.ord) FILTER (WHERE t.occurrence = 1),
-           array_agg(t.ord ORDER BY t.ord) FILTER (WHERE t.occurrence > 1)
-    INTO v_first, v_rest
+           array_agg(t.ord ORDER BY t.ord) FILTER (WHERE t.occurrence > 1),
+           array_agg(t.first_ord ORDER BY t.ord)
+    INTO v_first, v_rest, v_first_of
     FROM (
-        SELECT s.ord::INT AS ord, row_number() OVER (PARTITION BY s.u, s.f ORDER BY s.ord) AS occurrence
+        SELECT s.ord::INT AS ord,
+               row_number() OVER (PARTITION BY s.u, s.f ORDER BY s.ord) AS occurrence,
+               (first_value(s.ord) OVER (PARTITION BY s.u, s.f ORDER BY s.ord))::INT AS first_ord
         FROM unnest(p_user_ids, p_features) WITH ORDINALITY AS s(u, f, ord)
     ) AS t;
     -- Below six pairs the loop is cheaper (the set-based statements cost ~0.1 ms to
@@ -213,8 +223,35 @@ BEGIN
             p_user_ids, p_features, p_keys, p_units, p_free, p_pro, p_enterprise, p_now_us, p_cutoff_us);
         RETURN;
     END IF;
-    RETURN QUERY SELECT * FROM quota_consume_set_based(
-        p_user_ids, p_features, p_keys, p_units, p_free, p_pro, p_enterprise, p_now_us, p_cutoff_us, v_first);
+    FOR v_row IN SELECT * FROM quota_consume_set_based(
+        p_user_ids, p_features, p_keys, p_units, p_free, p_pro, p_enterprise, p_now_us, p_cutoff_us, v_first)
+    LOOP
+        IF v_row.outcome = 'unknown_tier' THEN
+            v_unknown[v_row.idx] := v_row.tier;
+        END IF;
+        idx := v_row.idx;
+        outcome := v_row.outcome;
+        recorded_units := v_row.recorded_units;
+        used := v_row.used;
+        oldest_us := v_row.oldest_us;
+        tier := v_row.tier;
+        limit_units := v_row.limit_units;
+        RETURN NEXT;
+    END LOOP;
+    IF v_rest IS NULL THEN
+        RETURN;
+    END IF;
+    -- A pair whose first item found its tier unknown locked nothing: its later items get
+    -- the same answer. Reading the tier again could find it known now and lock that
+    -- counter after others that sort later, out of order (a deadlock with a batch
+    -- taking them in order).
+    RETURN QUERY
+    SELECT r.o, 'unknown_tier'::TEXT, NULL::BIGINT, 0::BIGINT, NULL::BIGINT, v_unknown[v_first_of[r.o]], NULL::BIGINT
+    FROM unnest(v_rest) AS r(o)
+    WHERE v_unknown[v_first_of[r.o]] IS NOT NULL;
+    SELECT array_agg(r.o ORDER BY r.o) INTO v_rest
+    FROM unnest(v_rest) AS r(o)
+    WHERE v_unknown[v_first_of[r.o]] IS NULL;
     IF v_rest IS NOT NULL THEN
         RETURN QUERY
         SELECT v_rest[e.idx], e.outcome, e.recorded_units, e.used, e.oldest_us, e.tier, e.limit_units
