@@ -9,8 +9,8 @@
 -- quota_consume_each, in request order. The first part locks every counter the
 -- second needs, in (user, feature) order, as 2003 does: no two batches deadlock (a
 -- pair whose tier the first part found unknown, and so did not lock, keeps that
--- answer for its later items rather than lock late). Under
--- six distinct pairs the whole batch takes the loop, which is cheaper there.
+-- answer for its later items rather than lock late). Under six distinct pairs the
+-- whole batch takes the loop, which is cheaper there.
 ALTER FUNCTION quota_consume_batch(TEXT[], TEXT[], TEXT[], BIGINT[], BIGINT[], BIGINT[], BIGINT[], BIGINT[], BIGINT[])
     RENAME TO quota_consume_each;
 
@@ -50,9 +50,9 @@ LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
-    -- Per item, by its place in p_pick: tier, limit (NULL: unlimited), the counter's units when
-    -- locked (NULL: unknown tier, nothing locked), the key's row if any, the units
-    -- pruned and the oldest unpruned unit not released.
+    -- Per item, by its place in p_pick: tier, limit (NULL: unlimited), the counter's
+    -- units when locked (NULL: unknown tier, nothing locked), the key's row if any,
+    -- the units pruned and the oldest unpruned unit not released.
     v_tiers    TEXT[];
     v_limits   BIGINT[];
     v_counted  BIGINT[];
