@@ -206,14 +206,13 @@ DECLARE
     v_unknown  TEXT[] := '{}';
     v_row      RECORD;
 BEGIN
-    SELECT array_agg(t.ord ORDER BY t.ord) FILTER (WHERE t.occurrence = 1),
-           array_agg(t.ord ORDER BY t.ord) FILTER (WHERE t.occurrence > 1),
+    SELECT array_agg(t.ord ORDER BY t.ord) FILTER (WHERE t.first_ord = t.ord),
+           array_agg(t.ord ORDER BY t.ord) FILTER (WHERE t.first_ord < t.ord),
            array_agg(t.first_ord ORDER BY t.ord)
     INTO v_first, v_rest, v_first_of
     FROM (
         SELECT s.ord::INT AS ord,
-               row_number() OVER (PARTITION BY s.u, s.f ORDER BY s.ord) AS occurrence,
-               (first_value(s.ord) OVER (PARTITION BY s.u, s.f ORDER BY s.ord))::INT AS first_ord
+               (min(s.ord) OVER (PARTITION BY s.u, s.f))::INT AS first_ord
         FROM unnest(p_user_ids, p_features) WITH ORDINALITY AS s(u, f, ord)
     ) AS t;
     -- Below six pairs the loop is cheaper (the set-based statements cost ~0.1 ms to
@@ -253,18 +252,19 @@ BEGIN
     FROM unnest(v_rest) AS r(o)
     WHERE v_unknown[v_first_of[r.o]] IS NULL;
     IF v_rest IS NOT NULL THEN
+        -- v_rest is in request order, so ordering by position keeps it.
         RETURN QUERY
         SELECT v_rest[e.idx], e.outcome, e.recorded_units, e.used, e.oldest_us, e.tier, e.limit_units
         FROM quota_consume_each(
-            ARRAY(SELECT p_user_ids[r.o] FROM unnest(v_rest) WITH ORDINALITY AS r(o, n) ORDER BY r.n),
-            ARRAY(SELECT p_features[r.o] FROM unnest(v_rest) WITH ORDINALITY AS r(o, n) ORDER BY r.n),
-            ARRAY(SELECT p_keys[r.o] FROM unnest(v_rest) WITH ORDINALITY AS r(o, n) ORDER BY r.n),
-            ARRAY(SELECT p_units[r.o] FROM unnest(v_rest) WITH ORDINALITY AS r(o, n) ORDER BY r.n),
-            ARRAY(SELECT p_free[r.o] FROM unnest(v_rest) WITH ORDINALITY AS r(o, n) ORDER BY r.n),
-            ARRAY(SELECT p_pro[r.o] FROM unnest(v_rest) WITH ORDINALITY AS r(o, n) ORDER BY r.n),
-            ARRAY(SELECT p_enterprise[r.o] FROM unnest(v_rest) WITH ORDINALITY AS r(o, n) ORDER BY r.n),
-            ARRAY(SELECT p_now_us[r.o] FROM unnest(v_rest) WITH ORDINALITY AS r(o, n) ORDER BY r.n),
-            ARRAY(SELECT p_cutoff_us[r.o] FROM unnest(v_rest) WITH ORDINALITY AS r(o, n) ORDER BY r.n)
+            ARRAY(SELECT p_user_ids[r.o] FROM unnest(v_rest) AS r(o) ORDER BY r.o),
+            ARRAY(SELECT p_features[r.o] FROM unnest(v_rest) AS r(o) ORDER BY r.o),
+            ARRAY(SELECT p_keys[r.o] FROM unnest(v_rest) AS r(o) ORDER BY r.o),
+            ARRAY(SELECT p_units[r.o] FROM unnest(v_rest) AS r(o) ORDER BY r.o),
+            ARRAY(SELECT p_free[r.o] FROM unnest(v_rest) AS r(o) ORDER BY r.o),
+            ARRAY(SELECT p_pro[r.o] FROM unnest(v_rest) AS r(o) ORDER BY r.o),
+            ARRAY(SELECT p_enterprise[r.o] FROM unnest(v_rest) AS r(o) ORDER BY r.o),
+            ARRAY(SELECT p_now_us[r.o] FROM unnest(v_rest) AS r(o) ORDER BY r.o),
+            ARRAY(SELECT p_cutoff_us[r.o] FROM unnest(v_rest) AS r(o) ORDER BY r.o)
         ) AS e;
     END IF;
 END;

@@ -166,7 +166,8 @@ impl PgQuotaStore {
     /// Group commit: this consume runs with whatever others are waiting, in one
     /// round trip and one transaction (`quota_consume_batch`, migration 2005), each
     /// item resolving its limit and then taking the steps of the SQLite version
-    /// (`rules::plan_consume`), set-based for the whole batch.
+    /// (`rules::plan_consume`): set-based for the first item of each user and feature,
+    /// one by one for the later ones and for batches of fewer than six pairs.
     async fn consume_units(&self, request: &Consume<'_>) -> Result<Checked, StoreError> {
         let item = ConsumeItem {
             user_id: request.user_id.to_owned(),
