@@ -186,7 +186,7 @@ impl Meter {
             Err(status) => {
                 // An answer reserved nothing of ours; after a transport failure the
                 // hold may exist, so the guard releases it (a harmless NOT_FOUND if not).
-                if !crate::retry::is_retryable(status.code()) {
+                if !crate::retry::is_retryable_status(&status) {
                     guard.armed = false;
                 }
                 return Err(match Refusal::of(&status) {

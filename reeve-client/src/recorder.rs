@@ -794,11 +794,15 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Codes after which the same batch is sent again: the server did not give a final
-/// answer, and the keys make a resend harmless.
-fn is_transient(code: Code) -> bool {
-    crate::retry::is_retryable(code)
-        || matches!(code, Code::Unknown | Code::Cancelled | Code::Aborted)
+/// Failures after which the same batch is sent again: the server did not give a final
+/// answer (a broken connection included, which tonic may call INTERNAL), and the keys
+/// make a resend harmless.
+fn is_transient(status: &Status) -> bool {
+    crate::retry::is_retryable_status(status)
+        || matches!(
+            status.code(),
+            Code::Unknown | Code::Cancelled | Code::Aborted
+        )
 }
 
 struct Flusher {
@@ -854,7 +858,7 @@ impl Flusher {
                     }
                     Status::unknown(format!("{} outcomes for {items} items", outcomes.len()))
                 }
-                Err(status) if is_transient(status.code()) => status,
+                Err(status) if is_transient(&status) => status,
                 Err(status) => {
                     tracing::Span::current().record("attempts", attempt);
                     return Err(status);

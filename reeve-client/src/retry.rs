@@ -1,5 +1,6 @@
 //! When and how a call is tried again: only on UNAVAILABLE, DEADLINE_EXCEEDED and
-//! RESOURCE_EXHAUSTED (the server did not answer, or asked us to slow down), after a
+//! RESOURCE_EXHAUSTED (the server did not answer, or asked us to slow down), or on an
+//! HTTP/2 error of the connection whatever code tonic gave it, after a
 //! jittered exponential backoff, and always with the same request, so the idempotency
 //! key the caller chose is what the server sees every time. This module never builds
 //! a request itself and never retries a refusal (INVALID_ARGUMENT, FAILED_PRECONDITION,
@@ -17,6 +18,26 @@ pub fn is_retryable(code: Code) -> bool {
         code,
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted
     )
+}
+
+/// Whether a failed call is worth sending again with the same request: a retryable
+/// code, or a status tonic made from an HTTP/2 error of the connection (a stream reset,
+/// a connection torn down while the server stopped). tonic names most of those
+/// INTERNAL, but no server answered: a status a server sent carries no source.
+pub fn is_retryable_status(status: &Status) -> bool {
+    is_retryable(status.code()) || broke_in_transport(status)
+}
+
+/// Whether the status came from an HTTP/2 error on our side of the wire.
+fn broke_in_transport(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<h2::Error>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// How many times, and how far apart, a call is tried.
@@ -77,7 +98,7 @@ where
     loop {
         match call().await {
             Ok(value) => return Ok(value),
-            Err(status) if is_retryable(status.code()) && attempt < policy.max_attempts => {
+            Err(status) if is_retryable_status(&status) && attempt < policy.max_attempts => {
                 metrics::counter!("reeve_client_retries_total", "method" => method).increment(1);
                 tracing::debug!(method, attempt, code = ?status.code(), "retrying");
                 tokio::time::sleep(policy.backoff(attempt)).await;
@@ -135,5 +156,30 @@ mod tests {
             assert_eq!(result.unwrap_err().code(), code);
             assert_eq!(calls.load(Ordering::SeqCst), expected_calls, "{code:?}");
         }
+    }
+
+    /// A connection broken mid-call (seen when credits-svc stopped under the recorder:
+    /// "h2 protocol error", INTERNAL) is retried; an INTERNAL a server sent is not.
+    #[tokio::test]
+    async fn a_broken_connection_is_retried_whatever_code_tonic_gave_it() {
+        let policy = RetryPolicy {
+            base_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ..RetryPolicy::default()
+        };
+        let broken = || Status::from_error(Box::new(h2::Error::from(h2::Reason::INTERNAL_ERROR)));
+        assert_eq!(broken().code(), Code::Internal);
+        assert!(is_retryable_status(&broken()));
+        assert!(!is_retryable_status(&Status::internal(
+            "h2 protocol error: sent by a server"
+        )));
+        let calls = AtomicU32::new(0);
+        let result: Result<u32, Status> = run(&policy, "Test", || {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move { if call == 0 { Err(broken()) } else { Ok(call) } }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }
