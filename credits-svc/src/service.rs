@@ -17,8 +17,20 @@ use crate::lots::{Category, Lot, LotTerms};
 use crate::payments::{PaymentEvent, PaymentEventKind};
 use crate::store::{BalanceDetails, LedgerStore, PaymentOutcome};
 
-/// Most items one `DeductBatch` may carry.
+/// Most items one `DeductBatch` or `SettleHoldBatch` may carry.
 pub const MAX_BATCH_ITEMS: usize = 10_000;
+
+/// Refuses a batch of more than [`MAX_BATCH_ITEMS`] items as a whole.
+fn check_batch_len(len: usize) -> Result<(), CreditsError> {
+    if len > MAX_BATCH_ITEMS {
+        return Err(CreditsError::invalid(
+            "batch_too_large",
+            format!("a batch holds at most {MAX_BATCH_ITEMS} items, got {len}"),
+        ));
+    }
+    Ok(())
+}
+
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 500;
 
@@ -544,16 +556,7 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         request: Request<pb::SettleHoldBatchRequest>,
     ) -> Result<Response<pb::SettleHoldBatchResponse>, Status> {
         let items = request.into_inner().items;
-        if items.len() > MAX_BATCH_ITEMS {
-            return Err(CreditsError::invalid(
-                "batch_too_large",
-                format!(
-                    "a batch holds at most {MAX_BATCH_ITEMS} items, got {}",
-                    items.len()
-                ),
-            )
-            .into());
-        }
+        check_batch_len(items.len())?;
         let ids: Vec<String> = items.iter().map(|i| i.hold_id.clone()).collect();
         let ops: Vec<HoldOp> = items
             .into_iter()
@@ -797,16 +800,7 @@ impl pb::credit_service_server::CreditService for CreditsApi {
         request: Request<pb::DeductBatchRequest>,
     ) -> Result<Response<pb::DeductBatchResponse>, Status> {
         let items = request.into_inner().items;
-        if items.len() > MAX_BATCH_ITEMS {
-            return Err(CreditsError::invalid(
-                "batch_too_large",
-                format!(
-                    "a batch holds at most {MAX_BATCH_ITEMS} items, got {}",
-                    items.len()
-                ),
-            )
-            .into());
-        }
+        check_batch_len(items.len())?;
         let writes: Vec<WriteRequest> = items.into_iter().map(deduction).collect();
         let outcomes = self
             .store

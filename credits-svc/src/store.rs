@@ -935,6 +935,88 @@ pub(crate) trait PaymentTx: Send {
     ) -> Result<Option<Vec<WriteOutcome>>, StoreError>;
 }
 
+/// `PaymentTx` for a store's transaction (a tuple struct over its connection): the
+/// steps both stores take with the same SQL, then the store's own `lock_user` and
+/// `apply`, given as the macro's further tokens.
+macro_rules! payment_tx_impl {
+    ($tx:ty; $($own:tt)*) => {
+        #[async_trait]
+        impl PaymentTx for $tx {
+            async fn payment(&mut self, payment_id: &str) -> Result<Option<PaymentState>, StoreError> {
+                let row = sqlx::query_as::<_, PaymentRow>(&format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM credit_payments WHERE payment_id = $1"
+                ))
+                .bind(payment_id)
+                .fetch_optional(&mut *self.0)
+                .await?;
+                Ok(row.map(PaymentState::from))
+            }
+
+            async fn stripe_entry(&mut self, key: &str) -> Result<Option<LedgerEntry>, StoreError> {
+                let row = sqlx::query_as::<_, EntryRow>(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM credit_ledger WHERE idempotency_key = $1 AND key_source = 'stripe'"
+                ))
+                .bind(key)
+                .fetch_optional(&mut *self.0)
+                .await?;
+                row.map(LedgerEntry::try_from).transpose()
+            }
+
+            async fn dispute(&mut self, dispute_id: &str) -> Result<Option<DisputeState>, StoreError> {
+                let row = sqlx::query_as::<_, DisputeRow>(SELECT_DISPUTE_SQL)
+                    .bind(dispute_id)
+                    .fetch_optional(&mut *self.0)
+                    .await?;
+                Ok(row.map(DisputeState::from))
+            }
+
+            async fn take_legacy_refunds(&mut self, charge_id: &str) -> Result<Micros, StoreError> {
+                let taken: Option<i64> = sqlx::query_scalar(TAKE_LEGACY_REFUNDS_SQL)
+                    .bind(charge_id)
+                    .fetch_optional(&mut *self.0)
+                    .await?;
+                Ok(Micros(taken.unwrap_or(0)))
+            }
+
+            async fn save_payment(&mut self, payment: &PaymentState) -> Result<(), StoreError> {
+                sqlx::query(UPDATE_PAYMENT_SQL)
+                    .bind(&payment.payment_id)
+                    .bind(payment.refunded.0)
+                    .bind(payment.refund_debits_total.0)
+                    .bind(payment.disputed.0)
+                    .execute(&mut *self.0)
+                    .await?;
+                Ok(())
+            }
+
+            async fn insert_payment(&mut self, purchase: &LedgerEntry) -> Result<(), StoreError> {
+                sqlx::query(INSERT_PAYMENT_SQL)
+                    .bind(purchase.payment_id.as_deref())
+                    .bind(&purchase.user_id)
+                    .bind(purchase.amount.0)
+                    .bind(purchase.created_at_us)
+                    .execute(&mut *self.0)
+                    .await?;
+                Ok(())
+            }
+
+            async fn save_dispute(&mut self, dispute: &DisputeState) -> Result<(), StoreError> {
+                sqlx::query(UPSERT_DISPUTE_SQL)
+                    .bind(&dispute.dispute_id)
+                    .bind(dispute.payment_id.as_deref())
+                    .bind(dispute.debited.0)
+                    .bind(dispute.reinstated)
+                    .execute(&mut *self.0)
+                    .await?;
+                Ok(())
+            }
+
+            $($own)*
+        }
+    };
+}
+use payment_tx_impl;
+
 /// One payment event inside one transaction: find the payment and lock its user, load
 /// what the rules need, decide, write. `None`: a key race was lost; roll back, retry.
 pub(crate) async fn run_payment_event(
