@@ -173,9 +173,16 @@ fn stored_micros_of(timestamp: &prost_types::Timestamp, field: &str) -> Result<i
     micros_of(timestamp, field)
 }
 
+/// A timestamp refused: a lot's expiry under the code its other refusals have, a
+/// query's bound under `invalid_timestamp`.
 fn not_a_timestamp(field: &str) -> CreditsError {
+    let code = if field == "expires_at" {
+        "invalid_expires_at"
+    } else {
+        "invalid_timestamp"
+    };
     CreditsError::invalid(
-        "invalid_expires_at",
+        code,
         format!("{field} is not a valid timestamp to the microsecond"),
     )
 }

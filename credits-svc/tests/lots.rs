@@ -16,6 +16,7 @@ use reeve_proto::credits::v1 as pb;
 use reeve_runtime::clock::ManualClock;
 use reeve_testkit::on_both_stores;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 on_both_stores!(
     deductions_draw_lots_in_the_spending_order,
@@ -445,7 +446,30 @@ async fn grants_refuse_terms_they_cannot_honour(backend: Backend) {
         page_size: 10,
         page_token: String::new(),
     };
-    c.list_payment_entries(window).await.unwrap();
+    c.list_payment_entries(window.clone()).await.unwrap();
+    // A bound that is no timestamp at all is refused under its own code, not an
+    // expiry's.
+    let nanos = prost_types::Timestamp {
+        seconds: 0,
+        nanos: 1_000_000_000,
+    };
+    for bad in [
+        pb::ListPaymentEntriesRequest {
+            since: Some(nanos),
+            ..window.clone()
+        },
+        pb::ListPaymentEntriesRequest {
+            until: Some(nanos),
+            ..window
+        },
+    ] {
+        let status = c.list_payment_entries(bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.get_details_error_info().map(|info| info.reason),
+            Some("INVALID_TIMESTAMP".to_owned())
+        );
+    }
 }
 
 async fn the_balance_tells_paid_promotional_and_the_next_expiry(backend: Backend) {
