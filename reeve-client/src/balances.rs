@@ -7,7 +7,9 @@
 //! Each answer is the one `GetBalance` would give (a lone question is a `GetBalance`
 //! call). A batch refused as a whole for an invalid id is asked again one question at
 //! a time, so only that question fails; any other failure (after the client's
-//! retries) answers every question of the batch.
+//! retries) answers every question of the batch. A credits-svc that does not know
+//! `GetBalances` yet (older than this crate, during a rolling upgrade) gets the
+//! batch's questions as concurrent `GetBalance` calls.
 
 use reeve_proto::credits::v1 as pb;
 use reeve_runtime::group_commit::{BatchFn, GroupCommit};
@@ -74,10 +76,25 @@ async fn ask(
         return Ok(vec![balance]);
     }
     let asked = user_ids.len();
-    let balances = client
-        .get_balances(pb::GetBalancesRequest { user_ids })
-        .await?
-        .balances;
+    let balances = match client
+        .get_balances(pb::GetBalancesRequest {
+            user_ids: user_ids.clone(),
+        })
+        .await
+    {
+        Ok(answer) => answer.balances,
+        // A credits-svc from before `GetBalances` (in a rolling upgrade that reached
+        // this caller first): the same questions as `GetBalance` calls, all at once.
+        Err(status) if status.code() == Code::Unimplemented => {
+            return futures::future::try_join_all(
+                user_ids
+                    .into_iter()
+                    .map(|user_id| client.get_balance(pb::GetBalanceRequest { user_id })),
+            )
+            .await;
+        }
+        Err(status) => return Err(status),
+    };
     if balances.len() != asked {
         return Err(Status::internal(format!(
             "credits-svc answered {} balances for {asked} users",

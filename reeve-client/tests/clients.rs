@@ -144,3 +144,91 @@ async fn the_balance_reader_answers_each_question_with_its_own_users_balance() {
     }
     assert_eq!(refused, 6);
 }
+
+/// A credits-svc from before `GetBalances`, as a rolling upgrade may leave one behind
+/// the callers: a gRPC server of our own on loopback that answers `GetBalance` (from
+/// the real credits-svc behind it) and every other method `UNIMPLEMENTED`, as tonic
+/// answers a method it does not know. Returns its address and how many calls it
+/// refused.
+async fn credits_svc_without_get_balances(
+    upstream: reeve_client::CreditsClient,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let refused = Arc::new(AtomicUsize::new(0));
+    let get_balance = tower::service_fn(move |request: axum::extract::Request| {
+        let upstream = upstream.clone();
+        async move {
+            let answer = tower::service_fn(move |asked: tonic::Request<pb::GetBalanceRequest>| {
+                let upstream = upstream.clone();
+                async move {
+                    upstream
+                        .get_balance(asked.into_inner())
+                        .await
+                        .map(tonic::Response::new)
+                }
+            });
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
+                pb::GetBalanceResponse,
+                pb::GetBalanceRequest,
+            >::default());
+            Ok::<_, std::convert::Infallible>(grpc.unary(answer, request).await)
+        }
+    });
+    let counted = Arc::clone(&refused);
+    let router = axum::Router::new()
+        .route_service("/reeve.credits.v1.CreditService/GetBalance", get_balance)
+        .fallback(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { tonic::Status::unimplemented("").into_http::<axum::body::Body>() }
+        });
+    let incoming =
+        tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = incoming.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(tonic::service::Routes::from(router))
+            .serve_with_incoming(incoming),
+    );
+    (addr, refused)
+}
+
+/// The reader against a credits-svc that does not know `GetBalances` yet: every
+/// question still gets its own user's balance, each batch asked as `GetBalance` calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balance_reader_answers_through_a_credits_svc_older_than_get_balances() {
+    let credits = Credits::start().await;
+    for i in 0..10_i64 {
+        credits.grant(&format!("old-{i}"), (i + 1) * CREDIT).await;
+    }
+    let (old, refused) = credits_svc_without_get_balances(credits.connection().credits()).await;
+    let connection = ClientBuilder::new(old.to_string())
+        .service_token(SecretString::from(TOKEN))
+        .connect_lazy()
+        .unwrap();
+    let reader = reeve_client::BalanceReader::new(connection.credits());
+    let mut questions = tokio::task::JoinSet::new();
+    for n in 0..200_i64 {
+        let reader = reader.clone();
+        questions.spawn(async move {
+            let user = format!("old-{}", n % 11);
+            (user.clone(), reader.get(user).await)
+        });
+    }
+    for (user, answer) in questions.join_all().await {
+        let answer = answer.unwrap_or_else(|status| panic!("{user}: {status:?}"));
+        assert_eq!(answer.user_id, user);
+        let i: i64 = user.trim_start_matches("old-").parse().unwrap();
+        // old-10 was never credited.
+        let expected = if i == 10 { 0 } else { (i + 1) * CREDIT };
+        assert_eq!(answer.balance_micros, expected, "{user}");
+    }
+    // The questions did come together, and were refused as a batch.
+    assert!(
+        refused.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "no batch was sent: the fallback went untested"
+    );
+}
