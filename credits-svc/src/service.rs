@@ -150,37 +150,40 @@ pub fn timestamp(micros: i64) -> prost_types::Timestamp {
 const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
 const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 
-/// A protobuf timestamp as microseconds, refusing what micros cannot hold exactly.
-/// Bounds of a query (`since`, `until`) may lie past the timestamp's range.
-fn micros_of(timestamp: &prost_types::Timestamp, field: &str) -> Result<i64, CreditsError> {
+/// A protobuf timestamp as microseconds, refusing what micros cannot hold exactly
+/// under `code`. Bounds of a query (`since`, `until`) may lie past the timestamp's
+/// range.
+fn micros_of(
+    timestamp: &prost_types::Timestamp,
+    field: &str,
+    code: &'static str,
+) -> Result<i64, CreditsError> {
+    let refused = || not_a_timestamp(field, code);
     if !(0..1_000_000_000).contains(&timestamp.nanos) || timestamp.nanos % 1_000 != 0 {
-        return Err(not_a_timestamp(field));
+        return Err(refused());
     }
     timestamp
         .seconds
         .checked_mul(1_000_000)
         .and_then(|us| us.checked_add(i64::from(timestamp.nanos / 1_000)))
-        .ok_or_else(|| not_a_timestamp(field))
+        .ok_or_else(refused)
 }
 
 /// An instant that is stored and answered back (a lot's expiry): also within the
 /// timestamp's own range, since one past it (year 10000) no client library nor
 /// RFC 3339 can read.
-fn stored_micros_of(timestamp: &prost_types::Timestamp, field: &str) -> Result<i64, CreditsError> {
+fn stored_micros_of(
+    timestamp: &prost_types::Timestamp,
+    field: &str,
+    code: &'static str,
+) -> Result<i64, CreditsError> {
     if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&timestamp.seconds) {
-        return Err(not_a_timestamp(field));
+        return Err(not_a_timestamp(field, code));
     }
-    micros_of(timestamp, field)
+    micros_of(timestamp, field, code)
 }
 
-/// A timestamp refused: a lot's expiry under the code its other refusals have, a
-/// query's bound under `invalid_timestamp`.
-fn not_a_timestamp(field: &str) -> CreditsError {
-    let code = if field == "expires_at" {
-        "invalid_expires_at"
-    } else {
-        "invalid_timestamp"
-    };
+fn not_a_timestamp(field: &str, code: &'static str) -> CreditsError {
     CreditsError::invalid(
         code,
         format!("{field} is not a valid timestamp to the microsecond"),
@@ -262,7 +265,7 @@ fn lot_terms(
     let expires_at_us = request
         .expires_at
         .as_ref()
-        .map(|at| stored_micros_of(at, "expires_at"))
+        .map(|at| stored_micros_of(at, "expires_at", "invalid_expires_at"))
         .transpose()?;
     if category.is_none() && request.priority.is_none() && expires_at_us.is_none() {
         return Ok(None);
@@ -1044,7 +1047,7 @@ impl pb::credit_service_server::CreditService for CreditsApi {
                 .map_err(|invalid| CreditsError::Invalid(invalid.into()))?;
         }
         let bound = |at: Option<&prost_types::Timestamp>, field, default| {
-            at.map_or(Ok(default), |t| micros_of(t, field))
+            at.map_or(Ok(default), |t| micros_of(t, field, "invalid_timestamp"))
         };
         let since_us = bound(request.since.as_ref(), "since", i64::MIN)?;
         let until_us = bound(request.until.as_ref(), "until", i64::MAX)?;

@@ -7,9 +7,13 @@
 //! Each answer is the one `GetBalance` would give (a lone question is a `GetBalance`
 //! call). A batch refused as a whole for an invalid id is asked again one question at
 //! a time, so only that question fails; any other failure (after the client's
-//! retries) answers every question of the batch. A credits-svc that does not know
-//! `GetBalances` yet (older than this crate, during a rolling upgrade) gets the
-//! batch's questions as concurrent `GetBalance` calls.
+//! retries) answers every question of the batch.
+//!
+//! A credits-svc that does not know `GetBalances` yet (older than this crate, during a
+//! rolling upgrade that reached the caller first) answers it `UNIMPLEMENTED`: that
+//! batch's questions then go as concurrent `GetBalance` calls, each with its own
+//! answer or error. Nothing remembers the refusal: behind a load balancer, old and
+//! new servers answer in turn.
 
 use reeve_proto::credits::v1 as pb;
 use reeve_runtime::group_commit::{BatchFn, GroupCommit};
@@ -26,8 +30,11 @@ const WORKERS: usize = 2;
 /// dropped. Must be made inside a Tokio runtime.
 #[derive(Clone)]
 pub struct BalanceReader {
-    inner: GroupCommit<String, pb::GetBalanceResponse, Status>,
+    inner: GroupCommit<String, Answer, Status>,
 }
+
+/// One question's answer: its own, when the batch was asked as `GetBalance` calls.
+type Answer = Result<pb::GetBalanceResponse, Status>;
 
 impl std::fmt::Debug for BalanceReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -38,11 +45,10 @@ impl std::fmt::Debug for BalanceReader {
 impl BalanceReader {
     /// Questions asked through `client` (its retry policy applies to each batch).
     pub fn new(client: CreditsClient) -> BalanceReader {
-        let run: BatchFn<String, pb::GetBalanceResponse, Status> =
-            std::sync::Arc::new(move |user_ids| {
-                let client = client.clone();
-                Box::pin(async move { ask(&client, user_ids).await })
-            });
+        let run: BatchFn<String, Answer, Status> = std::sync::Arc::new(move |user_ids| {
+            let client = client.clone();
+            Box::pin(async move { ask(&client, user_ids).await })
+        });
         BalanceReader {
             inner: GroupCommit::start_isolating(WORKERS, MAX_BATCH, run, one_bad_id),
         }
@@ -53,7 +59,7 @@ impl BalanceReader {
         self.inner
             .submit(user_id.into())
             .await
-            .map_err(|_| Status::unavailable("the balance reader has stopped"))?
+            .map_err(|_| Status::unavailable("the balance reader has stopped"))??
     }
 }
 
@@ -62,18 +68,15 @@ fn one_bad_id(status: &Status) -> bool {
     status.code() == Code::InvalidArgument
 }
 
-async fn ask(
-    client: &CreditsClient,
-    user_ids: Vec<String>,
-) -> Result<Vec<pb::GetBalanceResponse>, Status> {
+async fn ask(client: &CreditsClient, user_ids: Vec<String>) -> Result<Vec<Answer>, Status> {
     // A lone question (a quiet moment, or one asked again alone) is a `GetBalance`.
     if let [user_id] = user_ids.as_slice() {
-        let balance = client
+        let answer = client
             .get_balance(pb::GetBalanceRequest {
                 user_id: user_id.clone(),
             })
-            .await?;
-        return Ok(vec![balance]);
+            .await;
+        return Ok(vec![answer]);
     }
     let asked = user_ids.len();
     let balances = match client
@@ -83,15 +86,18 @@ async fn ask(
         .await
     {
         Ok(answer) => answer.balances,
-        // A credits-svc from before `GetBalances` (in a rolling upgrade that reached
-        // this caller first): the same questions as `GetBalance` calls, all at once.
         Err(status) if status.code() == Code::Unimplemented => {
-            return futures::future::try_join_all(
+            tracing::debug!(
+                questions = asked,
+                "credits-svc does not know GetBalances; asking GetBalance for each"
+            );
+            metrics::counter!("reeve_client_balance_fallback_batches_total").increment(1);
+            return Ok(futures::future::join_all(
                 user_ids
                     .into_iter()
                     .map(|user_id| client.get_balance(pb::GetBalanceRequest { user_id })),
             )
-            .await;
+            .await);
         }
         Err(status) => return Err(status),
     };
@@ -101,5 +107,5 @@ async fn ask(
             balances.len()
         )));
     }
-    Ok(balances)
+    Ok(balances.into_iter().map(Ok).collect())
 }

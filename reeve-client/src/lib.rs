@@ -8,7 +8,7 @@
 //!   ([`retry`]): jittered backoff, only on UNAVAILABLE, DEADLINE_EXCEEDED and
 //!   RESOURCE_EXHAUSTED, always the same request (the same idempotency key).
 //! - [`BalanceReader`]: balance questions asked together, one `GetBalances` call per
-//!   batch of waiting questions.
+//!   batch of waiting questions (`GetBalance` calls against a credits-svc without it).
 //! - [`QuotaGuard`]: consume a feature's quota before metered work.
 //! - [`Recorder`]: buffered, batched deductions and hold settles that are never lost
 //!   or doubled, optionally kept in a write-ahead file ([`wal`]) across crashes.

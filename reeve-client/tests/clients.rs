@@ -197,7 +197,8 @@ async fn credits_svc_without_get_balances(
 }
 
 /// The reader against a credits-svc that does not know `GetBalances` yet: every
-/// question still gets its own user's balance, each batch asked as `GetBalance` calls.
+/// question still gets its own user's balance, each batch asked as `GetBalance` calls,
+/// and an invalid id among them fails alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_balance_reader_answers_through_a_credits_svc_older_than_get_balances() {
     let credits = Credits::start().await;
@@ -214,11 +215,23 @@ async fn the_balance_reader_answers_through_a_credits_svc_older_than_get_balance
     for n in 0..200_i64 {
         let reader = reader.clone();
         questions.spawn(async move {
-            let user = format!("old-{}", n % 11);
+            // Every 50th question names a user with a NUL byte in its id.
+            let user = if n % 50 == 7 {
+                "bad\0user".to_owned()
+            } else {
+                format!("old-{}", n % 11)
+            };
             (user.clone(), reader.get(user).await)
         });
     }
+    let mut bad = 0;
     for (user, answer) in questions.join_all().await {
+        if user.contains('\0') {
+            let status = answer.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            bad += 1;
+            continue;
+        }
         let answer = answer.unwrap_or_else(|status| panic!("{user}: {status:?}"));
         assert_eq!(answer.user_id, user);
         let i: i64 = user.trim_start_matches("old-").parse().unwrap();
@@ -226,6 +239,7 @@ async fn the_balance_reader_answers_through_a_credits_svc_older_than_get_balance
         let expected = if i == 10 { 0 } else { (i + 1) * CREDIT };
         assert_eq!(answer.balance_micros, expected, "{user}");
     }
+    assert_eq!(bad, 4);
     // The questions did come together, and were refused as a batch.
     assert!(
         refused.load(std::sync::atomic::Ordering::SeqCst) > 0,
