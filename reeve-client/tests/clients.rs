@@ -100,33 +100,34 @@ async fn the_quota_guard_from_the_builder_consumes_once_per_key_and_releases() {
     server.stop().await.unwrap();
 }
 
-/// Many concurrent balance questions through the reader: each gets its own user's
-/// answer (coalesced into `GetBalances` calls), and an invalid id among them fails
-/// alone with the refusal `GetBalance` gives it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_balance_reader_answers_each_question_with_its_own_users_balance() {
-    let credits = Credits::start().await;
-    for i in 0..20_i64 {
+/// Grants `<prefix>-0` … `<prefix>-{users - 1}` i + 1 credits each, then asks
+/// `questions` balances at once through `reader`: of those users, of `<prefix>-{users}`
+/// (never credited) and, every 50th, of an id with a NUL byte. Each answer must be its
+/// own user's, each NUL id must fail alone with the refusal `GetBalance` gives it.
+async fn grant_then_ask_all_at_once(
+    credits: &Credits,
+    reader: &reeve_client::BalanceReader,
+    prefix: &str,
+    users: i64,
+    questions: i64,
+) {
+    for i in 0..users {
         credits
-            .grant(&format!("reader-{i}"), (i + 1) * CREDIT)
+            .grant(&format!("{prefix}-{i}"), (i + 1) * CREDIT)
             .await;
     }
-    let reader = reeve_client::BalanceReader::new(credits.connection().credits());
-    let mut questions = tokio::task::JoinSet::new();
-    for n in 0..300_i64 {
+    let mut asked = tokio::task::JoinSet::new();
+    for n in 0..questions {
         let reader = reader.clone();
-        questions.spawn(async move {
-            // Every 50th question names a user with a NUL byte in its id.
-            let user = if n % 50 == 7 {
-                "bad\0user".to_owned()
-            } else {
-                format!("reader-{}", n % 21)
-            };
-            (user.clone(), reader.get(user).await)
-        });
+        let user = if n % 50 == 7 {
+            "bad\0user".to_owned()
+        } else {
+            format!("{prefix}-{}", n % (users + 1))
+        };
+        asked.spawn(async move { (user.clone(), reader.get(user).await) });
     }
     let mut refused = 0;
-    for (user, answer) in questions.join_all().await {
+    for (user, answer) in asked.join_all().await {
         if user.contains('\0') {
             let status = answer.unwrap_err();
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
@@ -134,15 +135,24 @@ async fn the_balance_reader_answers_each_question_with_its_own_users_balance() {
             refused += 1;
             continue;
         }
-        let answer = answer.unwrap();
+        let answer = answer.unwrap_or_else(|status| panic!("{user}: {status:?}"));
         assert_eq!(answer.user_id, user);
-        let i: i64 = user.trim_start_matches("reader-").parse().unwrap();
-        // reader-20 was never credited.
-        let expected = if i == 20 { 0 } else { (i + 1) * CREDIT };
+        let i: i64 = user[prefix.len() + 1..].parse().unwrap();
+        let expected = if i == users { 0 } else { (i + 1) * CREDIT };
         assert_eq!(answer.balance_micros, expected, "{user}");
         assert_eq!(answer.available_micros, expected, "{user}");
     }
-    assert_eq!(refused, 6);
+    assert_eq!(refused, (0..questions).filter(|n| n % 50 == 7).count());
+}
+
+/// Many concurrent balance questions through the reader: each gets its own user's
+/// answer (coalesced into `GetBalances` calls), and an invalid id among them fails
+/// alone with the refusal `GetBalance` gives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balance_reader_answers_each_question_with_its_own_users_balance() {
+    let credits = Credits::start().await;
+    let reader = reeve_client::BalanceReader::new(credits.connection().credits());
+    grant_then_ask_all_at_once(&credits, &reader, "reader", 20, 300).await;
 }
 
 /// A credits-svc from before `GetBalances`, as a rolling upgrade may leave one behind
@@ -202,44 +212,13 @@ async fn credits_svc_without_get_balances(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_balance_reader_answers_through_a_credits_svc_older_than_get_balances() {
     let credits = Credits::start().await;
-    for i in 0..10_i64 {
-        credits.grant(&format!("old-{i}"), (i + 1) * CREDIT).await;
-    }
     let (old, refused) = credits_svc_without_get_balances(credits.connection().credits()).await;
     let connection = ClientBuilder::new(old.to_string())
         .service_token(SecretString::from(TOKEN))
         .connect_lazy()
         .unwrap();
     let reader = reeve_client::BalanceReader::new(connection.credits());
-    let mut questions = tokio::task::JoinSet::new();
-    for n in 0..200_i64 {
-        let reader = reader.clone();
-        questions.spawn(async move {
-            // Every 50th question names a user with a NUL byte in its id.
-            let user = if n % 50 == 7 {
-                "bad\0user".to_owned()
-            } else {
-                format!("old-{}", n % 11)
-            };
-            (user.clone(), reader.get(user).await)
-        });
-    }
-    let mut bad = 0;
-    for (user, answer) in questions.join_all().await {
-        if user.contains('\0') {
-            let status = answer.unwrap_err();
-            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-            bad += 1;
-            continue;
-        }
-        let answer = answer.unwrap_or_else(|status| panic!("{user}: {status:?}"));
-        assert_eq!(answer.user_id, user);
-        let i: i64 = user.trim_start_matches("old-").parse().unwrap();
-        // old-10 was never credited.
-        let expected = if i == 10 { 0 } else { (i + 1) * CREDIT };
-        assert_eq!(answer.balance_micros, expected, "{user}");
-    }
-    assert_eq!(bad, 4);
+    grant_then_ask_all_at_once(&credits, &reader, "old", 10, 200).await;
     // The questions did come together, and were refused as a batch.
     assert!(
         refused.load(std::sync::atomic::Ordering::SeqCst) > 0,
